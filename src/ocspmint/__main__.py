@@ -1,0 +1,3 @@
+from ocspmint.cli import main
+
+raise SystemExit(main())

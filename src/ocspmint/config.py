@@ -1,0 +1,204 @@
+"""TOML configuration, decoded into msgspec Structs.
+
+``load_config(path)`` returns a ``Config`` whose relative paths are resolved
+against the config file's folder. Errors raise ``ConfigError`` naming the
+file and the offending key (``$.issuers[0].signer.pin_env``). See
+docs/config.md for every key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+HOUR = dt.timedelta(hours=1)
+DAY = dt.timedelta(days=1)
+
+
+class ConfigError(Exception):
+    """The config file is unreadable or breaks a rule; the message says where."""
+
+
+class Signer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The key that signs an issuer's responses, addressed by RFC 7512 URI.
+
+    ``cert`` is the delegated responder certificate; when empty the issuing
+    CA's own key signs (then the token key must be the CA's). The PIN comes
+    from ``pin_env`` (an environment variable name) or ``pin_file``, or a
+    ``pin-source=file:`` attribute of the URI; never from the config itself.
+    """
+
+    uri: str
+    module: str = ""
+    cert: str = ""
+    pin_env: str = ""
+    pin_file: str = ""
+
+
+class Issuer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    cert: str
+    signer: Signer
+
+
+class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where assigned serials are read from.
+
+    type ``openssl-index``: ``path`` is an `openssl ca` index.txt,
+    ``certs_dir`` its new_certs_dir, ``issuer`` the issuer's config name.
+    type ``certdir``: ``path`` a folder of PEM/DER certificates and
+    precertificates; each is matched to an issuer by signature; ``crls``
+    optional CRL files giving revocations.
+    type ``sqlite``: ``path`` the ledger database filled by `ocspmint ingest`.
+    """
+
+    type: Literal["openssl-index", "certdir", "sqlite"]
+    path: str
+    certs_dir: str = ""
+    issuer: str = ""
+    crls: list[str] = []
+
+
+class Response(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Response timing and content (BR 4.9.9; RFC 5019 §2.2.4).
+
+    ``validity`` is nextUpdate − thisUpdate (the inclusive interval is one
+    second longer); ``refresh_after`` is how long after thisUpdate a
+    response is re-signed; ``backdate`` is how far thisUpdate lies before
+    producedAt. ``certid_hashes``: ["sha1"], ["sha256"] or both (then one
+    response carries one SingleResponse per hash; docs/certid.md).
+    """
+
+    validity: dt.timedelta = 7 * DAY - dt.timedelta(seconds=1)
+    refresh_after: dt.timedelta = 3 * DAY
+    backdate: dt.timedelta = HOUR
+    certid_hashes: list[Literal["sha1", "sha256"]] = ["sha1"]
+
+
+class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    url: str = "file:responses"
+
+
+class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Signer pool: ``workers`` 0 means the CPU count; ``batch_size`` serials
+    per IPC message; ``retries`` attempts per batch on a fresh session."""
+
+    workers: int = 0
+    batch_size: int = 256
+    retries: int = 3
+    verify: bool = True
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    issuers: list[Issuer]
+    sources: list[Source]
+    state_dir: str = "state"
+    on_error: Literal["stop", "quarantine"] = "stop"
+    store: Store = Store()
+    response: Response = Response()
+    signing: Signing = Signing()
+
+    def issuer(self, name: str) -> Issuer:
+        for issuer in self.issuers:
+            if issuer.name == name:
+                return issuer
+        raise KeyError(name)
+
+
+def _resolve(base: Path, value: str) -> str:
+    return value if not value or os.path.isabs(value) else str(base / value)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    issuers = [
+        msgspec.structs.replace(
+            i,
+            cert=_resolve(base, i.cert),
+            signer=msgspec.structs.replace(
+                i.signer,
+                cert=_resolve(base, i.signer.cert),
+                pin_file=_resolve(base, i.signer.pin_file),
+            ),
+        )
+        for i in cfg.issuers
+    ]
+    sources = [
+        msgspec.structs.replace(
+            s,
+            path=_resolve(base, s.path),
+            certs_dir=_resolve(base, s.certs_dir),
+            crls=[_resolve(base, c) for c in s.crls],
+        )
+        for s in cfg.sources
+    ]
+    store = cfg.store
+    if store.url.startswith("file:") and not store.url.startswith("file:/"):
+        store = Store(url="file:" + _resolve(base, store.url[5:]))
+    return msgspec.structs.replace(
+        cfg, issuers=issuers, sources=sources, store=store, state_dir=_resolve(base, cfg.state_dir)
+    )
+
+
+def check_response_rules(r: Response) -> None:
+    """Raise ConfigError if the timing breaks BR 4.9.9 or Microsoft's 7-day cap.
+
+    Inclusive interval (nextUpdate − thisUpdate + 1 s) must lie in [8 h, 7 d]
+    (BR allows 10 d; Microsoft caps at 7 d). Interval ≥ 16 h: refresh at
+    most 4 d after thisUpdate and at least 8 h before nextUpdate; < 16 h:
+    before half the interval.
+    """
+    interval = r.validity + dt.timedelta(seconds=1)
+    if not (8 * HOUR <= interval <= 7 * DAY):
+        raise ConfigError(f"$.response.validity: inclusive interval {interval} must lie in [8h, 7d] (BR 4.9.9, Microsoft)")
+    if interval >= 16 * HOUR:
+        if r.refresh_after > 4 * DAY or r.validity - r.refresh_after < 8 * HOUR:
+            raise ConfigError("$.response.refresh_after: must be ≤ 4 days and ≥ 8 h before nextUpdate (BR 4.9.9)")
+    elif r.refresh_after >= interval / 2:
+        raise ConfigError("$.response.refresh_after: must be before half the validity interval (BR 4.9.9)")
+    if r.refresh_after <= dt.timedelta(0) or r.backdate < dt.timedelta(0) or r.backdate >= r.refresh_after:
+        raise ConfigError("$.response: need 0 ≤ backdate < refresh_after and refresh_after > 0")
+    if not r.certid_hashes or len(set(r.certid_hashes)) != len(r.certid_hashes):
+        raise ConfigError("$.response.certid_hashes: give sha1, sha256 or both, once each")
+
+
+def _check(cfg: Config) -> None:
+    check_response_rules(cfg.response)
+    names = [i.name for i in cfg.issuers]
+    if len(set(names)) != len(names):
+        raise ConfigError("$.issuers: issuer names must be unique")
+    for n, i in enumerate(cfg.issuers):
+        if not i.signer.uri.startswith("pkcs11:"):
+            raise ConfigError(f"$.issuers[{n}].signer.uri: must be an RFC 7512 PKCS#11 URI (pkcs11:...)")
+        if "pin-value" in i.signer.uri:
+            raise ConfigError(f"$.issuers[{n}].signer.uri: pin-value is refused; use pin_env, pin_file or pin-source")
+    for n, s in enumerate(cfg.sources):
+        if s.type == "openssl-index" and (not s.issuer or not s.certs_dir):
+            raise ConfigError(f"$.sources[{n}]: openssl-index needs issuer and certs_dir")
+        if s.issuer and s.issuer not in names:
+            raise ConfigError(f"$.sources[{n}].issuer: no issuer named {s.issuer!r}")
+    if cfg.signing.workers < 0 or cfg.signing.batch_size < 1 or cfg.signing.retries < 1:
+        raise ConfigError("$.signing: workers ≥ 0, batch_size ≥ 1, retries ≥ 1")
+    if not cfg.store.url.startswith("file:"):
+        raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH)")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, decode, resolve and check a TOML config; raise ConfigError."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        cfg = msgspec.toml.decode(raw, type=Config)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    try:
+        _check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return _resolve_paths(cfg, p.resolve().parent)

@@ -1,0 +1,156 @@
+"""Issuer and signer identities: the hashes CertID and ResponderID use.
+
+``load_issuers(config)`` reads every issuer certificate and its signer
+certificate and checks the delegation rules of RFC 6960 §4.2.2.2 and
+BR 7.1.2.8. Errors raise IdentityError naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ocspmint import der
+from ocspmint.config import Config, Issuer
+
+HASHES = ("sha1", "sha256")
+# AlgorithmIdentifier DER for the CertID hash, parameters NULL as RFC 5019 shows.
+CERTID_HASH_ALG = {
+    "sha1": bytes.fromhex("300906052b0e03021a0500"),
+    "sha256": bytes.fromhex("300d06096086480165030402010500"),
+}
+# Signature AlgorithmIdentifier DER (BR 7.1.3.2): ECDSA without parameters,
+# RSA PKCS#1 v1.5 with NULL parameters.
+SIG_ALG = {
+    ("ec", "sha256"): bytes.fromhex("300a06082a8648ce3d040302"),
+    ("ec", "sha384"): bytes.fromhex("300a06082a8648ce3d040303"),
+    ("rsa", "sha256"): bytes.fromhex("300d06092a864886f70d01010b0500"),
+}
+CURVE_HASH = {"secp256r1": "sha256", "secp384r1": "sha384"}
+
+
+class IdentityError(Exception):
+    """An issuer or responder certificate unusable for signing OCSP."""
+
+
+def load_certificate(path: str) -> x509.Certificate:
+    """Read a PEM or DER certificate; raise IdentityError naming ``path``."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise IdentityError(f"{path}: cannot read certificate: {e.strerror}") from None
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise IdentityError(f"{path}: not a certificate: {e}") from None
+
+
+def key_bits(cert: x509.Certificate) -> bytes:
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der.spki_key_bits(spki)
+
+
+@dataclass(frozen=True)
+class SignerIdentity:
+    """The certificate whose key signs: delegated responder or the CA itself.
+
+    ``key_hash`` is SHA-1 of its subjectPublicKey (ResponderID byKey,
+    RFC 6960 §4.2.1, RFC 9919 §3.2.2); ``key_type`` "ec"/"rsa";
+    ``hash_name`` the signature hash (BR 7.1.3.2); ``sig_alg`` its
+    AlgorithmIdentifier DER; ``cert_der`` goes in ``certs`` when delegated.
+    """
+
+    cert: x509.Certificate
+    cert_der: bytes
+    delegated: bool
+    key_hash: bytes
+    key_type: str
+    hash_name: str
+    sig_alg: bytes
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class IssuerIdentity:
+    """An issuing CA: ``id`` is hex SHA-1 of its subjectPublicKey (the
+    SHA-1 issuerKeyHash), used in store keys; ``name_hash``/``key_hash`` map
+    "sha1"/"sha256" to the CertID hashes of RFC 6960 §4.1.1."""
+
+    name: str
+    cert: x509.Certificate
+    id: str
+    name_hash: dict[str, bytes]
+    key_hash: dict[str, bytes]
+    signer: SignerIdentity
+    config: Issuer = field(repr=False)
+
+
+def _signer_identity(cert: x509.Certificate, delegated: bool, path: str) -> SignerIdentity:
+    pub = cert.public_key()
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        key_type, hash_name = "ec", CURVE_HASH.get(pub.curve.name, "")
+        if not hash_name:
+            raise IdentityError(f"{path}: curve {pub.curve.name} is not allowed (BR 7.1.3.2: P-256, P-384)")
+    elif isinstance(pub, rsa.RSAPublicKey):
+        key_type, hash_name = "rsa", "sha256"
+    else:
+        raise IdentityError(f"{path}: key type {type(pub).__name__} is not supported (ECDSA or RSA)")
+    return SignerIdentity(
+        cert=cert,
+        cert_der=cert.public_bytes(serialization.Encoding.DER),
+        delegated=delegated,
+        key_hash=hashlib.sha1(key_bits(cert)).digest(),
+        key_type=key_type,
+        hash_name=hash_name,
+        sig_alg=SIG_ALG[(key_type, hash_name)],
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> None:
+    """RFC 6960 §4.2.2.2: issued directly by the CA, EKU id-kp-OCSPSigning."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as e:
+        raise IdentityError(f"{path}: responder certificate is not issued by its issuer: {e}") from None
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is None or ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+        raise IdentityError(f"{path}: responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)")
+
+
+def issuer_identity(issuer: Issuer) -> IssuerIdentity:
+    """Load one configured issuer and its signer; raise IdentityError."""
+    ca = load_certificate(issuer.cert)
+    bits = key_bits(ca)
+    name_der = ca.subject.public_bytes()
+    if issuer.signer.cert:
+        responder = load_certificate(issuer.signer.cert)
+        _check_delegate(responder, ca, issuer.signer.cert)
+        signer = _signer_identity(responder, True, issuer.signer.cert)
+    else:
+        signer = _signer_identity(ca, False, issuer.cert)
+    return IssuerIdentity(
+        name=issuer.name,
+        cert=ca,
+        id=hashlib.sha1(bits).hexdigest(),
+        name_hash={h: hashlib.new(h, name_der).digest() for h in HASHES},
+        key_hash={h: hashlib.new(h, bits).digest() for h in HASHES},
+        signer=signer,
+        config=issuer,
+    )
+
+
+def load_issuers(config: Config) -> dict[str, IssuerIdentity]:
+    """All configured issuers by config name; raise IdentityError."""
+    return {i.name: issuer_identity(i) for i in config.issuers}

@@ -1,0 +1,92 @@
+"""Records that flow through the pipeline: ledger entries and statuses.
+
+Serials are Python ints (positive, at most 20 octets, RFC 5280 §4.1.2.2);
+all datetimes are timezone-aware UTC with whole seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+import msgspec
+
+UTC = dt.timezone.utc
+MAX_SERIAL = (1 << 160) - 1
+
+
+class Status(enum.Enum):
+    """Certificate status as the ledger holds it (RFC 6960 §2.2)."""
+
+    GOOD = "good"
+    REVOKED = "revoked"
+
+
+class Kind(enum.Enum):
+    """What the ledger row was read from; both get OCSP (MRSP §5.4)."""
+
+    CERTIFICATE = "certificate"
+    PRECERTIFICATE = "precertificate"
+
+
+class Reason(enum.IntEnum):
+    """CRLReason (RFC 5280 §5.3.1). certificateHold is refused (BR 7.3)."""
+
+    unspecified = 0
+    keyCompromise = 1
+    cACompromise = 2
+    affiliationChanged = 3
+    superseded = 4
+    cessationOfOperation = 5
+    certificateHold = 6
+    removeFromCRL = 8
+    privilegeWithdrawn = 9
+    aACompromise = 10
+
+
+class LedgerError(Exception):
+    """A ledger row that cannot be trusted; names its source ("file:line")."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.message = message
+
+
+class LedgerEntry(msgspec.Struct, frozen=True):
+    """One assigned serial of one issuer.
+
+    ``issuer`` is the issuer's name from the config; ``source`` names where
+    the row came from (``path:line`` or a file path) for error messages.
+    ``revoked_at``/``reason`` are set only when ``status`` is REVOKED; a
+    reason of unspecified is stored as None (BR 7.3.2: omit it).
+    """
+
+    issuer: str
+    serial: int
+    kind: Kind
+    not_after: dt.datetime
+    status: Status
+    revoked_at: dt.datetime | None = None
+    reason: Reason | None = None
+    source: str = ""
+
+
+def utc_now() -> dt.datetime:
+    """The current time, aware UTC, truncated to whole seconds."""
+    return dt.datetime.now(UTC).replace(microsecond=0)
+
+
+def check_serial(serial: int, source: str) -> int:
+    """Return ``serial`` if it is a valid certificate serial, else raise.
+
+    Raises LedgerError naming ``source`` for zero, negative or > 20 octets.
+    """
+    if serial <= 0 or serial > MAX_SERIAL:
+        raise LedgerError(source, f"serial {serial:#x} is not a positive integer of at most 20 octets")
+    return serial
+
+
+def serial_hex(serial: int) -> str:
+    """Fixed-width (40 hex digit) lowercase form; sorts like the integer."""
+    return format(serial, "040x")
