@@ -76,7 +76,7 @@ class Response(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     validity: dt.timedelta = 7 * DAY - dt.timedelta(seconds=1)
     refresh_after: dt.timedelta = 3 * DAY
     backdate: dt.timedelta = HOUR
-    certid_hashes: list[Literal["sha1", "sha256"]] = ["sha1"]
+    certid_hashes: list[Literal["sha1", "sha256"]] = msgspec.field(default_factory=lambda: ["sha1"])
 
 
 class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
