@@ -80,10 +80,11 @@ class ResponseTemplate:
 
     def time_fields(self, times: Times) -> tuple[bytes, bytes]:
         """(producedAt DER, thisUpdate + [0] nextUpdate DER) for a batch."""
+        produced = der.generalized_time(times.produced_at)
+        tail = der.generalized_time(times.this_update) + b"\xa0\x11" + der.generalized_time(times.next_update)
         if not times.this_update <= times.produced_at:
             raise ValueError("thisUpdate must not be after producedAt (RFC 6960 §4.2.2.1)")
-        tail = der.generalized_time(times.this_update) + b"\xa0\x11" + der.generalized_time(times.next_update)
-        return der.generalized_time(times.produced_at), tail
+        return produced, tail
 
     def tbs(self, entry: LedgerEntry, time_fields: tuple[bytes, bytes]) -> bytes:
         """DER of ResponseData for ``entry``; ``time_fields`` from time_fields()."""
