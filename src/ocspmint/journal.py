@@ -1,0 +1,102 @@
+"""Journal: the durable record of what is published, per (issuer, serial).
+
+SQLite (WAL, synchronous=FULL) at ``<state_dir>/journal.sqlite``. A row is
+written only after the store acknowledged the object, in one transaction
+per batch, so a run killed at any instant resumes without loss: an object
+written but not journaled is simply signed and written again (same key,
+replaced atomically); a journaled object is always in the store.
+
+Schema ``published``: issuer TEXT, serial TEXT (040x hex), this_update /
+next_update INTEGER (Unix seconds, UTC), status TEXT, revoked_at INTEGER
+NULL, reason INTEGER NULL, signer TEXT (hex SHA-1 of the signing key),
+sha256 BLOB (of the published DER); primary key (issuer, serial).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import msgspec
+
+from ocspmint.model import UTC, LedgerEntry, serial_hex
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS published (
+  issuer TEXT NOT NULL, serial TEXT NOT NULL,
+  this_update INTEGER NOT NULL, next_update INTEGER NOT NULL,
+  status TEXT NOT NULL, revoked_at INTEGER, reason INTEGER,
+  signer TEXT NOT NULL, sha256 BLOB NOT NULL,
+  PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+"""
+
+
+class Record(msgspec.Struct, frozen=True):
+    """What was published for one serial (times aware UTC)."""
+
+    issuer: str
+    serial: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    status: str
+    revoked_at: dt.datetime | None
+    reason: int | None
+    signer: str
+    sha256: bytes
+
+    def matches(self, entry: LedgerEntry) -> bool:
+        """True when this record states the entry's current status."""
+        reason = None if entry.reason is None else int(entry.reason)
+        return self.status == entry.status.value and self.revoked_at == entry.revoked_at and self.reason == reason
+
+
+def _ts(t: dt.datetime | None) -> int | None:
+    return None if t is None else int(t.timestamp())
+
+
+def _dt(v: int | None) -> dt.datetime | None:
+    return None if v is None else dt.datetime.fromtimestamp(v, UTC)
+
+
+class Journal:
+    """Open (creating) the journal in ``state_dir``; use as a context manager."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(state_dir) / "journal.sqlite"
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, issuer: str, serial: int) -> Record | None:
+        row = self._db.execute(
+            "SELECT this_update, next_update, status, revoked_at, reason, signer, sha256 FROM published WHERE issuer=? AND serial=?",
+            (issuer, serial_hex(serial)),
+        ).fetchone()
+        if row is None:
+            return None
+        return Record(issuer, serial, _dt(row[0]), _dt(row[1]), row[2], _dt(row[3]), row[4], row[5], row[6])
+
+    def record(self, records: list[Record]) -> None:
+        """Upsert ``records`` in one durable transaction."""
+        rows = [
+            (r.issuer, serial_hex(r.serial), _ts(r.this_update), _ts(r.next_update), r.status, _ts(r.revoked_at), r.reason, r.signer, r.sha256)
+            for r in records
+        ]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO published VALUES (?,?,?,?,?,?,?,?,?)", rows)
+
+    def count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM published").fetchone()[0]

@@ -1,0 +1,117 @@
+"""Run summary (JSON-able msgspec Struct) and progress display.
+
+Progress goes to stderr: a rich progress bar (count, rate, ETA) on a
+terminal, one JSON log line every ``interval`` seconds otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from collections import Counter
+
+import msgspec
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """Something due that was not published and verified.
+
+    ``stage``: ledger, sign, verify or store; ``serial`` hex or "" for a
+    ledger row that could not be read (``source`` names file and line).
+    """
+
+    stage: str
+    message: str
+    issuer: str = ""
+    serial: str = ""
+    source: str = ""
+
+
+class Summary(msgspec.Struct):
+    started: dt.datetime
+    finished: dt.datetime | None = None
+    seconds: float = 0.0
+    ledger_entries: int = 0
+    expired: int = 0
+    up_to_date: int = 0
+    due: dict[str, int] = msgspec.field(default_factory=dict)
+    published: int = 0
+    verified: int = 0
+    per_second: float = 0.0
+    by_status: dict[str, int] = msgspec.field(default_factory=dict)
+    by_kind: dict[str, int] = msgspec.field(default_factory=dict)
+    by_issuer: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    failures: list[Failure] = msgspec.field(default_factory=list)
+    ok: bool = False
+
+    def count(self, issuer: str, status: str, kind: str) -> None:
+        self.published += 1
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        per = self.by_issuer.setdefault(issuer, {})
+        per[status] = per.get(status, 0) + 1
+
+    def finish(self, planned: Counter[str]) -> None:
+        self.finished = dt.datetime.now(dt.timezone.utc)
+        self.seconds = round((self.finished - self.started).total_seconds(), 3)
+        self.expired = planned.get("expired", 0)
+        self.up_to_date = planned.get("up_to_date", 0)
+        self.due = {k: v for k, v in planned.items() if k not in ("expired", "up_to_date")}
+        self.ledger_entries = sum(planned.values())
+        self.per_second = round(self.published / self.seconds, 1) if self.seconds else 0.0
+        self.ok = not self.failures and self.published == sum(self.due.values())
+
+    def to_json(self) -> bytes:
+        return msgspec.json.format(msgspec.json.encode(self), indent=2)
+
+    def text(self) -> str:
+        lines = [
+            f"ledger entries {self.ledger_entries}: due {sum(self.due.values())} {dict(sorted(self.due.items()))}, "
+            f"up to date {self.up_to_date}, expired (not re-signed) {self.expired}",
+            f"published and {'verified' if self.verified else 'NOT verified'} {self.published} "
+            f"in {self.seconds:.1f}s ({self.per_second}/s); by status {self.by_status}; by kind {self.by_kind}",
+        ]
+        for issuer, counts in sorted(self.by_issuer.items()):
+            lines.append(f"  issuer {issuer}: {counts}")
+        for f in self.failures[:50]:
+            where = f.source or f"{f.issuer} serial {f.serial}"
+            lines.append(f"  FAILED [{f.stage}] {where}: {f.message}")
+        if len(self.failures) > 50:
+            lines.append(f"  ... and {len(self.failures) - 50} more failures (see --json)")
+        lines.append("OK" if self.ok else f"NOT OK: {len(self.failures)} failures")
+        return "\n".join(lines)
+
+
+class Progress:
+    """Reports (done, total) with rate and ETA; call ``update`` often."""
+
+    def __init__(self, total: int, label: str, interval: float = 5.0) -> None:
+        self.total, self.label, self.interval = total, label, interval
+        self.start = self._last = time.monotonic()
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn, TimeRemainingColumn
+
+            self._bar = Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TaskProgressColumn(), TimeRemainingColumn(), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total)
+
+    def update(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            rate = done / (now - self.start)
+            eta = (self.total - done) / rate if rate else None
+            line = {"event": "progress", "stage": self.label, "done": done, "total": self.total,
+                    "per_second": round(rate, 1), "eta_seconds": None if eta is None else round(eta)}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,263 @@
+"""Signer pool: worker processes that sign ResponseData through PKCS#11.
+
+Workers are started with the ``spawn`` method, so none inherits PKCS#11
+state from the parent; each initialises the module, logs in once and keeps
+its key handles. python-pkcs11 0.10 calls ``C_Initialize(NULL)``, so
+SoftHSM2 runs without mutexes: each worker signs from one thread only.
+
+Batches cross the process boundary as msgspec MessagePack: ``SignBatch``
+(issuer, list of ResponseData DER) in, ``Signed`` (signature values, DER
+ECDSA-Sig-Value or RSA octets) or ``Failed`` out. A PKCS#11 error on a
+batch reopens the worker's sessions and retries the batch (``retries``
+attempts in all); a worker that dies is restarted and its batches re-sent.
+A batch that still fails comes back as ``Failed``: never a silent skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
+
+import msgspec
+
+from ocspmint.encoder import ecdsa_signature
+from ocspmint.issuer import IssuerIdentity
+from ocspmint.pkcs11uri import UriError, parse, read_pin
+
+IN_FLIGHT_PER_WORKER = 2
+
+
+class SignerError(Exception):
+    """The signer pool cannot sign at all (login failed, key missing...)."""
+
+
+class KeySpec(msgspec.Struct, frozen=True):
+    """How a worker finds one issuer's signing key. Holds no PIN."""
+
+    issuer: str
+    module: str
+    uri: str
+    pin_env: str
+    pin_file: str
+    key_type: str
+    hash_name: str
+
+
+class SignBatch(msgspec.Struct, tag=True):
+    batch: int
+    issuer: str
+    tbs: list[bytes]
+
+
+class Signed(msgspec.Struct, tag=True):
+    batch: int
+    signatures: list[bytes]
+
+
+class Failed(msgspec.Struct, tag=True):
+    batch: int
+    error: str
+
+
+class Ready(msgspec.Struct, tag=True):
+    pid: int
+
+
+class Fatal(msgspec.Struct, tag=True):
+    error: str
+
+
+Reply = Signed | Failed | Ready | Fatal
+_encode = msgspec.msgpack.Encoder().encode
+_decode_reply = msgspec.msgpack.Decoder(Reply).decode
+_decode_batch = msgspec.msgpack.Decoder(SignBatch).decode
+
+
+def key_spec(issuer: IssuerIdentity) -> KeySpec:
+    """The worker-side description of ``issuer``'s signer; raises UriError."""
+    s = issuer.config.signer
+    uri = parse(s.uri)
+    module = s.module or uri.query.get("module-path", "")
+    if not module:
+        raise UriError(f"issuer {issuer.name}: no PKCS#11 module (signer.module or module-path in the URI)")
+    return KeySpec(issuer.name, module, s.uri, s.pin_env, s.pin_file, issuer.signer.key_type, issuer.signer.hash_name)
+
+
+class _Keys:
+    """Worker-side sessions and key handles (one thread only)."""
+
+    def __init__(self, specs: list[KeySpec]) -> None:
+        self.specs = specs
+        self.sessions: list = []
+        self.keys: dict[str, tuple] = {}
+
+    def open(self) -> None:
+        import pkcs11
+        from pkcs11 import Mechanism, ObjectClass
+
+        for spec in self.specs:
+            uri = parse(spec.uri)
+            lib = pkcs11.lib(spec.module)
+            token = lib.get_token(token_label=uri.text("token"), token_serial=uri.path.get("serial"))
+            pin = read_pin(uri, spec.pin_env, spec.pin_file, dict(os.environ))
+            try:
+                session = token.open(user_pin=pin)
+            except pkcs11.exceptions.PKCS11Error as e:
+                raise SignerError(f"issuer {spec.issuer}: login to token {token.label!r} failed: {type(e).__name__}") from None
+            self.sessions.append(session)
+            attrs = {"object_class": ObjectClass.PRIVATE_KEY}
+            if "object" in uri.path:
+                attrs["label"] = uri.text("object")
+            if "id" in uri.path:
+                attrs["id"] = uri.path["id"]
+            try:
+                key = session.get_key(**attrs)
+            except (pkcs11.exceptions.NoSuchKey, pkcs11.exceptions.MultipleObjectsReturned) as e:
+                raise SignerError(f"issuer {spec.issuer}: key {spec.uri} not usable: {type(e).__name__}") from None
+            mech = Mechanism.ECDSA if spec.key_type == "ec" else Mechanism.SHA256_RSA_PKCS
+            self.keys[spec.issuer] = (key, mech, spec)
+
+    def close(self) -> None:
+        for session in self.sessions:
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001 - the session is already gone
+                pass
+        self.sessions, self.keys = [], {}
+
+    def sign(self, issuer: str, tbs: list[bytes]) -> list[bytes]:
+        key, mech, spec = self.keys[issuer]
+        if spec.key_type == "ec":
+            return [ecdsa_signature(key.sign(hashlib.new(spec.hash_name, t).digest(), mechanism=mech)) for t in tbs]
+        return [key.sign(t, mechanism=mech) for t in tbs]
+
+
+def worker_main(conn: Connection, specs_msg: bytes, retries: int) -> None:
+    """Entry point of a spawned signer process (not for direct use)."""
+    import pkcs11
+
+    keys = _Keys(msgspec.msgpack.decode(specs_msg, type=list[KeySpec]))
+    try:
+        keys.open()
+    except (SignerError, UriError, pkcs11.exceptions.PKCS11Error, OSError) as e:
+        conn.send_bytes(_encode(Fatal(str(e) or type(e).__name__)))
+        return
+    conn.send_bytes(_encode(Ready(os.getpid())))
+    while True:
+        try:
+            req = _decode_batch(conn.recv_bytes())
+        except EOFError:
+            break
+        conn.send_bytes(_encode(_sign_with_retry(keys, req, retries)))
+    keys.close()
+
+
+def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int) -> Signed | Failed:
+    import pkcs11
+
+    error = ""
+    for _ in range(retries):
+        try:
+            if not keys.keys:
+                keys.open()
+            return Signed(req.batch, keys.sign(req.issuer, req.tbs))
+        except (pkcs11.exceptions.PKCS11Error, SignerError) as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            keys.close()
+    return Failed(req.batch, f"PKCS#11 signing failed after {retries} attempts on fresh sessions: {error}")
+
+
+class SignerPool:
+    """N spawned signer processes; use as a context manager.
+
+    ``submit()`` a SignBatch when ``has_capacity()``; ``collect()`` yields
+    Signed/Failed replies. Raises SignerError on start when a worker cannot
+    log in or find its key (the message names the issuer and URI, never
+    the PIN).
+    """
+
+    def __init__(self, specs: list[KeySpec], workers: int, retries: int) -> None:
+        self._specs = _encode(specs)
+        self._n = workers or os.cpu_count() or 1
+        self._retries = retries
+        self._ctx = mp.get_context("spawn")
+        self._workers: dict[Connection, mp.process.BaseProcess] = {}
+        self._inflight: dict[Connection, dict[int, SignBatch]] = {}
+        self._attempts: dict[int, int] = {}
+
+    def __enter__(self) -> SignerPool:
+        for _ in range(self._n):
+            self._spawn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self) -> Connection:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=worker_main, args=(child, self._specs, self._retries), daemon=True)
+        proc.start()
+        child.close()
+        try:
+            first = _decode_reply(parent.recv_bytes())
+        except EOFError:
+            proc.join(5)
+            raise SignerError(f"signer process exited at start (exit code {proc.exitcode})") from None
+        if isinstance(first, Fatal):
+            proc.join(5)
+            raise SignerError(first.error)
+        self._workers[parent] = proc
+        self._inflight[parent] = {}
+        return parent
+
+    @property
+    def workers(self) -> int:
+        return self._n
+
+    def has_capacity(self) -> bool:
+        return any(len(b) < IN_FLIGHT_PER_WORKER for b in self._inflight.values())
+
+    def busy(self) -> bool:
+        return any(self._inflight.values())
+
+    def submit(self, batch: SignBatch) -> None:
+        conn = min(self._inflight, key=lambda c: len(self._inflight[c]))
+        self._inflight[conn][batch.batch] = batch
+        self._attempts[batch.batch] = self._attempts.get(batch.batch, 0) + 1
+        conn.send_bytes(_encode(batch))
+
+    def collect(self, timeout: float | None = None) -> Iterator[Signed | Failed]:
+        """Yield the replies that arrive within ``timeout`` seconds."""
+        for conn in wait(list(self._inflight), timeout):
+            try:
+                reply = _decode_reply(conn.recv_bytes())
+            except (EOFError, OSError):
+                yield from self._replace_dead(conn)
+                continue
+            self._inflight[conn].pop(reply.batch, None)
+            self._attempts.pop(reply.batch, None)
+            yield reply
+
+    def _replace_dead(self, conn: Connection) -> Iterator[Failed]:
+        proc = self._workers.pop(conn)
+        lost = self._inflight.pop(conn)
+        proc.join(5)
+        conn.close()
+        self._spawn()
+        for batch in lost.values():
+            if self._attempts[batch.batch] >= self._retries:
+                yield Failed(batch.batch, f"signer process died (exit code {proc.exitcode}) {self._retries} times")
+            else:
+                self.submit(batch)
+
+    def close(self) -> None:
+        for conn, proc in self._workers.items():
+            conn.close()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        self._workers.clear()
+        self._inflight.clear()

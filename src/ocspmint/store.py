@@ -1,0 +1,83 @@
+"""Object store for published responses.
+
+Key layout (stable, documented in docs/store-layout.md): one object per
+(issuer, serial) at ``<shard>/<issuer id>/<serial>`` where ``issuer id`` is
+the hex SHA-1 of the issuer's subjectPublicKey (the SHA-1 issuerKeyHash of
+RFC 6960 §4.1.1), ``serial`` the 40-digit lowercase hex serial, and
+``shard`` the first two hex digits of SHA-256 of ``<issuer id>/<serial>``,
+which spreads keys evenly over prefixes (S3 scales per prefix) and folders.
+
+``FileStore``: a folder; objects are written to ``.tmp/`` and renamed into
+place (POSIX rename is atomic), so a reader never sees a half-written
+response and a killed run leaves no torn object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ocspmint.model import serial_hex
+
+CONTENT_TYPE = "application/ocsp-response"
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation; the message names the key."""
+
+
+def object_key(issuer_id: str, serial: int) -> str:
+    """Store key of the response for ``serial`` of the issuer ``issuer_id``."""
+    tail = f"{issuer_id}/{serial_hex(serial)}"
+    return f"{hashlib.sha256(tail.encode()).hexdigest()[:2]}/{tail}"
+
+
+class FileStore:
+    """Responses as files below ``root`` (created if missing)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for stale in self._tmp.iterdir():
+            stale.unlink(missing_ok=True)
+        self._dirs: set[Path] = set()
+        self._n = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` atomically; raise StoreError."""
+        dest = self.root / key
+        if dest.parent not in self._dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(dest.parent)
+        self._n += 1
+        tmp = self._tmp / f"{os.getpid()}-{self._n}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{dest}: {e.strerror}") from None
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def keys(self):
+        """Every stored key (walks the folder; for verify and audit)."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != ".tmp"]
+            rel = Path(dirpath).relative_to(self.root)
+            for name in filenames:
+                yield str(rel / name)
+
+
+def open_store(url: str) -> FileStore:
+    """Open the store named by ``url`` (``file:PATH``); raise StoreError."""
+    if url.startswith("file:"):
+        return FileStore(url[5:])
+    raise StoreError(f"unsupported store URL {url!r}")
