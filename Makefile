@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= ocspmint-demo
+
+.PHONY: demo test bench system-deps venv clean
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+$(BIN)/ocspmint: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/ocspmint
+
+## Build a demo CA + SoftHSM2 token in ./$(DEMO) and run the pipeline once.
+demo: system-deps venv
+	rm -rf $(DEMO)
+	$(BIN)/ocspmint demo --dir $(DEMO)
+
+## The whole test suite (real SoftHSM2, openssl ca, openssl ocsp, pkilint).
+test: system-deps venv
+	$(BIN)/python -m pytest -q
+
+## Signing throughput against the raw PKCS#11 ceiling (see bench/RESULTS.md).
+bench: system-deps venv
+	$(BIN)/python bench/sign_throughput.py
+
+clean:
+	rm -rf $(DEMO) build *.egg-info .pytest_cache
