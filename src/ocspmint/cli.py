@@ -39,7 +39,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ocspmint.inspect import verify_command
+    from ocspmint.verify_cmd import verify_command
 
     return verify_command(_config(args), args.files, args.store, args.json)
 
