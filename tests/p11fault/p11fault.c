@@ -1,0 +1,805 @@
+/*
+ * p11fault -- a fault-injecting PKCS#11 forwarding module (test fixture).
+ *
+ * Exports only C_GetFunctionList.  On the first call it dlopen()s the real
+ * module named by $P11FAULT_MODULE, copies the real CK_FUNCTION_LIST into a
+ * static list and replaces entries with wrappers that inject faults following
+ * a schedule read once from the environment.  See README.md next to this file
+ * for the full semantics; the short version:
+ *
+ *   P11FAULT_MODULE=/usr/lib/softhsm/libsofthsm2.so   (required)
+ *   P11FAULT_SIGN_FAIL_AT=3,4,10   signature attempts #3, #4, #10 fail
+ *   P11FAULT_SIGN_FAIL_FROM=N      every attempt from #N on fails
+ *   P11FAULT_SIGN_RV=0x30          rv of a faulted attempt (default 0x30)
+ *   P11FAULT_SESSION_FATAL=auto|0|1  does a faulted attempt kill the session
+ *   P11FAULT_SIGN_DELAY_US=N       sleep N us at the start of every attempt
+ *   P11FAULT_LOGIN_RV=0xA0         every C_Login fails with this rv
+ *   P11FAULT_LOG=/path             one appended line per injected fault
+ *   P11FAULT_OS_LOCKING=1          turn C_Initialize(NULL) into
+ *                                  C_Initialize({flags=CKF_OS_LOCKING_OK})
+ *
+ * A "signature attempt" is one single-part (C_Sign) or multi-part
+ * (C_SignFinal) signature operation.  The usual two-call pattern
+ * (length query with a NULL buffer, then the real call; or a retry after
+ * CKR_BUFFER_TOO_SMALL) is ONE attempt, counted at its first call, so
+ * "FAIL_AT=3" means "the 3rd signature fails" for python-pkcs11 (which does
+ * C_SignInit, C_Sign(NULL), C_Sign(buf) per key.sign()) as well as for
+ * callers that pass a large enough buffer straight away.
+ *
+ * A session killed by a fault is closed in the real module (so token login
+ * state behaves like a real HSM that dropped the session) and its handle is
+ * remembered as dead: every later call on it returns
+ * CKR_SESSION_HANDLE_INVALID.  Should the real module hand the same handle
+ * number out again before the application has closed the dead one, the shim
+ * keeps that real session for itself ("plug") and opens another one, so a dead
+ * handle never aliases a live session.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <p11-kit/pkcs11.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ------------------------------------------------------------------------ */
+/* configuration (read once, in C_GetFunctionList's first call)              */
+
+static struct {
+    unsigned long *fail_at; /* sorted signature-attempt numbers, 1-based */
+    size_t n_fail_at;
+    unsigned long fail_from; /* 0 = disabled */
+    CK_RV sign_rv;
+    int session_fatal; /* -1 auto, 0 never, 1 always */
+    unsigned long delay_us;
+    int login_fault;
+    CK_RV login_rv;
+    char *log_path;
+    int os_locking; /* C_Initialize(NULL) -> C_Initialize(CKF_OS_LOCKING_OK) */
+} cfg;
+
+static CK_FUNCTION_LIST *real;  /* the real module's list */
+static CK_FUNCTION_LIST shim;   /* what we hand out */
+static CK_RV init_rv = CKR_GENERAL_ERROR;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+/* ------------------------------------------------------------------------ */
+/* per-process state, all guarded by lock                                    */
+
+struct sess {
+    CK_SESSION_HANDLE h;
+    CK_SLOT_ID slot;
+    int dead;       /* faulted: every call answers SESSION_HANDLE_INVALID */
+    int plug;       /* dead, and real handle h is a shim-owned placeholder */
+    int in_attempt; /* a signature attempt is in progress (length queried) */
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sess *sessions;
+static size_t n_sessions, cap_sessions;
+static unsigned long sign_attempts; /* signature attempts seen so far */
+static unsigned long login_calls;
+
+static void p11f_warn(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("p11fault: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+/* lock held */
+static struct sess *find_sess(CK_SESSION_HANDLE h)
+{
+    for (size_t i = 0; i < n_sessions; i++)
+        if (sessions[i].h == h)
+            return &sessions[i];
+    return NULL;
+}
+
+/* lock held; returns NULL only when out of memory */
+static struct sess *get_sess(CK_SESSION_HANDLE h)
+{
+    struct sess *s = find_sess(h);
+    if (s)
+        return s;
+    if (n_sessions == cap_sessions) {
+        size_t ncap = cap_sessions ? cap_sessions * 2 : 16;
+        struct sess *n = realloc(sessions, ncap * sizeof(*n));
+        if (!n)
+            return NULL;
+        sessions = n;
+        cap_sessions = ncap;
+    }
+    s = &sessions[n_sessions++];
+    memset(s, 0, sizeof(*s));
+    s->h = h;
+    return s;
+}
+
+/* lock held */
+static void drop_sess(CK_SESSION_HANDLE h)
+{
+    for (size_t i = 0; i < n_sessions; i++) {
+        if (sessions[i].h == h) {
+            sessions[i] = sessions[--n_sessions];
+            return;
+        }
+    }
+}
+
+static int is_dead(CK_SESSION_HANDLE h)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    int dead = s && s->dead;
+    pthread_mutex_unlock(&lock);
+    return dead;
+}
+
+/*
+ * fork: each process counts its own attempts from 1.  The session table is
+ * inherited as is (the real module's in-process state is inherited too, and
+ * a dead handle must stay dead); a C_Finalize in the child clears it.
+ */
+static void atfork_prepare(void) { pthread_mutex_lock(&lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&lock); }
+static void atfork_child(void)
+{
+    sign_attempts = 0;
+    login_calls = 0;
+    for (size_t i = 0; i < n_sessions; i++)
+        sessions[i].in_attempt = 0;
+    pthread_mutex_unlock(&lock);
+}
+
+/* ------------------------------------------------------------------------ */
+/* fault log                                                                 */
+
+static void log_fault(const char *what, unsigned long n, CK_RV rv)
+{
+    if (!cfg.log_path)
+        return;
+    char line[128];
+    int len = snprintf(line, sizeof(line), "%ld %s#%lu rv=0x%lx\n",
+                       (long)getpid(), what, n, (unsigned long)rv);
+    if (len <= 0 || (size_t)len >= sizeof(line))
+        return;
+    int fd = open(cfg.log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        p11f_warn("cannot open P11FAULT_LOG %s: %s", cfg.log_path, strerror(errno));
+        return;
+    }
+    /* one write() on an O_APPEND fd: lines of concurrent processes don't mix */
+    if (write(fd, line, (size_t)len) != len)
+        p11f_warn("short write to P11FAULT_LOG %s", cfg.log_path);
+    close(fd);
+}
+
+/* ------------------------------------------------------------------------ */
+/* signature gate                                                            */
+
+static int rv_is_session_fatal(CK_RV rv)
+{
+    if (cfg.session_fatal >= 0)
+        return cfg.session_fatal;
+    return rv == CKR_DEVICE_ERROR || rv == CKR_DEVICE_REMOVED ||
+           rv == CKR_SESSION_CLOSED || rv == CKR_SESSION_HANDLE_INVALID ||
+           rv == CKR_TOKEN_NOT_PRESENT;
+}
+
+static int attempt_faulted(unsigned long n)
+{
+    if (cfg.fail_from && n >= cfg.fail_from)
+        return 1;
+    for (size_t i = 0; i < cfg.n_fail_at; i++)
+        if (cfg.fail_at[i] == n)
+            return 1;
+    return 0;
+}
+
+static void sleep_us(unsigned long us)
+{
+    struct timespec ts = {(time_t)(us / 1000000UL), (long)(us % 1000000UL) * 1000L};
+    while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+        ;
+}
+
+enum gate { GATE_DEAD, GATE_PASS, GATE_FAULT };
+
+/*
+ * Called at the start of every C_Sign / C_SignFinal.  Decides whether this
+ * call starts a new signature attempt, counts it, sleeps the configured delay
+ * and tells whether to inject the fault (*attempt_no receives the number).
+ */
+static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
+{
+    int new_attempt = 0, fault = 0;
+
+    pthread_mutex_lock(&lock);
+    struct sess *s = get_sess(h);
+    if (s && s->dead) {
+        pthread_mutex_unlock(&lock);
+        return GATE_DEAD;
+    }
+    if (!s || !s->in_attempt) {
+        new_attempt = 1;
+        *attempt_no = ++sign_attempts;
+        fault = attempt_faulted(*attempt_no);
+        if (s)
+            s->in_attempt = 1;
+    }
+    pthread_mutex_unlock(&lock);
+
+    if (new_attempt && cfg.delay_us)
+        sleep_us(cfg.delay_us);
+    return fault ? GATE_FAULT : GATE_PASS;
+}
+
+/* after the real call: does the attempt continue (length query etc.)? */
+static void sign_after(CK_SESSION_HANDLE h, CK_RV rv, int had_buffer)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    if (s && !s->dead)
+        s->in_attempt = (rv == CKR_OK && !had_buffer) || rv == CKR_BUFFER_TOO_SMALL;
+    pthread_mutex_unlock(&lock);
+}
+
+/* kill a session: close the real one, remember the handle as dead */
+static void kill_session(CK_SESSION_HANDLE h)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = get_sess(h);
+    if (s && !s->dead) {
+        s->dead = 1;
+        s->plug = 0;
+        s->in_attempt = 0;
+        real->C_CloseSession(h);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+static void end_attempt(CK_SESSION_HANDLE h)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    if (s)
+        s->in_attempt = 0;
+    pthread_mutex_unlock(&lock);
+}
+
+/*
+ * Inject the fault for attempt n.  A failed C_Sign/C_SignFinal terminates the
+ * signing operation (PKCS#11 2.40 5.12), so for a non-fatal fault the real
+ * operation is run to completion and its result thrown away; otherwise the
+ * next C_SignInit on the still-valid session would see CKR_OPERATION_ACTIVE.
+ */
+static CK_RV inject_sign_fault(CK_SESSION_HANDLE h, unsigned long n,
+                               CK_BYTE_PTR data, CK_ULONG data_len, int final)
+{
+    CK_RV rv = cfg.sign_rv;
+    if (rv_is_session_fatal(rv)) {
+        kill_session(h);
+    } else {
+        CK_ULONG len = 0;
+        CK_RV r = final ? real->C_SignFinal(h, NULL, &len)
+                        : real->C_Sign(h, data, data_len, NULL, &len);
+        if (r == CKR_OK) {
+            CK_BYTE_PTR buf = malloc(len ? len : 1);
+            if (buf) {
+                if (final)
+                    real->C_SignFinal(h, buf, &len);
+                else
+                    real->C_Sign(h, data, data_len, buf, &len);
+                free(buf);
+            }
+        }
+        end_attempt(h);
+    }
+    log_fault("sign", n, rv);
+    return rv;
+}
+
+/* ------------------------------------------------------------------------ */
+/* wrappers with behaviour                                                   */
+
+static CK_RV w_C_Initialize(void *args)
+{
+    if (args == NULL && cfg.os_locking) {
+        /* python-pkcs11 passes NULL ("no concurrent access"), and SoftHSM2
+         * then disables its internal locking; ask for OS locking instead */
+        CK_C_INITIALIZE_ARGS locking;
+        memset(&locking, 0, sizeof(locking));
+        locking.flags = CKF_OS_LOCKING_OK;
+        return real->C_Initialize(&locking);
+    }
+    return real->C_Initialize(args);
+}
+
+static CK_RV w_C_Finalize(void *reserved)
+{
+    CK_RV rv = real->C_Finalize(reserved);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&lock);
+        n_sessions = 0; /* every session, dead or plug, is gone */
+        pthread_mutex_unlock(&lock);
+    }
+    return rv;
+}
+
+static CK_RV w_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
+                             CK_NOTIFY notify, CK_SESSION_HANDLE_PTR ph)
+{
+    if (!ph)
+        return real->C_OpenSession(slot, flags, app, notify, ph);
+    pthread_mutex_lock(&lock);
+    CK_RV rv;
+    for (;;) {
+        rv = real->C_OpenSession(slot, flags, app, notify, ph);
+        if (rv != CKR_OK)
+            break;
+        struct sess *s = find_sess(*ph);
+        if (s && s->dead && !s->plug) {
+            /* the real module reused a dead handle number the application
+             * still holds: keep that real session as a placeholder */
+            s->plug = 1;
+            s->slot = slot;
+            continue;
+        }
+        s = get_sess(*ph);
+        if (!s) {
+            real->C_CloseSession(*ph);
+            rv = CKR_HOST_MEMORY;
+            break;
+        }
+        memset(s, 0, sizeof(*s));
+        s->h = *ph;
+        s->slot = slot;
+        break;
+    }
+    pthread_mutex_unlock(&lock);
+    return rv;
+}
+
+static CK_RV w_C_CloseSession(CK_SESSION_HANDLE h)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    if (s && s->dead) {
+        /* the application lets go of a dead handle: forget it and free the
+         * placeholder, but answer like a device that lost the session */
+        if (s->plug)
+            real->C_CloseSession(h);
+        drop_sess(h);
+        pthread_mutex_unlock(&lock);
+        return CKR_SESSION_HANDLE_INVALID;
+    }
+    CK_RV rv = real->C_CloseSession(h);
+    if (rv == CKR_OK || rv == CKR_SESSION_HANDLE_INVALID)
+        drop_sess(h);
+    pthread_mutex_unlock(&lock);
+    return rv;
+}
+
+static CK_RV w_C_CloseAllSessions(CK_SLOT_ID slot)
+{
+    pthread_mutex_lock(&lock);
+    CK_RV rv = real->C_CloseAllSessions(slot);
+    if (rv == CKR_OK) {
+        for (size_t i = 0; i < n_sessions;) {
+            if (sessions[i].slot == slot)
+                sessions[i] = sessions[--n_sessions];
+            else
+                i++;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return rv;
+}
+
+static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
+                       CK_ULONG pin_len)
+{
+    if (is_dead(h))
+        return CKR_SESSION_HANDLE_INVALID;
+    if (cfg.login_fault) {
+        pthread_mutex_lock(&lock);
+        unsigned long n = ++login_calls;
+        pthread_mutex_unlock(&lock);
+        log_fault("login", n, cfg.login_rv);
+        return cfg.login_rv;
+    }
+    return real->C_Login(h, user, pin, pin_len);
+}
+
+static CK_RV w_C_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    if (s && s->dead) {
+        pthread_mutex_unlock(&lock);
+        return CKR_SESSION_HANDLE_INVALID;
+    }
+    if (s)
+        s->in_attempt = 0;
+    pthread_mutex_unlock(&lock);
+    return real->C_SignInit(h, mech, key);
+}
+
+static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
+                      CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+    unsigned long n = 0;
+    switch (sign_gate(h, &n)) {
+    case GATE_DEAD:
+        return CKR_SESSION_HANDLE_INVALID;
+    case GATE_FAULT:
+        return inject_sign_fault(h, n, data, data_len, 0);
+    case GATE_PASS:
+        break;
+    }
+    CK_RV rv = real->C_Sign(h, data, data_len, sig, sig_len);
+    sign_after(h, rv, sig != NULL);
+    return rv;
+}
+
+static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+    unsigned long n = 0;
+    switch (sign_gate(h, &n)) {
+    case GATE_DEAD:
+        return CKR_SESSION_HANDLE_INVALID;
+    case GATE_FAULT:
+        return inject_sign_fault(h, n, NULL, 0, 1);
+    case GATE_PASS:
+        break;
+    }
+    CK_RV rv = real->C_SignFinal(h, sig, sig_len);
+    sign_after(h, rv, sig != NULL);
+    return rv;
+}
+
+/* ------------------------------------------------------------------------ */
+/* plain guards: a dead handle answers CKR_SESSION_HANDLE_INVALID            */
+
+#define GUARD(fn, params, args)                                   \
+    static CK_RV w_##fn params                                    \
+    {                                                             \
+        if (is_dead(session))                                     \
+            return CKR_SESSION_HANDLE_INVALID;                    \
+        return real->fn args;                                     \
+    }
+
+typedef CK_SESSION_HANDLE SH;
+typedef CK_OBJECT_HANDLE OH;
+typedef CK_BYTE_PTR BP;
+typedef CK_ULONG UL;
+typedef CK_ULONG_PTR ULP;
+typedef CK_ATTRIBUTE_PTR AP;
+typedef CK_MECHANISM_PTR MP;
+
+GUARD(C_InitPIN, (SH session, CK_UTF8CHAR_PTR pin, UL len), (session, pin, len))
+GUARD(C_SetPIN, (SH session, CK_UTF8CHAR_PTR o, UL ol, CK_UTF8CHAR_PTR n, UL nl),
+      (session, o, ol, n, nl))
+GUARD(C_GetSessionInfo, (SH session, CK_SESSION_INFO_PTR info), (session, info))
+GUARD(C_GetOperationState, (SH session, BP st, ULP len), (session, st, len))
+GUARD(C_SetOperationState, (SH session, BP st, UL len, OH ek, OH ak),
+      (session, st, len, ek, ak))
+GUARD(C_Logout, (SH session), (session))
+GUARD(C_CreateObject, (SH session, AP t, UL n, CK_OBJECT_HANDLE_PTR o), (session, t, n, o))
+GUARD(C_CopyObject, (SH session, OH o, AP t, UL n, CK_OBJECT_HANDLE_PTR no),
+      (session, o, t, n, no))
+GUARD(C_DestroyObject, (SH session, OH o), (session, o))
+GUARD(C_GetObjectSize, (SH session, OH o, ULP sz), (session, o, sz))
+GUARD(C_GetAttributeValue, (SH session, OH o, AP t, UL n), (session, o, t, n))
+GUARD(C_SetAttributeValue, (SH session, OH o, AP t, UL n), (session, o, t, n))
+GUARD(C_FindObjectsInit, (SH session, AP t, UL n), (session, t, n))
+GUARD(C_FindObjects, (SH session, CK_OBJECT_HANDLE_PTR o, UL max, ULP n),
+      (session, o, max, n))
+GUARD(C_FindObjectsFinal, (SH session), (session))
+GUARD(C_EncryptInit, (SH session, MP m, OH k), (session, m, k))
+GUARD(C_Encrypt, (SH session, BP d, UL dl, BP e, ULP el), (session, d, dl, e, el))
+GUARD(C_EncryptUpdate, (SH session, BP d, UL dl, BP e, ULP el), (session, d, dl, e, el))
+GUARD(C_EncryptFinal, (SH session, BP e, ULP el), (session, e, el))
+GUARD(C_DecryptInit, (SH session, MP m, OH k), (session, m, k))
+GUARD(C_Decrypt, (SH session, BP e, UL el, BP d, ULP dl), (session, e, el, d, dl))
+GUARD(C_DecryptUpdate, (SH session, BP e, UL el, BP d, ULP dl), (session, e, el, d, dl))
+GUARD(C_DecryptFinal, (SH session, BP d, ULP dl), (session, d, dl))
+GUARD(C_DigestInit, (SH session, MP m), (session, m))
+GUARD(C_Digest, (SH session, BP d, UL dl, BP o, ULP ol), (session, d, dl, o, ol))
+GUARD(C_DigestUpdate, (SH session, BP d, UL dl), (session, d, dl))
+GUARD(C_DigestKey, (SH session, OH k), (session, k))
+GUARD(C_DigestFinal, (SH session, BP o, ULP ol), (session, o, ol))
+GUARD(C_SignUpdate, (SH session, BP d, UL dl), (session, d, dl))
+GUARD(C_SignRecoverInit, (SH session, MP m, OH k), (session, m, k))
+GUARD(C_SignRecover, (SH session, BP d, UL dl, BP s, ULP sl), (session, d, dl, s, sl))
+GUARD(C_VerifyInit, (SH session, MP m, OH k), (session, m, k))
+GUARD(C_Verify, (SH session, BP d, UL dl, BP s, UL sl), (session, d, dl, s, sl))
+GUARD(C_VerifyUpdate, (SH session, BP d, UL dl), (session, d, dl))
+GUARD(C_VerifyFinal, (SH session, BP s, UL sl), (session, s, sl))
+GUARD(C_VerifyRecoverInit, (SH session, MP m, OH k), (session, m, k))
+GUARD(C_VerifyRecover, (SH session, BP s, UL sl, BP d, ULP dl), (session, s, sl, d, dl))
+GUARD(C_DigestEncryptUpdate, (SH session, BP d, UL dl, BP e, ULP el), (session, d, dl, e, el))
+GUARD(C_DecryptDigestUpdate, (SH session, BP e, UL el, BP d, ULP dl), (session, e, el, d, dl))
+GUARD(C_SignEncryptUpdate, (SH session, BP d, UL dl, BP e, ULP el), (session, d, dl, e, el))
+GUARD(C_DecryptVerifyUpdate, (SH session, BP e, UL el, BP d, ULP dl), (session, e, el, d, dl))
+GUARD(C_GenerateKey, (SH session, MP m, AP t, UL n, CK_OBJECT_HANDLE_PTR k),
+      (session, m, t, n, k))
+GUARD(C_GenerateKeyPair,
+      (SH session, MP m, AP pt, UL pn, AP st, UL sn, CK_OBJECT_HANDLE_PTR pk,
+       CK_OBJECT_HANDLE_PTR sk),
+      (session, m, pt, pn, st, sn, pk, sk))
+GUARD(C_WrapKey, (SH session, MP m, OH wk, OH k, BP w, ULP wl), (session, m, wk, k, w, wl))
+GUARD(C_UnwrapKey, (SH session, MP m, OH uk, BP w, UL wl, AP t, UL n, CK_OBJECT_HANDLE_PTR k),
+      (session, m, uk, w, wl, t, n, k))
+GUARD(C_DeriveKey, (SH session, MP m, OH bk, AP t, UL n, CK_OBJECT_HANDLE_PTR k),
+      (session, m, bk, t, n, k))
+GUARD(C_SeedRandom, (SH session, BP s, UL sl), (session, s, sl))
+GUARD(C_GenerateRandom, (SH session, BP r, UL rl), (session, r, rl))
+GUARD(C_GetFunctionStatus, (SH session), (session))
+GUARD(C_CancelFunction, (SH session), (session))
+
+/* ------------------------------------------------------------------------ */
+/* environment parsing                                                       */
+
+static int parse_ulong(const char *name, const char *s, unsigned long *out, int base)
+{
+    char *end;
+    errno = 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (*s == '-' || *s == '\0') {
+        p11f_warn("%s: invalid number '%s'", name, s);
+        return -1;
+    }
+    unsigned long v = strtoul(s, &end, base);
+    while (*end == ' ' || *end == '\t')
+        end++;
+    if (errno || *end != '\0') {
+        p11f_warn("%s: invalid number '%s'", name, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static const char *env(const char *name)
+{
+    const char *v = getenv(name);
+    return (v && *v) ? v : NULL;
+}
+
+static int cmp_ulong(const void *a, const void *b)
+{
+    unsigned long x = *(const unsigned long *)a, y = *(const unsigned long *)b;
+    return (x > y) - (x < y);
+}
+
+static int parse_fail_at(const char *v)
+{
+    char *copy = strdup(v);
+    if (!copy)
+        return -1;
+    size_t cap = 1;
+    for (const char *p = v; *p; p++)
+        cap += (*p == ',');
+    cfg.fail_at = calloc(cap, sizeof(unsigned long));
+    if (!cfg.fail_at) {
+        free(copy);
+        return -1;
+    }
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        unsigned long n = 0;
+        if (parse_ulong("P11FAULT_SIGN_FAIL_AT", tok, &n, 10)) {
+            free(copy);
+            return -1;
+        }
+        if (n == 0) {
+            p11f_warn("P11FAULT_SIGN_FAIL_AT: numbers are 1-based, got '%s'", tok);
+            free(copy);
+            return -1;
+        }
+        cfg.fail_at[cfg.n_fail_at++] = n;
+    }
+    free(copy);
+    if (cfg.n_fail_at == 0) {
+        p11f_warn("P11FAULT_SIGN_FAIL_AT: empty list '%s'", v);
+        return -1;
+    }
+    qsort(cfg.fail_at, cfg.n_fail_at, sizeof(unsigned long), cmp_ulong);
+    return 0;
+}
+
+static int read_config(void)
+{
+    const char *v;
+    unsigned long n;
+
+    cfg.sign_rv = CKR_DEVICE_ERROR;
+    cfg.session_fatal = -1;
+
+    if ((v = env("P11FAULT_SIGN_FAIL_AT")) && parse_fail_at(v))
+        return -1;
+    if ((v = env("P11FAULT_SIGN_FAIL_FROM"))) {
+        if (parse_ulong("P11FAULT_SIGN_FAIL_FROM", v, &n, 10))
+            return -1;
+        if (n == 0) {
+            p11f_warn("P11FAULT_SIGN_FAIL_FROM: numbers are 1-based, got 0");
+            return -1;
+        }
+        cfg.fail_from = n;
+    }
+    if ((v = env("P11FAULT_SIGN_RV"))) {
+        if (parse_ulong("P11FAULT_SIGN_RV", v, &n, 0))
+            return -1;
+        if (n == CKR_OK) {
+            p11f_warn("P11FAULT_SIGN_RV: must not be CKR_OK");
+            return -1;
+        }
+        cfg.sign_rv = n;
+    }
+    if ((v = env("P11FAULT_SESSION_FATAL"))) {
+        if (!strcmp(v, "auto"))
+            cfg.session_fatal = -1;
+        else if (!strcmp(v, "0"))
+            cfg.session_fatal = 0;
+        else if (!strcmp(v, "1"))
+            cfg.session_fatal = 1;
+        else {
+            p11f_warn("P11FAULT_SESSION_FATAL: expected auto, 0 or 1, got '%s'", v);
+            return -1;
+        }
+    }
+    if ((v = env("P11FAULT_OS_LOCKING"))) {
+        if (!strcmp(v, "0"))
+            cfg.os_locking = 0;
+        else if (!strcmp(v, "1"))
+            cfg.os_locking = 1;
+        else {
+            p11f_warn("P11FAULT_OS_LOCKING: expected 0 or 1, got '%s'", v);
+            return -1;
+        }
+    }
+    if ((v = env("P11FAULT_SIGN_DELAY_US"))) {
+        if (parse_ulong("P11FAULT_SIGN_DELAY_US", v, &n, 10))
+            return -1;
+        cfg.delay_us = n;
+    }
+    if ((v = env("P11FAULT_LOGIN_RV"))) {
+        if (parse_ulong("P11FAULT_LOGIN_RV", v, &n, 0))
+            return -1;
+        if (n == CKR_OK) {
+            p11f_warn("P11FAULT_LOGIN_RV: must not be CKR_OK");
+            return -1;
+        }
+        cfg.login_fault = 1;
+        cfg.login_rv = n;
+    }
+    if ((v = env("P11FAULT_LOG")) && !(cfg.log_path = strdup(v)))
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* entry point                                                               */
+
+static void do_init(void)
+{
+    const char *path = env("P11FAULT_MODULE");
+    if (!path) {
+        p11f_warn("P11FAULT_MODULE is not set");
+        return;
+    }
+    if (read_config())
+        return;
+
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        p11f_warn("dlopen(%s): %s", path, dlerror());
+        return;
+    }
+    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
+    if (!get) {
+        p11f_warn("%s has no C_GetFunctionList", path);
+        return;
+    }
+    CK_RV rv = get(&real);
+    if (rv != CKR_OK || !real) {
+        p11f_warn("%s: C_GetFunctionList failed (rv=0x%lx)", path, (unsigned long)rv);
+        init_rv = rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+        return;
+    }
+
+    shim = *real;
+#define W(fn) shim.fn = w_##fn
+    W(C_Initialize);
+    W(C_Finalize);
+    W(C_InitPIN);
+    W(C_SetPIN);
+    W(C_OpenSession);
+    W(C_CloseSession);
+    W(C_CloseAllSessions);
+    W(C_GetSessionInfo);
+    W(C_GetOperationState);
+    W(C_SetOperationState);
+    W(C_Login);
+    W(C_Logout);
+    W(C_CreateObject);
+    W(C_CopyObject);
+    W(C_DestroyObject);
+    W(C_GetObjectSize);
+    W(C_GetAttributeValue);
+    W(C_SetAttributeValue);
+    W(C_FindObjectsInit);
+    W(C_FindObjects);
+    W(C_FindObjectsFinal);
+    W(C_EncryptInit);
+    W(C_Encrypt);
+    W(C_EncryptUpdate);
+    W(C_EncryptFinal);
+    W(C_DecryptInit);
+    W(C_Decrypt);
+    W(C_DecryptUpdate);
+    W(C_DecryptFinal);
+    W(C_DigestInit);
+    W(C_Digest);
+    W(C_DigestUpdate);
+    W(C_DigestKey);
+    W(C_DigestFinal);
+    W(C_SignInit);
+    W(C_Sign);
+    W(C_SignUpdate);
+    W(C_SignFinal);
+    W(C_SignRecoverInit);
+    W(C_SignRecover);
+    W(C_VerifyInit);
+    W(C_Verify);
+    W(C_VerifyUpdate);
+    W(C_VerifyFinal);
+    W(C_VerifyRecoverInit);
+    W(C_VerifyRecover);
+    W(C_DigestEncryptUpdate);
+    W(C_DecryptDigestUpdate);
+    W(C_SignEncryptUpdate);
+    W(C_DecryptVerifyUpdate);
+    W(C_GenerateKey);
+    W(C_GenerateKeyPair);
+    W(C_WrapKey);
+    W(C_UnwrapKey);
+    W(C_DeriveKey);
+    W(C_SeedRandom);
+    W(C_GenerateRandom);
+    W(C_GetFunctionStatus);
+    W(C_CancelFunction);
+#undef W
+    shim.C_GetFunctionList = C_GetFunctionList;
+
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+        p11f_warn("pthread_atfork failed");
+        return;
+    }
+    init_rv = CKR_OK;
+}
+
+EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
+{
+    pthread_once(&init_once, do_init);
+    if (init_rv != CKR_OK)
+        return init_rv;
+    if (!list)
+        return CKR_ARGUMENTS_BAD;
+    *list = &shim;
+    return CKR_OK;
+}
