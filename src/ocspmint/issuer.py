@@ -75,6 +75,7 @@ class SignerIdentity:
     key_type: str
     hash_name: str
     sig_alg: bytes
+    not_before: dt.datetime
     not_after: dt.datetime
 
 
@@ -111,6 +112,7 @@ def _signer_identity(cert: x509.Certificate, delegated: bool, path: str) -> Sign
         key_type=key_type,
         hash_name=hash_name,
         sig_alg=SIG_ALG[(key_type, hash_name)],
+        not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
     )
 

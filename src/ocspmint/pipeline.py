@@ -54,12 +54,13 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
 
 
 def batch_times(config: Config, issuer: IssuerIdentity, now: dt.datetime) -> Times:
-    """producedAt = now, thisUpdate = now − backdate, nextUpdate = thisUpdate
-    + validity, cut back to the signer certificate's notAfter (rules file).
+    """producedAt = now; thisUpdate = now − backdate, but never before the
+    signer certificate's notBefore; nextUpdate = thisUpdate + validity, cut
+    back to the signer certificate's notAfter (rules file).
 
     Raises ValueError when that leaves less than BR 4.9.9's 8 hours.
     """
-    this_update = now - config.response.backdate
+    this_update = max(now - config.response.backdate, issuer.signer.not_before)
     next_update = min(this_update + config.response.validity, issuer.signer.not_after.replace(microsecond=0))
     if next_update - this_update + dt.timedelta(seconds=1) < MIN_INTERVAL:
         raise ValueError(f"signer certificate of {issuer.name} expires {issuer.signer.not_after.isoformat()}: "

@@ -70,13 +70,13 @@ class Summary(msgspec.Struct):
         lines = [
             f"ledger entries {self.ledger_entries}: due {sum(self.due.values())} {dict(sorted(self.due.items()))}, "
             f"up to date {self.up_to_date}, expired (not re-signed) {self.expired}",
-            f"published and {'verified' if self.verified else 'NOT verified'} {self.published} "
+            f"published {self.published}, verified before publication {self.verified}, "
             f"in {self.seconds:.1f}s ({self.per_second}/s); by status {self.by_status}; by kind {self.by_kind}",
         ]
         for issuer, counts in sorted(self.by_issuer.items()):
             lines.append(f"  issuer {issuer}: {counts}")
         for f in self.failures[:50]:
-            where = f.source or f"{f.issuer} serial {f.serial}"
+            where = " ".join(filter(None, [f.issuer, f.serial and f"serial 0x{f.serial.lstrip('0') or '0'}", f.source and f"({f.source})"]))
             lines.append(f"  FAILED [{f.stage}] {where}: {f.message}")
         if len(self.failures) > 50:
             lines.append(f"  ... and {len(self.failures) - 50} more failures (see --json)")

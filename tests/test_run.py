@@ -1,0 +1,165 @@
+"""`ocspmint run` end to end: openssl ca database in, SoftHSM2-signed
+responses out, each checked by `openssl ocsp` and pkilint."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+
+import pytest
+
+from e2e import ocspmint, openssl_check, pkilint_findings, response_path, run_json
+from ocspmint.demo import build_demo, issue, revoke
+from ocspmint.issuer import load_certificate
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """A demo with awkward serials, run once."""
+    demo = build_demo(tmp_path_factory.mktemp("run"), extra_serials=[0x01, 0x7F, 0x80, 0xFF00, (1 << 159) | 5, (1 << 152) + 7])
+    code, summary = run_json(demo)
+    return demo, code, summary
+
+
+def test_run_publishes_every_unexpired_serial_and_exits_zero(ran):
+    demo, code, summary = ran
+    unexpired = set(demo.serials["good"]) | set(demo.serials["revoked"]) | set(demo.serials["precert"])
+    assert code == 0 and summary["ok"] is True
+    assert summary["published"] == summary["verified"] == len(unexpired)
+    assert summary["by_kind"]["precertificate"] == len(demo.serials["precert"])
+    assert summary["by_status"]["revoked"] == len(demo.serials["revoked"])
+    assert summary["expired"] == len(demo.serials["expired"])
+    for serial in unexpired:
+        assert response_path(demo, serial).is_file(), hex(serial)
+    for serial in demo.serials["expired"]:
+        assert not response_path(demo, serial).exists()
+
+
+def test_every_response_passes_openssl_ocsp(ran):
+    demo, _, _ = ran
+    for serial in set(demo.serials["good"]) | set(demo.serials["precert"]) | set(demo.serials["revoked"]):
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified, view.text
+        expected = "revoked" if serial in demo.revoked else "good"
+        assert view.status == expected, (hex(serial), view.text)
+        if serial in demo.revoked:
+            assert view.reason == demo.revoked[serial], view.text
+        assert view.next_update, view.text
+
+
+def test_precertificate_without_final_certificate_gets_a_good_response(ran):
+    demo, _, _ = ran
+    precert = next(s for s in demo.serials["precert"] if s not in demo.revoked)
+    assert openssl_check(demo, response_path(demo, precert), precert).status == "good"
+
+
+def test_awkward_serials_round_trip(ran):
+    demo, _, _ = ran
+    for serial in (0x01, 0x7F, 0x80, 0xFF00, (1 << 159) | 5, (1 << 152) + 7):
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified and view.status == "good", (hex(serial), view.text)
+
+
+def test_pkilint_finds_nothing(ran):
+    demo, _, _ = ran
+    for serial in (demo.serials["good"][0], demo.serials["precert"][0], next(iter(demo.revoked))):
+        assert pkilint_findings(response_path(demo, serial)) == []
+
+
+def test_validity_is_seven_days_inclusive(ran):
+    demo, _, _ = ran
+    from cryptography.x509 import ocsp
+
+    resp = ocsp.load_der_ocsp_response(response_path(demo, demo.serials["good"][0]).read_bytes())
+    assert resp.next_update_utc - resp.this_update_utc + dt.timedelta(seconds=1) == dt.timedelta(days=7)
+    assert resp.this_update_utc <= resp.produced_at_utc
+    assert [c.subject for c in resp.certificates] == [load_certificate(str(demo.responder_cert)).subject]
+
+
+def test_second_run_does_only_what_is_due(tmp_path):
+    demo = build_demo(tmp_path, certs=4, precerts=2, revoke=1)
+    code, first = run_json(demo)
+    assert code == 0 and first["published"] > 0
+    code, again = run_json(demo)
+    assert code == 0 and again["published"] == 0 and again["due"] == {}
+    assert again["up_to_date"] == first["published"]
+
+    new = issue(demo, precert=True)
+    target = demo.serials["good"][0]
+    revoke(demo, target, "keyCompromise")
+    code, third = run_json(demo)
+    assert code == 0 and third["due"] == {"changed": 1, "new": 1}
+    view = openssl_check(demo, response_path(demo, target), target)
+    assert view.status == "revoked" and view.reason == "keyCompromise"
+    assert openssl_check(demo, response_path(demo, new), new).status == "good"
+
+
+def test_refresh_point_makes_old_responses_due(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    run_json(demo)
+    journal = demo.root / "state" / "journal.sqlite"
+    old = int((dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3, minutes=1)).timestamp())
+    with sqlite3.connect(journal) as db:
+        db.execute("UPDATE published SET this_update = ? WHERE serial IN (SELECT serial FROM published ORDER BY serial LIMIT 2)", (old,))
+    code, summary = run_json(demo)
+    assert code == 0 and summary["due"] == {"refresh": 2}
+
+
+def test_both_certid_hashes_in_one_response(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=1)
+    text = demo.config.read_text().replace("[signing]", '[response]\ncertid_hashes = ["sha1", "sha256"]\n\n[signing]')
+    demo.config.write_text(text)
+    code, _ = run_json(demo)
+    assert code == 0
+    for serial in demo.serials["good"] + demo.serials["precert"]:
+        path = response_path(demo, serial)
+        for digest in ("sha1", "sha256"):
+            view = openssl_check(demo, path, serial, digest)
+            assert view.verified and view.status in ("good", "revoked"), (digest, view.text)
+        assert pkilint_findings(path) == []
+
+
+@pytest.mark.parametrize("key", ["ec-p384", "rsa-2048"])
+def test_other_key_types(tmp_path, key):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=1, responder_key=key)
+    code, summary = run_json(demo)
+    assert code == 0, summary
+    serial = demo.serials["precert"][0]
+    view = openssl_check(demo, response_path(demo, serial), serial)
+    assert view.verified, view.text
+    assert ("ecdsa-with-SHA384" if key == "ec-p384" else "sha256WithRSAEncryption") in view.text
+
+
+def test_issuing_ca_key_signs_directly(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=1, signer="issuer")
+    code, _ = run_json(demo)
+    assert code == 0
+    from cryptography.x509 import ocsp
+
+    serial = demo.serials["good"][0]
+    der = response_path(demo, serial).read_bytes()
+    assert ocsp.load_der_ocsp_response(der).certificates == []
+    assert openssl_check(demo, response_path(demo, serial), serial).verified
+
+
+def test_wrong_pin_fails_clearly_without_leaking_it(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=1, revoke=0)
+    pin = demo.pin_file.read_text().strip()
+    bad = tmp_path / "bad-pin"
+    bad.write_text("000000\n")
+    cfg = demo.config.read_text().replace('pin_file = "pin.txt"', f'pin_file = "{bad}"')
+    demo.config.write_text(cfg)
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 1
+    assert "PinIncorrect" in p.stdout + p.stderr
+    assert pin not in p.stdout + p.stderr and "000000" not in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_config_errors_name_the_key(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    demo.config.write_text(demo.config.read_text().replace("workers = 2", 'workers = "two"'))
+    p = ocspmint(demo, "run")
+    assert p.returncode == 2 and "$.signing.workers" in p.stderr and str(demo.config) in p.stderr
+    demo.config.write_text(demo.config.read_text().replace('workers = "two"', "workers = 2\nvalidity = \"P11D\""))
+    p = ocspmint(demo, "run")
+    assert p.returncode == 2 and "validity" in p.stderr
