@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -42,7 +43,7 @@ class IdentityError(Exception):
 def load_certificate(path: str) -> x509.Certificate:
     """Read a PEM or DER certificate; raise IdentityError naming ``path``."""
     try:
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise IdentityError(f"{path}: cannot read certificate: {e.strerror}") from None
     try:

@@ -78,9 +78,12 @@ def utc_now() -> dt.datetime:
 
 
 def check_serial(serial: int, source: str) -> int:
-    """Return ``serial`` if it is a valid certificate serial, else raise.
+    """Return ``serial`` if it is a serial a CA can have issued, else raise.
 
-    Raises LedgerError naming ``source`` for zero, negative or > 20 octets.
+    Raises LedgerError naming ``source`` for zero, negative or more than
+    160 bits. A 160-bit serial has 21 octets in DER (leading 00), beyond
+    RFC 5280's 20; it is accepted because a certificate a CA did issue must
+    still get OCSP, misissued or not.
     """
     if serial <= 0 or serial > MAX_SERIAL:
         raise LedgerError(source, f"serial {serial:#x} is not a positive integer of at most 20 octets")

@@ -1,0 +1,390 @@
+"""The embedded ledger: one SQLite file holding every assigned serial.
+
+Schema (version 1, ``meta.schema_version``)::
+
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE entries(
+        issuer     TEXT NOT NULL,  -- config issuer name
+        serial     TEXT NOT NULL,  -- 40 lowercase hex digits (model.serial_hex): sorts like the int
+        kind       TEXT NOT NULL,  -- 'certificate' | 'precertificate' (model.Kind)
+        not_after  TEXT NOT NULL,  -- 'YYYY-MM-DDTHH:MM:SSZ', UTC, whole seconds
+        status     TEXT NOT NULL,  -- 'good' | 'revoked' (model.Status)
+        revoked_at TEXT NULL,      -- like not_after; set iff status = 'revoked'
+        reason     INTEGER NULL,   -- CRLReason (RFC 5280 §5.3.1); NULL = unspecified/absent (BR 7.3.2)
+        source     TEXT NOT NULL,  -- where the row was read from ('path:line')
+        PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+
+``ingest(db_path, sources, issuers, on_error)`` reads every non-sqlite source
+with ``read_source`` and upserts its entries. Each source is staged in a
+TEMP table (inserts in batches of BATCH rows), checked against the ledger,
+then merged:
+
+- an existing row is never un-revoked (revoked → good is an error, BR 4.9.13)
+  and never changes notAfter (another certificate under the same serial);
+  kind only moves precertificate → certificate (RFC 6962 §3.1);
+- ``on_error="stop"``: a source is all-or-nothing. Its first error (bad row,
+  unusable source, conflict) aborts it with nothing of it committed; sources
+  before it stay committed, sources after it are not read
+  (``IngestReport.stopped``). Its merge is one transaction.
+- ``on_error="quarantine"``: bad rows and conflicting rows are left out and
+  reported; the rest is merged in transactions of BATCH rows, so a killed
+  run keeps a prefix and a re-run completes it (the upsert is idempotent).
+
+Rows are never deleted: an assigned serial stays assigned (BR 4.10.1).
+
+``read_ledger(source, issuers)`` (``read_source`` for type ``sqlite``)
+streams rows ordered by (issuer, serial) with ``fetchmany`` (bounded memory)
+and validates each one; a bad row is a yielded LedgerError named
+``<db>:<issuer>/<serial>``. A time not in the exact UTC ``Z`` form is an
+error row (IdenTrust 2024 time-zone incident).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ocspmint.config import Source
+from ocspmint.issuer import IssuerIdentity
+from ocspmint.ledger import read_source
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, serial_hex
+
+SCHEMA_VERSION = "1"
+BATCH = 10_000
+FETCH = 1_000
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_SERIAL = re.compile(r"[0-9a-f]{40}")
+_KINDS: dict[object, Kind] = {k.value: k for k in Kind}
+_STATUSES: dict[object, Status] = {s.value: s for s in Status}
+_COLUMNS = "issuer, serial, kind, not_after, status, revoked_at, reason, source"
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries(
+    issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
+    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL,
+    PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+"""
+_STAGING = """
+CREATE TEMP TABLE staging(
+    issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
+    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL,
+    dup INTEGER NOT NULL DEFAULT 0, bad INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (issuer, serial))
+"""
+# Existing rows a staged row must not overwrite: un-revocation or another notAfter.
+_CONFLICTS = """
+SELECT s.rowid, s.issuer, s.serial, s.source, e.status, s.status, e.not_after, s.not_after
+FROM staging s JOIN main.entries e ON e.issuer = s.issuer AND e.serial = s.serial
+WHERE s.bad = 0 AND ((e.status = 'revoked' AND s.status = 'good') OR e.not_after <> s.not_after)
+ORDER BY s.rowid
+"""
+_MERGE = f"""
+INSERT INTO main.entries({_COLUMNS})
+SELECT {_COLUMNS} FROM staging WHERE bad = 0 AND rowid > ? AND rowid <= ?
+ON CONFLICT(issuer, serial) DO UPDATE SET
+    kind = CASE WHEN entries.kind = 'certificate' THEN 'certificate' ELSE excluded.kind END,
+    status = excluded.status, revoked_at = excluded.revoked_at,
+    reason = excluded.reason, source = excluded.source
+WHERE (entries.kind, entries.status, entries.revoked_at, entries.reason, entries.source)
+    IS NOT (CASE WHEN entries.kind = 'certificate' THEN 'certificate' ELSE excluded.kind END,
+            excluded.status, excluded.revoked_at, excluded.reason, excluded.source)
+"""
+
+
+@dataclass
+class SourceReport:
+    """Counts for one source: ``read`` entries read, ``written`` rows inserted
+    or changed, ``unchanged`` rows already identical, ``errors`` error rows,
+    ``committed`` whether its rows were merged."""
+
+    type: str
+    path: str
+    read: int = 0
+    written: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    committed: bool = False
+
+
+@dataclass
+class IngestReport:
+    """What ``ingest`` did: per-source counts, every LedgerError, and
+    ``stopped`` when on_error="stop" aborted the run."""
+
+    sources: list[SourceReport] = field(default_factory=list)
+    errors: list[LedgerError] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.stopped
+
+    @property
+    def written(self) -> int:
+        return sum(s.written for s in self.sources)
+
+    def text(self) -> str:
+        """One line per source, then every error, then the verdict."""
+        lines = [
+            f"{s.type} {s.path}: read {s.read}, written {s.written}, unchanged {s.unchanged}, "
+            f"errors {s.errors}, {'committed' if s.committed else 'NOT committed'}"
+            for s in self.sources
+        ]
+        lines += [f"error: {e}" for e in self.errors]
+        lines.append("stopped at the first error (on_error=stop)" if self.stopped else f"{len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+def format_time(t: dt.datetime) -> str:
+    """Aware UTC whole-second datetime → ``YYYY-MM-DDTHH:MM:SSZ``; ValueError otherwise."""
+    if t.tzinfo is None or t.utcoffset() != dt.timedelta(0) or t.microsecond:
+        raise ValueError(f"time {t.isoformat()} is not aware UTC with whole seconds")
+    return t.strftime(TIME_FORMAT)
+
+
+def parse_time(text: object) -> dt.datetime:
+    """``YYYY-MM-DDTHH:MM:SSZ`` → aware UTC datetime; ValueError for anything else."""
+    if not isinstance(text, str) or not _TIME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a UTC time YYYY-MM-DDTHH:MM:SSZ")
+    return dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def connect(db_path: str) -> sqlite3.Connection:
+    """Open (creating if needed) a ledger for writing; autocommit mode, WAL.
+
+    Raises LedgerError when the file is not a ledger of this schema version."""
+    try:
+        conn = sqlite3.connect(db_path, isolation_level=None)
+    except sqlite3.Error as e:
+        raise LedgerError(db_path, f"cannot open ledger database: {e}") from None
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(f"BEGIN; {_DDL} COMMIT;")
+        _check_version(conn, db_path)
+    except (sqlite3.Error, LedgerError) as e:
+        conn.close()
+        if isinstance(e, LedgerError):
+            raise
+        raise LedgerError(db_path, f"cannot open ledger database: {e}") from None
+    return conn
+
+
+def _check_version(conn: sqlite3.Connection, db_path: str) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None or row[0] != SCHEMA_VERSION:
+        raise LedgerError(db_path, f"ledger schema version {row and row[0]!r}, expected {SCHEMA_VERSION!r}")
+
+
+def _row(e: LedgerEntry) -> tuple[str, str, str, str, str, str | None, int | None, str]:
+    revoked = format_time(e.revoked_at) if e.revoked_at is not None else None
+    reason = int(e.reason) if e.reason is not None else None
+    return (e.issuer, serial_hex(e.serial), e.kind.value, format_time(e.not_after), e.status.value, revoked, reason, e.source)
+
+
+def ingest(
+    db_path: str, sources: Iterable[Source], issuers: Mapping[str, IssuerIdentity], on_error: str = "stop"
+) -> IngestReport:
+    """Upsert the entries of every non-sqlite source into the ledger
+    (sources of type sqlite are skipped and get no SourceReport).
+
+    ``on_error`` is "stop" or "quarantine" (see module docstring for what is
+    committed). Returns an IngestReport; raises LedgerError only when the
+    database itself cannot be opened, ValueError for a bad ``on_error``.
+    """
+    if on_error not in ("stop", "quarantine"):
+        raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
+    report = IngestReport()
+    conn = connect(db_path)
+    try:
+        for source in sources:
+            if source.type == "sqlite":
+                continue
+            sr = SourceReport(type=source.type, path=source.path)
+            report.sources.append(sr)
+            if not _ingest_one(conn, db_path, source, issuers, on_error == "stop", sr, report.errors):
+                report.stopped = True
+                break
+    finally:
+        conn.close()
+    return report
+
+
+def _ingest_one(
+    conn: sqlite3.Connection,
+    db_path: str,
+    source: Source,
+    issuers: Mapping[str, IssuerIdentity],
+    stop: bool,
+    sr: SourceReport,
+    errors: list[LedgerError],
+) -> bool:
+    """Stage, check and merge one source; False when ``stop`` and it failed."""
+    conn.execute("DROP TABLE IF EXISTS temp.staging")
+    conn.execute(_STAGING)
+    try:
+        staged_ok = _stage(conn, source, issuers, stop, sr, errors)
+        if staged_ok is not True:
+            return staged_ok is None  # None: unusable source under quarantine, go on
+        for rowid, issuer, serial, where, old_status, new_status, old_na, new_na in conn.execute(_CONFLICTS).fetchall():
+            problems = ["would un-revoke it (BR 4.9.13)"] if (old_status, new_status) == ("revoked", "good") else []
+            problems += [f"changes notAfter {old_na} → {new_na}"] if old_na != new_na else []
+            what = "; ".join(problems)
+            errors.append(LedgerError(where, f"conflicts with ledger row {db_path}:{issuer}/{serial}: {what}"))
+            sr.errors += 1
+            if stop:
+                return False
+            conn.execute("UPDATE staging SET bad = 1 WHERE rowid = ?", (rowid,))
+        staged = conn.execute("SELECT count(*), coalesce(max(rowid), 0) FROM staging WHERE bad = 0").fetchone()
+        step = staged[1] + 1 if stop else BATCH  # stop: one transaction for the whole source
+        before = conn.total_changes
+        for low in range(0, staged[1], step):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(_MERGE, (low, low + step))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        sr.written = conn.total_changes - before
+        sr.unchanged = staged[0] - sr.written
+        sr.committed = True
+        return True
+    finally:
+        conn.execute("DROP TABLE IF EXISTS temp.staging")
+
+
+def _stage(
+    conn: sqlite3.Connection,
+    source: Source,
+    issuers: Mapping[str, IssuerIdentity],
+    stop: bool,
+    sr: SourceReport,
+    errors: list[LedgerError],
+) -> bool | None:
+    """Read the source into temp.staging. True: merge it; False: ``stop``
+    met an error; None: the source is unusable (raised), merge nothing."""
+    insert = f"INSERT INTO staging({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(issuer, serial) DO UPDATE SET dup = dup + 1"
+    batch: list[tuple[object, ...]] = []
+    try:
+        for item in read_source(source, issuers):
+            if isinstance(item, LedgerEntry):
+                try:
+                    batch.append(_row(item))
+                    sr.read += 1
+                except ValueError as e:
+                    item = LedgerError(item.source, str(e))
+            if isinstance(item, LedgerError):
+                errors.append(item)
+                sr.errors += 1
+                if stop:
+                    return False
+            if len(batch) >= BATCH:
+                _insert_batch(conn, insert, batch)
+    except LedgerError as e:  # the whole source is unusable
+        errors.append(e)
+        sr.errors += 1
+        return False if stop else None
+    _insert_batch(conn, insert, batch)
+    for issuer, serial, where in conn.execute("SELECT issuer, serial, source FROM staging WHERE dup > 0").fetchall():
+        errors.append(LedgerError(where, f"{issuer}/{serial} read more than once from this source; first kept"))
+        sr.errors += 1
+        if stop:
+            return False
+    return True
+
+
+def _insert_batch(conn: sqlite3.Connection, insert: str, batch: list[tuple[object, ...]]) -> None:
+    """One transaction per batch (temp.staging only: no lock on the ledger)."""
+    conn.execute("BEGIN")
+    conn.executemany(insert, batch)
+    conn.execute("COMMIT")
+    batch.clear()
+
+
+def read_ledger(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
+    """Stream ledger rows ordered by (issuer, serial), FETCH rows at a time.
+
+    Raises LedgerError when the database is missing, unreadable or of
+    another schema version. Yields LedgerError ``<db>:<issuer>/<serial>``
+    for an unknown issuer, bad serial, kind, status, time or reason.
+    """
+    path = source.path
+    if not os.path.isfile(path):
+        raise LedgerError(path, "ledger database does not exist")
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise LedgerError(path, f"cannot open ledger database: {e}") from None
+    try:
+        try:
+            _check_version(conn, path)
+            cur = conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY issuer, serial")
+        except sqlite3.Error as e:
+            raise LedgerError(path, f"cannot read ledger database: {e}") from None
+        while True:
+            try:
+                rows = cur.fetchmany(FETCH)
+            except sqlite3.Error as e:
+                raise LedgerError(path, f"cannot read ledger database: {e}") from None
+            if not rows:
+                return
+            for row in rows:
+                yield _entry(row, path, issuers)
+    finally:
+        conn.close()
+
+
+def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentity]) -> LedgerEntry | LedgerError:
+    issuer, serial, kind, not_after, status, revoked_at, reason, _source = row
+    where = f"{db}:{issuer}/{serial}"
+    try:
+        if issuer not in issuers:
+            raise ValueError(f"issuer {issuer!r} is not configured")
+        if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
+            raise ValueError(f"serial {serial!r} is not 40 lowercase hex digits")
+        number = check_serial(int(serial, 16), where)
+        if kind not in _KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        if status not in _STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        try:
+            na = parse_time(not_after)
+        except ValueError as e:
+            raise ValueError(f"not_after {e}") from None
+        if _STATUSES[status] is Status.GOOD:
+            if revoked_at is not None or reason is not None:
+                raise ValueError("status good with a revocation time or reason")
+            rev_at, why = None, None
+        else:
+            try:
+                rev_at = parse_time(revoked_at)
+            except ValueError as e:
+                raise ValueError(f"revoked_at {e}") from None
+            why = _reason(reason)
+        return LedgerEntry(
+            issuer=str(issuer), serial=number, kind=_KINDS[kind], not_after=na,
+            status=_STATUSES[status], revoked_at=rev_at, reason=why, source=where,
+        )
+    except LedgerError as e:
+        return e
+    except ValueError as e:
+        return LedgerError(where, str(e))
+
+
+def _reason(value: object) -> Reason | None:
+    if value is None:
+        return None
+    if type(value) is not int or value not in Reason._value2member_map_:
+        raise ValueError(f"reason {value!r} is not a CRLReason code")
+    reason = Reason(value)
+    if reason in (Reason.unspecified, Reason.certificateHold, Reason.removeFromCRL):
+        raise ValueError(f"reason {value} ({reason.name}) must not be stored (NULL for unspecified; BR 4.9.13, 7.3.2)")
+    return reason
