@@ -388,3 +388,27 @@ def _reason(value: object) -> Reason | None:
     if reason in (Reason.unspecified, Reason.certificateHold, Reason.removeFromCRL):
         raise ValueError(f"reason {value} ({reason.name}) must not be stored (NULL for unspecified; BR 4.9.13, 7.3.2)")
     return reason
+
+
+def write_entries(db_path: str, entries: Iterable[LedgerEntry]) -> int:
+    """Upsert ``entries`` as they are (no merge checks), in transactions of
+    BATCH rows; for issuance systems that write the ledger directly and for
+    synthetic ledgers in tests and benchmarks. Returns the rows written."""
+    conn = connect(db_path)
+    written, rows = 0, []
+    try:
+        for e in entries:
+            rows.append(_row(e))
+            if len(rows) >= BATCH:
+                written += _upsert(conn, rows)
+                rows = []
+        return written + _upsert(conn, rows)
+    finally:
+        conn.close()
+
+
+def _upsert(conn: sqlite3.Connection, rows: list[tuple[str, str, str, str, str, str | None, int | None, str]]) -> int:
+    with conn:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?)", rows)
+    return len(rows)
