@@ -85,7 +85,8 @@ class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Signer pool: ``workers`` 0 means the CPU count; ``batch_size`` serials
-    per IPC message; ``retries`` attempts per batch on a fresh session."""
+    per IPC message; ``retries`` consecutive PKCS#11 failures, each
+    followed by fresh sessions, before a batch is reported failed."""
 
     workers: int = 0
     batch_size: int = 256

@@ -7,9 +7,9 @@ SoftHSM2 runs without mutexes: each worker signs from one thread only.
 
 Batches cross the process boundary as msgspec MessagePack: ``SignBatch``
 (issuer, list of ResponseData DER) in, ``Signed`` (signature values, DER
-ECDSA-Sig-Value or RSA octets) or ``Failed`` out. A PKCS#11 error on a
-batch reopens the worker's sessions and retries the batch (``retries``
-attempts in all); a worker that dies is restarted and its batches re-sent.
+ECDSA-Sig-Value or RSA octets) or ``Failed`` out. A PKCS#11 error
+reopens the worker's sessions and goes on from the failed item (``retries``
+consecutive failures end the batch); a worker that dies is restarted and its batches re-sent.
 A batch that still fails comes back as ``Failed``: never a silent skip.
 """
 
@@ -128,11 +128,11 @@ class _Keys:
                 pass
         self.sessions, self.keys = [], {}
 
-    def sign(self, issuer: str, tbs: list[bytes]) -> list[bytes]:
+    def sign_one(self, issuer: str, tbs: bytes) -> bytes:
         key, mech, spec = self.keys[issuer]
         if spec.key_type == "ec":
-            return [ecdsa_signature(key.sign(hashlib.new(spec.hash_name, t).digest(), mechanism=mech)) for t in tbs]
-        return [key.sign(t, mechanism=mech) for t in tbs]
+            return ecdsa_signature(key.sign(hashlib.new(spec.hash_name, tbs).digest(), mechanism=mech))
+        return key.sign(tbs, mechanism=mech)
 
 
 def worker_main(conn: Connection, specs_msg: bytes, retries: int) -> None:
@@ -156,18 +156,26 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int) -> None:
 
 
 def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int) -> Signed | Failed:
+    """Sign every item; after a PKCS#11 error reopen the sessions and go on
+    from the failed item. Fails after ``retries`` consecutive errors with no
+    signature made in between."""
     import pkcs11
 
-    error = ""
-    for _ in range(retries):
+    signatures: list[bytes] = []
+    failures, error = 0, ""
+    while len(signatures) < len(req.tbs):
         try:
             if not keys.keys:
                 keys.open()
-            return Signed(req.batch, keys.sign(req.issuer, req.tbs))
+            signatures.append(keys.sign_one(req.issuer, req.tbs[len(signatures)]))
+            failures = 0
         except (pkcs11.exceptions.PKCS11Error, SignerError) as e:
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             keys.close()
-    return Failed(req.batch, f"PKCS#11 signing failed after {retries} attempts on fresh sessions: {error}")
+            failures += 1
+            if failures >= retries:
+                return Failed(req.batch, f"PKCS#11 signing failed {retries} times in a row on fresh sessions: {error}")
+    return Signed(req.batch, signatures)
 
 
 class SignerPool:

@@ -1,0 +1,196 @@
+"""Faults during `ocspmint run`: HSM errors through a real fault-injecting
+PKCS#11 module, SIGKILL at several points, bad ledger rows, wrong keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e import BIN, ocspmint, response_path, run_json
+from ocspmint.demo import Demo, build_demo
+from ocspmint.ledger.sqlite import write_entries
+from ocspmint.model import Kind, LedgerEntry, Reason, Status, utc_now
+from p11fault.build import build_shim
+
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory) -> Path:
+    return build_shim(tmp_path_factory.mktemp("shim"))
+
+
+def with_module(demo: Demo, module: Path) -> None:
+    demo.config.write_text(demo.config.read_text().replace(f'module = "{SOFTHSM}"', f'module = "{module}"'))
+
+
+def store_objects(demo: Demo) -> list[Path]:
+    return [p for p in (demo.root / "responses").rglob("*") if p.is_file() and ".tmp" not in p.parts]
+
+
+def journal_count(demo: Demo) -> int:
+    path = demo.root / "state" / "journal.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM published").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_transient_device_errors_are_retried_on_fresh_sessions(tmp_path, shim):
+    demo = build_demo(tmp_path, certs=12, precerts=4, revoke=2)
+    with_module(demo, shim)
+    log = tmp_path / "faults.log"
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_AT": "3,7,8", "P11FAULT_LOG": str(log)}
+    code, summary = run_json(demo, env=env)
+    assert code == 0 and summary["ok"], summary
+    assert summary["published"] == 16 and summary["failures"] == []
+    assert "rv=0x30" in log.read_text()
+    assert ocspmint(demo, "verify").returncode == 0
+
+
+def test_permanent_device_error_fails_the_run_and_publishes_nothing_bad(tmp_path, shim):
+    demo = build_demo(tmp_path, certs=8, precerts=4, revoke=2)
+    text = demo.config.read_text().replace("workers = 2", "workers = 1\nbatch_size = 4")
+    demo.config.write_text(text)
+    with_module(demo, shim)
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_FROM": "6"}
+    code, summary = run_json(demo, env=env)
+    assert code == 1 and not summary["ok"]
+    failed = {f["serial"] for f in summary["failures"]}
+    assert all(f["stage"] == "sign" and "DeviceError" in f["message"] for f in summary["failures"])
+    assert summary["published"] + len(failed) == 12
+    assert summary["published"] == 4  # probe: signature 1; batch 1: 2-5; batch 2 fails at 6, 7, 8
+    assert len(store_objects(demo)) == journal_count(demo) == summary["published"]
+    assert ocspmint(demo, "verify").returncode == 0
+    # the token recovers: the next run publishes exactly what is left
+    code, again = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM})
+    assert code == 0 and again["published"] == 8 and again["due"] == {"new": 8}
+
+
+def test_login_failure_is_reported_per_serial(tmp_path, shim):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    with_module(demo, shim)
+    code, summary = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_LOGIN_RV": "0xA0"})
+    assert code == 1 and len(summary["failures"]) == 3
+    assert "PinIncorrect" in summary["failures"][0]["message"]
+    assert store_objects(demo) == []
+
+
+def test_token_key_not_matching_signer_certificate_stops_before_publishing(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    demo.config.write_text(demo.config.read_text().replace("object=ocsp-responder", "object=issuing-ca"))
+    code, summary = run_json(demo)
+    assert code == 1 and "does not match the signer certificate" in summary["failures"][0]["message"]
+    assert store_objects(demo) == []
+
+
+def synthetic_ledger(demo: Demo, count: int) -> None:
+    db = demo.root / "ledger.sqlite"
+    now = utc_now()
+
+    def entries():
+        for i in range(count):
+            serial = (0x5A << 120) + i * 7919
+            if i % 20 == 0:
+                yield LedgerEntry("issuing-ca", serial, Kind.CERTIFICATE, now + dt.timedelta(days=90), Status.REVOKED,
+                                  now - dt.timedelta(hours=1), Reason.keyCompromise, "synthetic")
+            else:
+                kind = Kind.PRECERTIFICATE if i % 3 == 0 else Kind.CERTIFICATE
+                yield LedgerEntry("issuing-ca", serial, kind, now + dt.timedelta(days=90), Status.GOOD, source="synthetic")
+
+    write_entries(str(db), entries())
+    text = demo.config.read_text()
+    head, _, _ = text.partition("[[sources]]")
+    demo.config.write_text(head + '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+
+
+def test_sigkill_at_several_points_then_resume_loses_nothing(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    total = 6000
+    synthetic_ledger(demo, total)
+    demo.config.write_text(demo.config.read_text().replace("workers = 2", "workers = 2\nbatch_size = 64"))
+    cmd = [str(BIN / "ocspmint"), "run", "--quiet", "--config", str(demo.config)]
+    kills = 0
+    for threshold in (1, 1500, 3500, 5200):
+        proc = subprocess.Popen(cmd, env=demo.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while journal_count(demo) < threshold and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed"
+    assert journal_count(demo) < total
+    code, summary = run_json(demo)
+    assert code == 0 and summary["ok"], summary
+    assert journal_count(demo) == total
+    assert len(store_objects(demo)) == total
+    verify = ocspmint(demo, "verify", "--json")
+    assert verify.returncode == 0, verify.stdout[-2000:]
+    code, again = run_json(demo)
+    assert code == 0 and again["published"] == 0 and again["up_to_date"] == total
+
+
+def corrupt_line(demo: Demo, index: int, mutate) -> int:
+    lines = demo.index.read_text().splitlines(keepends=True)
+    lines[index] = mutate(lines[index])
+    demo.index.write_text("".join(lines))
+    return index + 1
+
+
+def test_bad_ledger_line_stops_the_run_naming_file_and_line(tmp_path):
+    demo = build_demo(tmp_path, certs=4, precerts=2, revoke=1)
+    lineno = corrupt_line(demo, 2, lambda l: l.replace("\t", "\t2X", 1))
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 1
+    assert f"index.txt:{lineno}" in p.stdout and "Traceback" not in p.stderr
+    assert store_objects(demo) == []
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda l: "Q" + l[1:], "status"),
+    (lambda l: "\t".join(l.split("\t")[:3] + ["ZZ"] + l.split("\t")[4:]), "serial"),
+])
+def test_quarantine_reports_bad_lines_and_publishes_the_rest(tmp_path, mutate, words):
+    demo = build_demo(tmp_path, certs=4, precerts=2, revoke=1)
+    demo.config.write_text('on_error = "quarantine"\n' + demo.config.read_text())
+    lineno = corrupt_line(demo, 1, mutate)
+    code, summary = run_json(demo)
+    assert code == 1
+    [failure] = summary["failures"]
+    assert failure["stage"] == "ledger" and failure["source"].endswith(f"index.txt:{lineno}")
+    assert words in failure["message"]
+    assert summary["published"] == 6 - 1
+
+
+def test_missing_certificate_file_is_named(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    victim = demo.cert_path(demo.serials["good"][1])
+    victim.unlink()
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 1 and victim.name in p.stdout and "missing" in p.stdout
+
+
+def test_flipped_signature_bit_is_caught_by_verify(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    serial = demo.serials["good"][0]
+    der = bytearray(response_path(demo, serial).read_bytes())
+    sig_at = der.rfind(bytes.fromhex("0348")) if b"\x03\x48" in der else der.rfind(b"\x03\x47")
+    der[sig_at + 12] ^= 0x01
+    bad = tmp_path / "flipped.der"
+    bad.write_bytes(bytes(der))
+    p = ocspmint(demo, "verify", str(bad))
+    assert p.returncode == 1 and "signature" in p.stdout
+    assert ocspmint(demo, "verify", str(response_path(demo, serial))).returncode == 0
