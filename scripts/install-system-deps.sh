@@ -4,7 +4,7 @@
 # gcc + libp11-kit-dev: build the fault-injecting PKCS#11 test module;
 # gnutls-bin: ocsptool, a second independent OCSP client.
 set -euo pipefail
-pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin python3-venv)
+pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
