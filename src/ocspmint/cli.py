@@ -34,8 +34,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     report = ingest(args.into, [s for s in cfg.sources if s.type != "sqlite"], load_issuers(cfg), cfg.on_error)
-    print(report.text() if hasattr(report, "text") else report)
-    return 0 if not report.errors else 1
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

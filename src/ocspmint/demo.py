@@ -236,25 +236,21 @@ subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
 """
 
-_LEAF_EXT = """\
+_LEAF_BODY = """\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:${ENV::OCSPMINT_DEMO_SAN}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
 # Leaf profiles for `openssl ca -extfile`; the SAN comes from the environment.
+# A precertificate is a leaf plus the RFC 6962 §3.1 CT poison extension.
+_LEAF_EXT = f"""\
 [leaf]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:${ENV::OCSPMINT_DEMO_SAN}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-
+{_LEAF_BODY}
 [precert]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:${ENV::OCSPMINT_DEMO_SAN}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-# RFC 6962 §3.1 CT poison: this is a precertificate.
-1.3.6.1.4.1.11129.2.4.3 = critical, DER:0500
+{_LEAF_BODY}1.3.6.1.4.1.11129.2.4.3 = critical, DER:0500
 """
 
 
