@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import subprocess
 
 import pytest
 
@@ -163,3 +164,34 @@ def test_config_errors_name_the_key(tmp_path):
     demo.config.write_text(demo.config.read_text().replace('workers = "two"', "workers = 2\nvalidity = \"P11D\""))
     p = ocspmint(demo, "run")
     assert p.returncode == 2 and "validity" in p.stderr
+
+
+def _replace_sources(demo, sources: str) -> None:
+    head, _, _ = demo.config.read_text().partition("[[sources]]")
+    demo.config.write_text(head + sources)
+
+
+def test_ingested_sqlite_ledger_gives_the_same_responses(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=2, revoke=2)
+    p = ocspmint(demo, "ingest", "--into", str(demo.root / "ledger.sqlite"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    _replace_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    code, summary = run_json(demo)
+    assert code == 0 and summary["published"] == 5 and summary["by_kind"]["precertificate"] == 2
+    for serial, reason in demo.revoked.items():
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.status == "revoked" and view.reason == reason
+
+
+def test_certificate_folder_with_crl(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=2, revoke=2)
+    crl = demo.root / "ca" / "issuing-ca.crl"
+    subprocess.run(["openssl", "ca", "-config", str(demo.openssl_cnf), "-gencrl", "-out", str(crl), "-batch"],
+                   check=True, capture_output=True, cwd=demo.root / "ca")
+    _replace_sources(demo, f'[[sources]]\ntype = "certdir"\npath = "ca/newcerts"\ncrls = ["{crl}"]\n')
+    code, summary = run_json(demo)
+    assert code == 0, summary["failures"]
+    assert summary["by_status"] == {"good": 5 - len(demo.revoked), "revoked": len(demo.revoked)}
+    assert summary["expired"] == 1
+    for serial in demo.revoked:
+        assert openssl_check(demo, response_path(demo, serial), serial).status == "revoked"
