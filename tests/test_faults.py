@@ -4,6 +4,7 @@ PKCS#11 module, SIGKILL at several points, bad ledger rows, wrong keys."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import sqlite3
@@ -46,15 +47,16 @@ def journal_count(demo: Demo) -> int:
         return 0
 
 
-def test_transient_device_errors_are_retried_on_fresh_sessions(tmp_path, shim):
+@pytest.mark.parametrize("rv", ["0x30", "0xb0", "0xb3"])  # DeviceError, SessionClosed, SessionHandleInvalid
+def test_transient_pkcs11_errors_are_retried_on_fresh_sessions(tmp_path, shim, rv):
     demo = build_demo(tmp_path, certs=12, precerts=4, revoke=2)
     with_module(demo, shim)
     log = tmp_path / "faults.log"
-    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_AT": "3,7,8", "P11FAULT_LOG": str(log)}
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_AT": "3,7,8", "P11FAULT_SIGN_RV": rv, "P11FAULT_LOG": str(log)}
     code, summary = run_json(demo, env=env)
     assert code == 0 and summary["ok"], summary
     assert summary["published"] == 16 and summary["failures"] == []
-    assert "rv=0x30" in log.read_text()
+    assert f"rv={rv}" in log.read_text()
     assert ocspmint(demo, "verify").returncode == 0
 
 
@@ -194,3 +196,23 @@ def test_flipped_signature_bit_is_caught_by_verify(tmp_path):
     p = ocspmint(demo, "verify", str(bad))
     assert p.returncode == 1 and "signature" in p.stdout
     assert ocspmint(demo, "verify", str(response_path(demo, serial))).returncode == 0
+
+
+def test_killed_signer_process_is_replaced_and_its_batch_resent(tmp_path, shim):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    synthetic_ledger(demo, 400)
+    demo.config.write_text(demo.config.read_text().replace("workers = 2", "workers = 2\nbatch_size = 16"))
+    with_module(demo, shim)
+    env = {**demo.env(), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": "20000"}
+    cmd = [str(BIN / "ocspmint"), "run", "--quiet", "--json", "--config", str(demo.config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while journal_count(demo) < 32 and proc.poll() is None:
+        time.sleep(0.01)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "no signer processes found"
+    os.kill(int(children[-1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    summary = json.loads(out)
+    assert proc.returncode == 0 and summary["ok"], (summary["failures"][:3], err[-2000:])
+    assert summary["published"] == 400 and journal_count(demo) == 400
+    assert summary["signer_restarts"] == 1

@@ -225,6 +225,7 @@ def _sign_all(config: Config, specs: list[KeySpec], runner: Runner, due: list[Le
                         runner.signed(reply.batch, reply.signatures)
                 if progress:
                     progress.update(runner.summary.published + len(runner.summary.failures))
+            runner.summary.signer_restarts = pool.restarts
     except SignerError as e:
         for batch in runner.batches.values():
             runner.fail_all(batch.entries, "sign", str(e))

@@ -39,6 +39,7 @@ class Summary(msgspec.Struct):
     due: dict[str, int] = msgspec.field(default_factory=dict)
     published: int = 0
     verified: int = 0
+    signer_restarts: int = 0
     per_second: float = 0.0
     by_status: dict[str, int] = msgspec.field(default_factory=dict)
     by_kind: dict[str, int] = msgspec.field(default_factory=dict)
@@ -73,6 +74,8 @@ class Summary(msgspec.Struct):
             f"published {self.published}, verified before publication {self.verified}, "
             f"in {self.seconds:.1f}s ({self.per_second}/s); by status {self.by_status}; by kind {self.by_kind}",
         ]
+        if self.signer_restarts:
+            lines.append(f"signer processes died and were replaced: {self.signer_restarts}")
         for issuer, counts in sorted(self.by_issuer.items()):
             lines.append(f"  issuer {issuer}: {counts}")
         for f in self.failures[:50]:

@@ -195,6 +195,7 @@ class SignerPool:
         self._workers: dict[Connection, mp.process.BaseProcess] = {}
         self._inflight: dict[Connection, dict[int, SignBatch]] = {}
         self._attempts: dict[int, int] = {}
+        self.restarts = 0
 
     def __enter__(self) -> SignerPool:
         for _ in range(self._n):
@@ -255,6 +256,7 @@ class SignerPool:
         proc.join(5)
         conn.close()
         self._spawn()
+        self.restarts += 1
         for batch in lost.values():
             if self._attempts[batch.batch] >= self._retries:
                 yield Failed(batch.batch, f"signer process died (exit code {proc.exitcode}) {self._retries} times")
