@@ -70,3 +70,13 @@ def pkilint_findings(path: Path) -> list[str]:
     p = subprocess.run([str(BIN / "lint_ocsp_response"), "lint", "--document-format", "DER", str(path)],
                        capture_output=True, text=True, timeout=60)
     return [line.strip() for line in p.stdout.splitlines() if re.search(r"\((ERROR|FATAL|WARNING)\)", line)]
+
+
+def gnutls_check(demo: Demo, path: Path, serial: int, tmp: Path) -> str:
+    """GnuTLS `ocsptool -e` with the certificate's chain: it verifies the
+    signature and checks the response against that certificate."""
+    chain = tmp / f"chain-{serial:x}.pem"
+    chain.write_bytes(demo.cert_path(serial).read_bytes() + demo.issuing_ca.read_bytes())
+    p = subprocess.run(["ocsptool", "-e", "--load-trust", str(demo.issuing_ca), "--load-chain", str(chain),
+                        "--infile", str(path)], capture_output=True, text=True, timeout=30)
+    return p.stdout + p.stderr

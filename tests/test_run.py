@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from e2e import ocspmint, openssl_check, pkilint_findings, response_path, run_json
+from e2e import gnutls_check, ocspmint, openssl_check, pkilint_findings, response_path, run_json
 from ocspmint.demo import build_demo, issue, revoke
 from ocspmint.issuer import load_certificate
 
@@ -117,6 +117,7 @@ def test_both_certid_hashes_in_one_response(tmp_path):
             view = openssl_check(demo, path, serial, digest)
             assert view.verified and view.status in ("good", "revoked"), (digest, view.text)
         assert pkilint_findings(path) == []
+        assert "Verifying OCSP Response: Success." in gnutls_check(demo, path, serial, tmp_path)
 
 
 @pytest.mark.parametrize("key", ["ec-p384", "rsa-2048"])
