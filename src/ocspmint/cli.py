@@ -56,10 +56,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo CA, SoftHSM2 token and config made in {root}")
     import os
 
-    os.environ["SOFTHSM2_CONF"] = str(demo.softhsm_conf)
+    os.environ["SOFTHSM2_CONF"] = str(demo.softhsm_conf)  # inherited by the spawned signers
     summary = run(load_config(demo.config), show_progress=not args.quiet)
     print(summary.text())
-    print(f"\nresponses in {root / 'responses'}; run again with:\n  SOFTHSM2_CONF={demo.softhsm_conf} ocspmint run --config {demo.config}")
+    exe = Path(sys.argv[0]).resolve()
+    print(f"\nresponses in {root / 'responses'}; run again with:\n  SOFTHSM2_CONF={demo.softhsm_conf} {exe} run --config {demo.config}")
     return 0 if summary.ok else 1
 
 
