@@ -1,10 +1,13 @@
 """Journal: the durable record of what is published, per (issuer, serial).
 
-SQLite (WAL, synchronous=FULL) at ``<state_dir>/journal.sqlite``. A row is
-written only after the store acknowledged the object, in one transaction
-per batch, so a run killed at any instant resumes without loss: an object
-written but not journaled is simply signed and written again (same key,
-replaced atomically); a journaled object is always in the store.
+SQLite (WAL, synchronous=NORMAL) at ``<state_dir>/journal.sqlite``. A row
+is written only after the store made the object durable (``flush()``), in
+one transaction per batch, so a journaled object is always in the store,
+even after a power loss. A run killed at any instant resumes without loss:
+an object written but not journaled is signed and written again (same key,
+replaced atomically). WAL with NORMAL survives a killed process; a power
+loss can only drop the newest journal rows, whose serials are then
+re-signed: the safe direction.
 
 Schema ``published``: issuer TEXT, serial TEXT (040x hex), this_update /
 next_update INTEGER (Unix seconds, UTC), status TEXT, revoked_at INTEGER
@@ -67,7 +70,7 @@ class Journal:
         self.path = Path(state_dir) / "journal.sqlite"
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def __enter__(self) -> Journal:

@@ -138,6 +138,7 @@ class Runner:
             self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
         if self.config.signing.verify:
             self.summary.verified += len(records)
+        self.store.flush()
         self.journal.record(records)
 
 
