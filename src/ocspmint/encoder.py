@@ -26,9 +26,6 @@ GOOD = b"\x80\x00"
 
 # Unsigned error responses (RFC 6960 §4.2.1): 30 03 0a 01 0X.
 MALFORMED_REQUEST = bytes.fromhex("3003 0a01 01")
-INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
-TRY_LATER = bytes.fromhex("3003 0a01 03")
-SIG_REQUIRED = bytes.fromhex("3003 0a01 05")
 UNAUTHORIZED = bytes.fromhex("3003 0a01 06")
 
 

@@ -100,6 +100,3 @@ class Journal:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO published VALUES (?,?,?,?,?,?,?,?,?)", rows)
-
-    def count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM published").fetchone()[0]

@@ -22,7 +22,7 @@ from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, serial_hex, utc_now
 from ocspmint.store import object_key, open_store
-from ocspmint.verifier import Expectation, verify_response
+from ocspmint.verifier import Expectation, describe, verify_response
 
 
 class Checked(msgspec.Struct):
@@ -33,6 +33,7 @@ class Checked(msgspec.Struct):
     serial: str = ""
     status: str = ""
     findings: list[str] = msgspec.field(default_factory=list)
+    response: dict = msgspec.field(default_factory=dict)
 
 
 def _issuer_of(der: bytes, issuers: list[IssuerIdentity]) -> tuple[IssuerIdentity | None, int | None]:
@@ -61,7 +62,7 @@ def check_one(path: str, der: bytes, issuers: list[IssuerIdentity], ledger: dict
     if key is not None and key != object_key(ident.id, serial):
         findings.append(f"store: key {key} does not name serial {serial_hex(serial)} of {ident.name}")
     status = "" if entry is None else entry.status.value
-    return Checked(path, ident.name, serial_hex(serial), status, findings)
+    return Checked(path, ident.name, serial_hex(serial), status, findings, describe(der))
 
 
 def _responses(config: Config, files: list[str], store_url: str | None) -> Iterator[tuple[str, bytes, str | None]]:
