@@ -27,7 +27,9 @@ medians, the min–max of the rates, and the median over repetitions of each
 (b) rate divided by the (a) ceiling of the same repetition (same run, same
 token, same N). The benchmark fails (exit 1) unless each run's summary
 is ok with published == serials. ``--markdown`` appends a dated section to
-bench/RESULTS.md. SOFTHSM2_CONF is set only in child processes.
+bench/RESULTS.md. SOFTHSM2_CONF is set only in child processes. On a disk
+store leave a minute between runs: mass deletions (this script's cleanup)
+slow the next file creations on ext4 without a journal.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import random
 import statistics
 import subprocess
@@ -49,7 +52,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier
+from multiprocessing.synchronize import Barrier, Lock
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +158,18 @@ def write_config(demo: Demo, ledger: Path, run_dir: Path, workers: int, verify: 
 
 
 def _ceiling_worker(softhsm_conf: str, pin_file: str, key_type: str, count: int, seed: int,
-                    barrier: Barrier, out: Queue[tuple[float, float]]) -> None:
+                    login: Lock, barrier: Barrier, out: Queue[tuple[float, float]]) -> None:
     os.environ["SOFTHSM2_CONF"] = softhsm_conf  # this child only; read at C_Initialize
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
     from pkcs11.types import SignMixin
 
-    token = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=TOKEN_LABEL)
-    with token.open(user_pin=Path(pin_file).read_text().strip()) as session:
+    # One login at a time, as SignerPool starts its workers one by one: SoftHSM2's
+    # file token fails C_GetTokenInfo (CKR_GENERAL_ERROR) when another process logs in.
+    with login:
+        session = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=TOKEN_LABEL).open(
+            user_pin=Path(pin_file).read_text().strip())
+    with session:
         key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=RESPONDER_LABEL)
         assert isinstance(key, SignMixin)
         rng = random.Random(seed)
@@ -174,7 +181,7 @@ def _ceiling_worker(softhsm_conf: str, pin_file: str, key_type: str, count: int,
             data = [rng.randbytes(150) for _ in range(count)]
         for d in data[:WARMUP]:  # first-use costs (key object, caches) stay out of the timing
             key.sign(d, mechanism=mech)
-        barrier.wait()
+        barrier.wait(timeout=600)
         start = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
         for d in data:
             key.sign(d, mechanism=mech)
@@ -184,17 +191,23 @@ def _ceiling_worker(softhsm_conf: str, pin_file: str, key_type: str, count: int,
 def ceiling(demo: Demo, key_type: str, serials: int, workers: int) -> float:
     """Raw python-pkcs11 signing rate of ``workers`` processes (signatures/s)."""
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(workers), ctx.Queue()
+    login, barrier, out = ctx.Lock(), ctx.Barrier(workers), ctx.Queue()
     shares = [serials // workers + (i < serials % workers) for i in range(workers)]
     procs = [ctx.Process(target=_ceiling_worker, args=(str(demo.softhsm_conf), str(demo.pin_file), key_type,
-                                                        n, i, barrier, out)) for i, n in enumerate(shares)]
+                                                        n, i, login, barrier, out)) for i, n in enumerate(shares)]
     for p in procs:
         p.start()
-    times: list[tuple[float, float]] = [out.get(timeout=3600) for _ in procs]
+    times: list[tuple[float, float]] = []
+    while len(times) < workers:
+        try:
+            times.append(out.get(timeout=1))
+        except queue.Empty:
+            if any(p.exitcode for p in procs):  # a worker died: the others would wait at the barrier
+                for p in procs:
+                    p.kill()
+                raise SystemExit("ceiling worker failed (traceback above)") from None
     for p in procs:
         p.join()
-        if p.exitcode:
-            raise SystemExit(f"ceiling worker exited with {p.exitcode}")
     return serials / (max(t[1] for t in times) - min(t[0] for t in times))
 
 
@@ -297,9 +310,9 @@ def main() -> int:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         info = "\n".join(f"- {k}: {v}" for k, v in machine().items())
         cmdline = " ".join(["bench/sign_throughput.py", *sys.argv[1:]])
-        section = f"\n## {now}: {params}\n\n`{cmdline}`\n\n{info}\n\n{table(rows)}\n"
+        section = f"\n### {now}: {params}\n\n`{cmdline}`\n\n{info}\n\n{table(rows)}\n"
         if not RESULTS.exists():
-            RESULTS.write_text("# Signing throughput results\n")
+            RESULTS.write_text("# Signing throughput results\n\n## Raw results (appended by `--markdown`)\n")
         with RESULTS.open("a") as f:
             f.write(section)
     return 0
