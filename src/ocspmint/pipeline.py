@@ -13,8 +13,6 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-
 from ocspmint.config import Config
 from ocspmint.encoder import ResponseTemplate, Times
 from ocspmint.issuer import IssuerIdentity, load_issuers
@@ -25,7 +23,7 @@ from ocspmint.planner import Planner
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.signer import Failed, KeySpec, SignBatch, SignerError, SignerPool, key_spec
 from ocspmint.store import FileStore, StoreError, object_key, open_store
-from ocspmint.verifier import Expectation, verify_response
+from ocspmint.verifier import Expectation, signature_valid, verify_response
 
 MIN_INTERVAL = dt.timedelta(hours=8)
 
@@ -146,9 +144,6 @@ def probe_keys(pool: SignerPool, runner: Runner) -> None:
     """Sign one throwaway ResponseData per issuer and check it with the
     signer certificate: a token key that does not match the configured
     certificate stops the run before anything is published."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding
-
     for n, ident in enumerate(runner.issuers.values()):
         tbs = b"ocspmint key probe " + ident.id.encode()
         pool.submit(SignBatch(-1 - n, ident.name, [tbs]))
@@ -158,16 +153,9 @@ def probe_keys(pool: SignerPool, runner: Runner) -> None:
         reply = replies[0]
         if isinstance(reply, Failed):
             raise SignerError(f"issuer {ident.name}: probe signature failed: {reply.error}")
-        h = hashes.SHA384() if ident.signer.hash_name == "sha384" else hashes.SHA256()
-        key = ident.signer.cert.public_key()
-        try:
-            if ident.signer.key_type == "ec":
-                key.verify(reply.signatures[0], tbs, ec.ECDSA(h))
-            else:
-                key.verify(reply.signatures[0], tbs, padding.PKCS1v15(), h)
-        except InvalidSignature:
+        if not signature_valid(ident.signer, tbs, reply.signatures[0]):
             raise SignerError(f"issuer {ident.name}: the token key {ident.config.signer.uri} does not match "
-                              f"the signer certificate {ident.config.signer.cert or ident.config.cert}") from None
+                              f"the signer certificate {ident.config.signer.cert or ident.config.cert}")
 
 
 def _chunks(due: list[LedgerEntry], size: int) -> Iterator[tuple[str, list[LedgerEntry]]]:

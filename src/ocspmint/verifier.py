@@ -226,16 +226,28 @@ def _check_signature(resp: ocsp.OCSPResponse, raw: _Raw, signer: SignerIdentity,
     if algo is None or algo[0] != signer.key_type:
         out.append(f"signature: cannot verify {name} with the signer's {signer.key_type} key")
         return
-    key = _public_key(signer)
     try:
-        if algo[0] == "ec":
-            key.verify(resp.signature, raw.tbs, ec.ECDSA(algo[1]))
-        else:
-            key.verify(resp.signature, raw.tbs, padding.PKCS1v15(), algo[1])
-    except InvalidSignature:
-        out.append("signature: invalid")
+        if not signature_valid(signer, raw.tbs, resp.signature, algo[1]):
+            out.append("signature: invalid")
     except Exception as e:  # noqa: BLE001
         out.append(f"signature: invalid ({type(e).__name__})")
+
+
+def signature_valid(signer: SignerIdentity, data: bytes, signature: bytes, hash_alg: Any = None) -> bool:
+    """True when ``signature`` (DER ECDSA-Sig-Value or RSA PKCS#1 v1.5
+    octets) over ``data`` verifies with the signer certificate's key.
+    ``hash_alg`` defaults to the signer's hash (BR 7.1.3.2). Raises only
+    for a malformed signature or key (caller decides)."""
+    key = _public_key(signer)
+    h = hash_alg or (hashes.SHA384() if signer.hash_name == "sha384" else hashes.SHA256())
+    try:
+        if signer.key_type == "ec":
+            key.verify(signature, data, ec.ECDSA(h))
+        else:
+            key.verify(signature, data, padding.PKCS1v15(), h)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _check_responder(resp: ocsp.OCSPResponse, raw: _Raw, signer: SignerIdentity, out: list[str]) -> None:
