@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= ocspmint-demo
 
-.PHONY: demo test bench system-deps venv clean
+.PHONY: demo test bench bench-publish system-deps venv clean
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -28,6 +28,11 @@ test: system-deps venv
 ## Signing throughput against the raw PKCS#11 ceiling (see bench/RESULTS.md).
 bench: system-deps venv
 	$(BIN)/python bench/sign_throughput.py
+
+## S3 upload: client libraries and S3Store vs a raw PUT loop on SeaweedFS.
+bench-publish: system-deps venv
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/publish_throughput.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info .pytest_cache

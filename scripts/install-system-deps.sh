@@ -2,9 +2,10 @@
 # Installs the Debian packages ocspmint's demo and tests need, if missing.
 # softhsm2: the PKCS#11 token; openssl: CA databases and `openssl ocsp`;
 # gcc + libp11-kit-dev: build the fault-injecting PKCS#11 test module;
-# gnutls-bin: ocsptool, a second independent OCSP client.
+# gnutls-bin: ocsptool, a second independent OCSP client;
+# varnish: the CDN cache in front of `ocspmint serve` in the end-to-end tests.
 set -euo pipefail
-pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin)
+pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,10 +4,15 @@ add new fixtures under their own clearly named heading."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ocspmint.demo import Demo, build_demo
+
+if TYPE_CHECKING:
+    from seaweed import SeaweedS3
 
 # --- ocspmint.demo: a real openssl CA hierarchy and a SoftHSM2 token ---------
 
@@ -34,3 +39,19 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 def demo_softhsm_env(demo: Demo) -> dict[str, str]:
     """softhsm_env(demo) for the session demo."""
     return softhsm_env(demo)
+
+
+# --- ocspmint.s3store: a real SeaweedFS S3 server (tests/seaweed.py) ---------
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """SeaweedFS (``weed server -filer -s3``) on free 127.0.0.1 ports with
+    S3 auth on, started once per session and stopped at its end. Gives
+    ``endpoint`` (http://127.0.0.1:PORT), ``bucket`` (exists, shared: use
+    your own key prefix), ``access_key``, ``secret_key``, ``region``;
+    ``env()`` is the matching AWS_* environment variables."""
+    from seaweed import seaweed as start_seaweed
+
+    with start_seaweed(tmp_path_factory.mktemp("seaweed")) as sw:
+        yield sw

@@ -1,4 +1,4 @@
-"""Command line: ``ocspmint run|ingest|verify|demo``.
+"""Command line: ``ocspmint run|ingest|verify|serve|demo``.
 
 Exit status: 0 everything due was published and verified (or every
 response checked is clean); 1 something due was not done or a finding was
@@ -44,6 +44,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return verify_command(_config(args), args.files, args.store, args.json)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ocspmint.responder import serve
+
+    return serve(_config(args), listen=args.listen)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ocspmint.demo import build_demo
     from ocspmint.pipeline import run
@@ -82,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.add_argument("files", nargs="*", help="DER response files; none means the whole store")
     v.set_defaults(func=cmd_verify)
+    s = sub.add_parser("serve", help="answer OCSP GET/POST requests from the store (RFC 5019 origin)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: the config's [serve] listen)")
+    s.set_defaults(func=cmd_serve)
     d = sub.add_parser("demo", help="build a demo CA + SoftHSM2 token and run once")
     d.add_argument("--dir", default="ocspmint-demo")
     d.add_argument("--quiet", action="store_true")

@@ -80,7 +80,69 @@ class Response(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where responses are published (docs/store-layout.md).
+
+    ``url``: ``file:PATH`` or ``s3://BUCKET/PREFIX``. For S3: ``endpoint``
+    (empty: AWS), ``region``, ``profile`` (an AWS shared-config profile);
+    credentials come from the standard AWS environment/profile chain, never
+    from this file. ``concurrency``: PUTs in flight; ``retries``: attempts
+    per PUT after 5xx, SlowDown or a timeout (exponential backoff, full
+    jitter); ``timeout``: per request.
+    """
+
     url: str = "file:responses"
+    endpoint: str = ""
+    region: str = ""
+    profile: str = ""
+    concurrency: int = 64
+    retries: int = 5
+    timeout: dt.timedelta = dt.timedelta(seconds=30)
+
+
+class Serve(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`ocspmint serve`, the RFC 5019 origin: ``listen`` HOST:PORT;
+    ``cache_bytes`` bounds the in-memory response cache; ``cache_ttl`` how
+    long a cached object is served before it is read again from the store;
+    ``max_age`` caps Cache-Control max-age (which never reaches past
+    nextUpdate); ``purge_from`` the client addresses allowed to PURGE/BAN."""
+
+    listen: str = "127.0.0.1:8080"
+    cache_bytes: int = 64 * 2**20
+    cache_ttl: dt.timedelta = dt.timedelta(seconds=60)
+    max_age: dt.timedelta = DAY
+    purge_from: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
+
+
+class Purge(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A cache to purge when a served status changes (docs/purge.md).
+
+    type ``http``: send ``method`` (``ban``: one BAN per serial carrying
+    its ``X-OCSP-Key``; ``purge``: PURGE of each canonical GET URL) to each
+    base URL in ``urls``, in order (list the origin before the CDN).
+    type ``cloudfront``: CreateInvalidation on ``distribution_id``; an
+    issuer with more than ``wildcard_over`` paths in one invalidation gets
+    wildcard paths instead. ``name`` identifies the target in the journal's
+    purge queue; changing it re-queues nothing.
+    """
+
+    name: str
+    type: Literal["http", "cloudfront"]
+    urls: list[str] = []
+    method: Literal["ban", "purge"] = "ban"
+    distribution_id: str = ""
+    wildcard_over: int = 1000
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+
+class VerifyServed(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """After publishing (and purging), fetch ``sample`` of the responses
+    published by this run (a count, or "all") through ``url`` (the origin
+    or the CDN) with real OCSP GET requests, and verify them and their
+    HTTP headers. Empty ``url``: off."""
+
+    url: str = ""
+    sample: int | Literal["all"] = 100
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
 
 
 class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -102,6 +164,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     store: Store = Store()
     response: Response = Response()
     signing: Signing = Signing()
+    serve: Serve = Serve()
+    purge: list[Purge] = []
+    verify_served: VerifyServed = VerifyServed()
 
     def issuer(self, name: str) -> Issuer:
         for issuer in self.issuers:
@@ -183,8 +248,25 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"$.sources[{n}].issuer: no issuer named {s.issuer!r}")
     if cfg.signing.workers < 0 or cfg.signing.batch_size < 1 or cfg.signing.retries < 1:
         raise ConfigError("$.signing: workers ≥ 0, batch_size ≥ 1, retries ≥ 1")
-    if not cfg.store.url.startswith("file:"):
-        raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH)")
+    if not cfg.store.url.startswith(("file:", "s3://")):
+        raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH or s3://BUCKET/PREFIX)")
+    if cfg.store.concurrency < 1 or cfg.store.retries < 0:
+        raise ConfigError("$.store: concurrency ≥ 1, retries ≥ 0")
+    _check_purge(cfg.purge)
+    sample = cfg.verify_served.sample
+    if sample != "all" and sample < 0:
+        raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
+
+
+def _check_purge(purges: list[Purge]) -> None:
+    names = [p.name for p in purges]
+    if len(set(names)) != len(names):
+        raise ConfigError("$.purge: names must be unique")
+    for n, p in enumerate(purges):
+        if p.type == "http" and not p.urls:
+            raise ConfigError(f"$.purge[{n}].urls: an http purge needs at least one base URL")
+        if p.type == "cloudfront" and not p.distribution_id:
+            raise ConfigError(f"$.purge[{n}].distribution_id: required for cloudfront")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -13,6 +13,13 @@ Schema ``published``: issuer TEXT, serial TEXT (040x hex), this_update /
 next_update INTEGER (Unix seconds, UTC), status TEXT, revoked_at INTEGER
 NULL, reason INTEGER NULL, signer TEXT (hex SHA-1 of the signing key),
 sha256 BLOB (of the published DER); primary key (issuer, serial).
+
+Schema ``purges`` (the durable purge queue, docs/purge.md): target TEXT
+(a purge target's name), issuer TEXT, serial TEXT, queued INTEGER (Unix
+seconds), attempts INTEGER, last_error TEXT; primary key (target, issuer,
+serial). Rows are queued in the same transaction as the ``published`` rows
+whose served status changed, and deleted when the target acknowledged the
+purge, so a purge is never lost between publication and the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import msgspec
 
-from ocspmint.model import UTC, LedgerEntry, serial_hex
+from ocspmint.model import UTC, LedgerEntry, serial_hex, utc_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS published (
@@ -32,6 +39,10 @@ CREATE TABLE IF NOT EXISTS published (
   status TEXT NOT NULL, revoked_at INTEGER, reason INTEGER,
   signer TEXT NOT NULL, sha256 BLOB NOT NULL,
   PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS purges (
+  target TEXT NOT NULL, issuer TEXT NOT NULL, serial TEXT NOT NULL,
+  queued INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+  PRIMARY KEY (target, issuer, serial)) WITHOUT ROWID;
 """
 
 
@@ -91,12 +102,37 @@ class Journal:
             return None
         return Record(issuer, serial, _dt(row[0]), _dt(row[1]), row[2], _dt(row[3]), row[4], row[5], row[6])
 
-    def record(self, records: list[Record]) -> None:
-        """Upsert ``records`` in one durable transaction."""
+    def record(self, records: list[Record], purge: list[tuple[str, int]] = (), targets: list[str] = ()) -> None:
+        """Upsert ``records`` and queue a purge of each (issuer, serial) in
+        ``purge`` for every target name in ``targets``, in one durable
+        transaction."""
         rows = [
             (r.issuer, serial_hex(r.serial), _ts(r.this_update), _ts(r.next_update), r.status, _ts(r.revoked_at), r.reason, r.signer, r.sha256)
             for r in records
         ]
+        now = _ts(utc_now())
+        queued = [(t, issuer, serial_hex(serial), now) for t in targets for issuer, serial in purge]
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO published VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO purges (target, issuer, serial, queued) VALUES (?,?,?,?)", queued)
+
+    def queued_purges(self, target: str, limit: int | None = None) -> list[tuple[str, int]]:
+        """(issuer, serial) pairs waiting for ``target``, oldest first."""
+        rows = self._db.execute("SELECT issuer, serial FROM purges WHERE target=? ORDER BY queued, issuer, serial LIMIT ?",
+                                (target, -1 if limit is None else limit))
+        return [(issuer, int(serial, 16)) for issuer, serial in rows]
+
+    def purged(self, target: str, done: list[tuple[str, int]]) -> None:
+        """Remove acknowledged purges from the queue."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM purges WHERE target=? AND issuer=? AND serial=?",
+                                 [(target, i, serial_hex(s)) for i, s in done])
+
+    def purge_failed(self, target: str, pending: list[tuple[str, int]], error: str) -> None:
+        """Count a failed attempt; the purges stay queued for the next run."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE purges SET attempts=attempts+1, last_error=? WHERE target=? AND issuer=? AND serial=?",
+                                 [(error, target, i, serial_hex(s)) for i, s in pending])

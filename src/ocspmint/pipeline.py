@@ -1,4 +1,5 @@
-"""`ocspmint run`: ledger → planner → signer pool → verifier → store → journal.
+"""`ocspmint run`: ledger → planner → signer pool → verifier → store →
+journal → invalidator (purge queue) → served check (verify_served).
 
 ``run(config)`` returns a Summary; ``summary.ok`` is False when anything
 due was not published and verified (the CLI then exits 1). Nothing is
@@ -11,18 +12,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterator
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ocspmint.config import Config
 from ocspmint.encoder import ResponseTemplate, Times
+from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import Journal, Record
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
 from ocspmint.planner import Planner
 from ocspmint.report import Failure, Progress, Summary
+from ocspmint.served import check_served
 from ocspmint.signer import Failed, KeySpec, SignBatch, SignerError, SignerPool, key_spec
-from ocspmint.store import FileStore, StoreError, object_key, open_store
+from ocspmint.store import PutItem, Store, object_key, open_store
 from ocspmint.verifier import Expectation, signature_valid, verify_response
 
 MIN_INTERVAL = dt.timedelta(hours=8)
@@ -74,14 +79,37 @@ class _Batch:
     times: Times
 
 
-class Runner:
-    """One run: holds the open journal, store and templates."""
+@dataclass
+class _Upload:
+    """A batch handed to the store, journaled once the store acknowledged it."""
 
-    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, store: FileStore, summary: Summary) -> None:
+    done: Future[list[str | None]]
+    entries: list[LedgerEntry]
+    records: list[Record]
+
+
+PURGE_REASONS = ("changed", "signer")  # the served bytes must change at once
+
+
+class Runner:
+    """One run: holds the open journal, store and templates.
+
+    ``purge``: (issuer, serial) of due entries whose served status or
+    signer changed; their journal rows queue a purge for every target.
+    ``published``: (entry, validity) of everything journaled this run.
+    """
+
+    MAX_UPLOADS = 4  # batches in the store's hands at once
+
+    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, store: Store, summary: Summary) -> None:
         self.config, self.issuers, self.journal, self.store, self.summary = config, issuers, journal, store, summary
         hashes = tuple(config.response.certid_hashes)
         self.templates = {n: ResponseTemplate(i, hashes) for n, i in issuers.items()}
         self.batches: dict[int, _Batch] = {}
+        self.uploads: deque[_Upload] = deque()
+        self.purge: set[tuple[str, int]] = set()
+        self.targets = [t.name for t in config.purge]
+        self.published: list[LedgerEntry] = []
 
     def make_batch(self, batch_id: int, issuer: str, entries: list[LedgerEntry]) -> SignBatch | None:
         ident, template = self.issuers[issuer], self.templates[issuer]
@@ -113,11 +141,11 @@ class Runner:
         self.fail_all(b.entries, "sign", reply.error)
 
     def signed(self, batch_id: int, signatures: list[bytes]) -> None:
-        """Assemble, verify, store, then journal one signed batch."""
+        """Assemble and verify one signed batch, then hand it to the store."""
         b = self.batches.pop(batch_id)
         template = self.templates[b.issuer.name]
         expect_validity = b.times.next_update - b.times.this_update
-        records = []
+        items, entries, records = [], [], []
         for entry, tbs, sig in zip(b.entries, b.tbs, signatures, strict=True):
             response = template.response(tbs, sig)
             if self.config.signing.verify:
@@ -125,19 +153,34 @@ class Runner:
                 if findings:
                     self.fail(entry, "verify", "; ".join(findings))
                     continue
-            try:
-                self.store.put(object_key(b.issuer.id, entry.serial), response)
-            except StoreError as err:
-                self.fail(entry, "store", str(err))
-                continue
+            items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
+            entries.append(entry)
             reason = None if entry.reason is None else int(entry.reason)
             records.append(Record(entry.issuer, entry.serial, b.times.this_update, b.times.next_update, entry.status.value,
                                   entry.revoked_at, reason, b.issuer.signer.key_hash.hex(), hashlib.sha256(response).digest()))
-            self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
-        if self.config.signing.verify:
-            self.summary.verified += len(records)
-        self.store.flush()
-        self.journal.record(records)
+        if items:
+            self.uploads.append(_Upload(self.store.submit(items), entries, records))
+        self.settle(self.MAX_UPLOADS)
+
+    def settle(self, keep: int) -> None:
+        """Journal every upload the store has acknowledged, oldest first,
+        blocking while more than ``keep`` are outstanding (0: drain)."""
+        while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
+            up = self.uploads.popleft()
+            errors = up.done.result()
+            kept, purge = [], []
+            for entry, record, error in zip(up.entries, up.records, errors, strict=True):
+                if error is not None:
+                    self.fail(entry, "store", error)
+                    continue
+                kept.append(record)
+                self.published.append(entry)
+                self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
+                if (entry.issuer, entry.serial) in self.purge:
+                    purge.append((entry.issuer, entry.serial))
+            if self.config.signing.verify:
+                self.summary.verified += len(kept)
+            self.journal.record(kept, purge, self.targets)
 
 
 def probe_keys(pool: SignerPool, runner: Runner) -> None:
@@ -179,13 +222,23 @@ def run(config: Config, show_progress: bool = True) -> Summary:
         planner = Planner(journal, {n: i.signer.key_hash.hex() for n, i in issuers.items()},
                           config.response.refresh_after, utc_now())
         try:
-            due = [e for e, _ in planner.due(ledger_entries(config, issuers, summary))]
+            planned = list(planner.due(ledger_entries(config, issuers, summary)))
         except LedgerStop:
             summary.finish(planner.counts)
             return summary
-        runner = Runner(config, issuers, journal, open_store(config.store.url), summary)
-        if due:
-            _sign_all(config, specs, runner, due, show_progress)
+        store = open_store(config.store.url, config.store)
+        runner = Runner(config, issuers, journal, store, summary)
+        try:
+            runner.purge = {(e.issuer, e.serial) for e, why in planned if why in PURGE_REASONS}
+            if planned:
+                _sign_all(config, specs, runner, [e for e, _ in planned], show_progress)
+        finally:
+            runner.settle(0)
+            store.close()
+        summary.purges = invalidate(config, issuers, journal)
+        if config.verify_served.url:
+            summary.served_checked, failures = check_served(config, issuers, journal, runner.published, runner.purge)
+            summary.failures.extend(failures)
     summary.finish(planner.counts)
     return summary
 
@@ -212,6 +265,7 @@ def _sign_all(config: Config, specs: list[KeySpec], runner: Runner, due: list[Le
                         runner.failed(reply)
                     else:
                         runner.signed(reply.batch, reply.signatures)
+                runner.settle(runner.MAX_UPLOADS)
                 if progress:
                     progress.update(runner.summary.published + len(runner.summary.failures))
             runner.summary.signer_restarts = pool.restarts

@@ -29,6 +29,16 @@ class Failure(msgspec.Struct, frozen=True):
     source: str = ""
 
 
+class PurgeResult(msgspec.Struct):
+    """One purge target after a run: ``sent`` purges acknowledged, ``pending``
+    still queued in the journal (retried by the next run), ``error`` the
+    last failure."""
+
+    sent: int = 0
+    pending: int = 0
+    error: str = ""
+
+
 class Summary(msgspec.Struct):
     started: dt.datetime
     finished: dt.datetime | None = None
@@ -40,6 +50,8 @@ class Summary(msgspec.Struct):
     published: int = 0
     verified: int = 0
     signer_restarts: int = 0
+    purges: dict[str, PurgeResult] = msgspec.field(default_factory=dict)
+    served_checked: int = 0
     per_second: float = 0.0
     by_status: dict[str, int] = msgspec.field(default_factory=dict)
     by_kind: dict[str, int] = msgspec.field(default_factory=dict)
@@ -62,7 +74,8 @@ class Summary(msgspec.Struct):
         self.due = {k: v for k, v in planned.items() if k not in ("expired", "up_to_date")}
         self.ledger_entries = sum(planned.values())
         self.per_second = round(self.published / self.seconds, 1) if self.seconds else 0.0
-        self.ok = not self.failures and self.published == sum(self.due.values())
+        self.ok = (not self.failures and self.published == sum(self.due.values())
+                   and not any(p.pending for p in self.purges.values()))
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=2)
@@ -74,6 +87,10 @@ class Summary(msgspec.Struct):
             f"published {self.published}, verified before publication {self.verified}, "
             f"in {self.seconds:.1f}s ({self.per_second}/s); by status {self.by_status}; by kind {self.by_kind}",
         ]
+        for name, p in sorted(self.purges.items()):
+            lines.append(f"purge {name}: {p.sent} acknowledged, {p.pending} still queued" + (f" ({p.error})" if p.error else ""))
+        if self.served_checked:
+            lines.append(f"served responses fetched and verified: {self.served_checked}")
         if self.signer_restarts:
             lines.append(f"signer processes died and were replaced: {self.signer_restarts}")
         for issuer, counts in sorted(self.by_issuer.items()):
@@ -83,7 +100,8 @@ class Summary(msgspec.Struct):
             lines.append(f"  FAILED [{f.stage}] {where}: {f.message}")
         if len(self.failures) > 50:
             lines.append(f"  ... and {len(self.failures) - 50} more failures (see --json)")
-        lines.append("OK" if self.ok else f"NOT OK: {len(self.failures)} failures")
+        pending = sum(p.pending for p in self.purges.values())
+        lines.append("OK" if self.ok else f"NOT OK: {len(self.failures)} failures, {pending} purges pending")
         return "\n".join(lines)
 
 

@@ -10,21 +10,63 @@ which spreads keys evenly over prefixes (S3 scales per prefix) and folders.
 ``FileStore``: a folder; objects are written to ``.tmp/`` and renamed into
 place (POSIX rename is atomic), so a reader never sees a half-written
 response and a killed run leaves no torn object.
+
+Every store offers the same interface (``Store``): ``submit`` a batch of
+``PutItem`` and get a Future of per-item errors, resolved once every
+successful item is durable (file store: after ``os.sync``; S3: after the
+server acknowledged each PUT); ``get``/``fetch`` (async) one object;
+``keys`` to walk the store; ``close``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 from ocspmint.model import serial_hex
+
+if TYPE_CHECKING:
+    from ocspmint import config
 
 CONTENT_TYPE = "application/ocsp-response"
 
 
 class StoreError(Exception):
     """The store refused or failed an operation; the message names the key."""
+
+
+class PutItem(msgspec.Struct, frozen=True):
+    """One response to publish at ``key``; the times (aware UTC) give the
+    object's cache metadata (RFC 5019 §6)."""
+
+    key: str
+    data: bytes
+    this_update: dt.datetime
+    next_update: dt.datetime
+
+
+class Store(Protocol):
+    def submit(self, items: list[PutItem]) -> Future[list[str | None]]:
+        """Publish ``items``; the Future gives, per item, None when the item
+        is durable/acknowledged or an error message naming the key."""
+        ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+    async def fetch(self, key: str) -> bytes | None:
+        """``get`` for an asyncio caller (the responder)."""
+        ...
+
+    def keys(self) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
 
 
 def object_key(issuer_id: str, serial: int) -> str:
@@ -73,19 +115,36 @@ class FileStore:
                 pass
             raise StoreError(f"{dest}: {e.strerror}") from None
 
-    def flush(self) -> None:
-        """Make every object written so far durable (one sync per batch,
-        called before the batch is journaled, so a journal row always
-        names an object that survives a power loss)."""
+    def submit(self, items: list[PutItem]) -> Future[list[str | None]]:
+        """Write every item, then one ``os.sync`` for the batch, so a
+        journal row written after this Future resolves always names an
+        object that survives a power loss. Resolved on return."""
+        errors: list[str | None] = []
+        for item in items:
+            try:
+                self.put(item.key, item.data)
+                errors.append(None)
+            except StoreError as e:
+                errors.append(str(e))
         os.sync()
+        done: Future[list[str | None]] = Future()
+        done.set_result(errors)
+        return done
 
     def get(self, key: str) -> bytes | None:
         try:
-            return (self.root / key).read_bytes()
-        except FileNotFoundError:
+            with open(f"{self._root}/{key}", "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def keys(self):
+    async def fetch(self, key: str) -> bytes | None:
+        return self.get(key)
+
+    def close(self) -> None:
+        pass
+
+    def keys(self) -> Iterator[str]:
         """Every stored key (walks the folder; for verify and audit)."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if d != ".tmp"]
@@ -94,8 +153,15 @@ class FileStore:
                 yield str(rel / name)
 
 
-def open_store(url: str) -> FileStore:
-    """Open the store named by ``url`` (``file:PATH``); raise StoreError."""
+def open_store(url: str, settings: config.Store | None = None) -> Store:
+    """Open the store named by ``url``: ``file:PATH`` (a FileStore) or
+    ``s3://BUCKET[/PREFIX]`` (an S3Store using ``settings``: endpoint,
+    region, profile, concurrency, retries, timeout; default config.Store()).
+    Raise StoreError."""
     if url.startswith("file:"):
         return FileStore(url[5:])
+    if url.startswith("s3://"):
+        from ocspmint.s3store import S3Store
+
+        return S3Store(url, settings)
     raise StoreError(f"unsupported store URL {url!r}")

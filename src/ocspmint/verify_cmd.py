@@ -70,7 +70,7 @@ def _responses(config: Config, files: list[str], store_url: str | None) -> Itera
         for f in files:
             yield f, Path(f).read_bytes(), None
         return
-    store = open_store(store_url or config.store.url)
+    store = open_store(store_url or config.store.url, config.store)
     for key in store.keys():
         yield key, store.get(key) or b"", key
 

@@ -1,0 +1,654 @@
+"""``ocspmint serve``: the RFC 5019 / RFC 9919 origin responder.
+
+It parses GET and POST OCSP requests (RFC 6960 App. A, ``ocspmint.request``),
+maps the CertID to a stored response (``store.object_key``) and answers
+with the cache headers of RFC 5019 §6 / RFC 9919 §6; anything it cannot
+answer gets one of the unsigned 5-byte error responses of RFC 6960 §4.2.1,
+never a 404, an empty body or a stack trace. docs/responder.md is the guide.
+
+Served objects are kept in a byte-bounded LRU (``[serve] cache_bytes``),
+each entry for at most ``cache_ttl`` and never past its nextUpdate; a store
+miss is never cached, so a newly published precertificate response is
+served as soon as it is in the store (BR 4.9.9's 15 minutes). PURGE and
+BAN from ``purge_from`` drop entries. ``/healthz`` and ``/metrics``
+(Prometheus) sit beside the OCSP paths: a GET request path is base64 of a
+DER SEQUENCE and always starts with "M", so they cannot collide.
+
+HTTP is aiohttp on uvloop, with aiohttp's pure-Python request parser:
+the C parser (llhttp) refuses the ``BAN`` method outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from ocspmint import der
+from ocspmint import store as store_mod
+from ocspmint.config import Config
+from ocspmint.encoder import MALFORMED_REQUEST, OCSP_BASIC_OID, UNAUTHORIZED
+from ocspmint.issuer import IssuerIdentity, load_issuers
+from ocspmint.request import HASH_OIDS, IssuerMap, RequestError, parse_get_path, parse_request
+from ocspmint.store import CONTENT_TYPE, StoreError, object_key
+
+INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
+# What RFC 6960 §4.2.1 says the unsigned error responses are, byte for byte.
+RFC6960_ERRORS = {
+    "malformedRequest": bytes.fromhex("3003 0a01 01"),
+    "internalError": bytes.fromhex("3003 0a01 02"),
+    "unauthorized": bytes.fromhex("3003 0a01 06"),
+}
+MAX_BODY = 10 * 1024  # POST body cap, bytes (RFC 9919 §6: reject ~10 KB and over)
+NO_CACHE = "max-age=0, no-cache"
+RESULTS = ("ok", "unauthorized", "malformed", "not_modified", "expired", "error")
+ENTRY_OVERHEAD = 400  # bytes counted per cache entry beside its body
+PROBE_KEY = "healthz/probe"  # a key no response has; fetching it proves the store answers
+OCSP_METHODS = ("GET", "HEAD", "POST")
+ALLOW = "GET, HEAD, POST, PURGE, BAN"
+_HEX = frozenset("0123456789abcdef")
+
+
+class ServeError(Exception):
+    """The responder cannot start; the message says why (exit status 2)."""
+
+
+def _log(event: str, **fields: Any) -> None:
+    """One JSON line on stderr (never PINs, credentials or request bodies)."""
+    line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "event": event, **fields}
+    print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+# --- stored responses ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored successful OCSPResponse and what serving it needs.
+
+    ``this_update``/``next_update``: POSIX seconds (the first SingleResponse's
+    thisUpdate, the earliest nextUpdate); ``certids``: the (hash name, serial)
+    of every SingleResponse; ``etag``: quoted hex SHA-256 of ``body``;
+    ``label``: ``<issuer id>/<040x serial>`` (the X-OCSP-Key header)."""
+
+    body: bytes
+    this_update: int
+    next_update: int
+    certids: frozenset[tuple[str, int]]
+    etag: str
+    label: str
+
+
+def _gtime(buf: bytes, start: int, end: int) -> int:
+    """POSIX seconds of a GeneralizedTime ``YYYYMMDDHHMMSSZ`` content."""
+    text = buf[start:end]
+    if len(text) != 15 or text[14:] != b"Z" or not text[:14].isdigit():
+        raise ValueError("GeneralizedTime is not YYYYMMDDHHMMSSZ")
+    t = text.decode()
+    return calendar.timegm((int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[8:10]), int(t[10:12]), int(t[12:14])))
+
+
+def parse_stored(body: bytes, label: str) -> Stored:
+    """Read the times and CertIDs of a stored DER OCSPResponse (RFC 6960
+    §4.2.1) with ``ocspmint.der``; once per cache fill, ~10 µs. Raises
+    ValueError when it is not a successful basic response whose every
+    SingleResponse has a nextUpdate (RFC 5019 §2.2.4)."""
+
+    def tlv(pos: int, tag: int) -> tuple[int, int]:
+        t, s, e = der.read_tlv(body, pos)
+        if t != tag:
+            raise ValueError(f"stored response: expected tag {tag:#04x} at {pos}, got {t:#04x}")
+        return s, e
+
+    s, e = tlv(0, 0x30)
+    if e != len(body):
+        raise ValueError("stored response: trailing bytes")
+    s, e = tlv(s, 0x0A)
+    if body[s:e] != b"\x00":
+        raise ValueError("stored response: responseStatus is not successful")
+    s, _ = tlv(e, 0xA0)
+    s, _ = tlv(s, 0x30)  # ResponseBytes
+    _, e = tlv(s, 0x06)
+    if body[s:e] != OCSP_BASIC_OID:
+        raise ValueError("stored response: not id-pkix-ocsp-basic")
+    s, _ = tlv(e, 0x04)
+    s, _ = tlv(s, 0x30)  # BasicOCSPResponse
+    pos, tbs_end = tlv(s, 0x30)  # ResponseData
+    tag, _, e = der.read_tlv(body, pos)
+    if tag == 0xA0:  # version
+        pos = e
+        tag, _, e = der.read_tlv(body, pos)
+    if tag not in (0xA1, 0xA2):
+        raise ValueError("stored response: no ResponderID")
+    _, pos = tlv(e, 0x18)  # producedAt
+    pos, list_end = tlv(pos, 0x30)
+    certids: set[tuple[str, int]] = set()
+    this_update, next_update = -1, 0
+    while pos < list_end:
+        s, single_end = tlv(pos, 0x30)
+        c, cert_id_end = tlv(s, 0x30)
+        a, _ = tlv(c, 0x30)
+        o, oe = tlv(a, 0x06)
+        hash_name = HASH_OIDS.get(body[o:oe], "other")
+        _, _, e = der.read_tlv(body, c)  # algorithm
+        _, _, e = der.read_tlv(body, e)  # issuerNameHash
+        _, _, e = der.read_tlv(body, e)  # issuerKeyHash
+        ss, se = tlv(e, 0x02)
+        certids.add((hash_name, int.from_bytes(body[ss:se], "big", signed=True)))
+        _, _, e = der.read_tlv(body, cert_id_end)  # certStatus
+        ts, te = tlv(e, 0x18)
+        if this_update < 0:
+            this_update = _gtime(body, ts, te)
+        tag, ns, ne = der.read_tlv(body, te) if te < single_end else (0, 0, 0)
+        if tag != 0xA0:
+            raise ValueError("stored response: a SingleResponse has no nextUpdate")
+        ns, ne = tlv(ns, 0x18)
+        nxt = _gtime(body, ns, ne)
+        next_update = nxt if not next_update else min(next_update, nxt)
+        pos = single_end
+    if pos != list_end or not certids or list_end > tbs_end:
+        raise ValueError("stored response: bad responses list")
+    return Stored(body, this_update, next_update, frozenset(certids), f'"{hashlib.sha256(body).hexdigest()}"', label)
+
+
+# --- the in-memory cache ------------------------------------------------------
+
+
+class Cache:
+    """LRU of Stored by store key, bounded in bytes (body + ENTRY_OVERHEAD
+    each); an entry lives ``ttl`` seconds at most and never past its
+    nextUpdate. ``max_bytes`` 0 or ``ttl`` 0 disables caching."""
+
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
+        self._entries: OrderedDict[str, tuple[Stored, float]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Stored | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        stored, until = hit
+        if self._clock() >= until:
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return stored
+
+    def put(self, key: str, stored: Stored) -> None:
+        now = self._clock()
+        until = min(now + self.ttl, stored.next_update)
+        size = len(stored.body) + ENTRY_OVERHEAD
+        if until <= now or size > self.max_bytes:
+            return
+        self.drop(key)
+        self._entries[key] = (stored, until)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (old, _) = self._entries.popitem(last=False)
+            self.nbytes -= len(old.body) + ENTRY_OVERHEAD
+
+    def drop(self, key: str) -> bool:
+        """Remove ``key``; True when it was cached."""
+        hit = self._entries.pop(key, None)
+        if hit is not None:
+            self.nbytes -= len(hit[0].body) + ENTRY_OVERHEAD
+        return hit is not None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+
+# --- store access -------------------------------------------------------------
+
+
+class Reader(Protocol):
+    async def fetch(self, key: str) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class FileReader:
+    """Read-only view of a ``file:`` store. Unlike ``store.FileStore()`` it
+    never empties ``.tmp/``, where a concurrent ``ocspmint run`` writes."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    async def fetch(self, key: str) -> bytes | None:
+        try:
+            with open(f"{self.root}/{key}", "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            if not os.path.isdir(self.root):
+                raise StoreError(f"{self.root}: store folder is missing") from None
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+def open_reader(config: Config) -> Reader:
+    """The store of ``config`` for reading; raise StoreError."""
+    url = config.store.url
+    if url.startswith("file:"):
+        return FileReader(url[5:])
+    return store_mod.open_store(url, config.store)
+
+
+# --- metrics ------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus series on a private registry (names in docs/responder.md)."""
+
+    def __init__(self, cache: Cache) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no *_created series: they only add noise
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ocspmint_serve_requests", "OCSP requests answered, by result", ["result"],
+                                registry=self.registry)
+        self.by_result = {r: self.requests.labels(r) for r in RESULTS}
+        self.counts = dict.fromkeys(RESULTS, 0)
+        self.latency = Histogram("ocspmint_serve_request_seconds", "time to answer an OCSP request, seconds",
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
+                                 registry=self.registry)
+        self.hits = Counter("ocspmint_serve_cache_hits", "responses served from memory", registry=self.registry)
+        self.misses = Counter("ocspmint_serve_cache_misses", "lookups that went to the store", registry=self.registry)
+        self.n_hits = self.n_misses = 0
+        Gauge("ocspmint_serve_cache_hit_ratio", "hits / (hits + misses) since start",
+              registry=self.registry).set_function(lambda: self.n_hits / max(1, self.n_hits + self.n_misses))
+        Gauge("ocspmint_serve_cache_bytes", "bytes held by the cache",
+              registry=self.registry).set_function(lambda: cache.nbytes)
+        Gauge("ocspmint_serve_cache_entries", "responses held by the cache",
+              registry=self.registry).set_function(lambda: len(cache))
+
+    def answered(self, result: str, seconds: float) -> None:
+        self.counts[result] += 1
+        self.by_result[result].inc()
+        self.latency.observe(seconds)
+
+    def hit(self) -> None:
+        self.n_hits += 1
+        self.hits.inc()
+
+    def miss(self) -> None:
+        self.n_misses += 1
+        self.misses.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# --- the responder ------------------------------------------------------------
+
+
+def _http_date(t: int) -> str:
+    return formatdate(t, usegmt=True)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match weak comparison (RFC 9110 §13.1.2): "*" or any listed
+    entity-tag equal to ``etag`` once a W/ prefix is dropped."""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(e, strict=False) for e in entries]
+    except ValueError as e:
+        raise ServeError(f"$.serve.purge_from: {e}") from None
+
+
+class Responder:
+    """The request handler (an aiohttp low-level handler: ``await
+    responder.handle(request)``), its cache and its metrics."""
+
+    def __init__(self, config: Config, issuers: Iterable[IssuerIdentity], reader: Reader,
+                 clock: Callable[[], float] = time.time) -> None:
+        serve = config.serve
+        self.issuers = IssuerMap(issuers)
+        self.reader = reader
+        self.clock = clock
+        self.max_age = int(serve.max_age.total_seconds())
+        self.cache = Cache(serve.cache_bytes, serve.cache_ttl.total_seconds(), clock)
+        self.metrics = Metrics(self.cache)
+        self.purge_from = _networks(serve.purge_from)
+        self._inflight: dict[str, asyncio.Future[Stored | None]] = {}
+        self._bans = 0  # bumped by every PURGE/BAN: a fill begun before one is not cached
+        self._last_error_log, self._quiet_errors = 0.0, 0
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        method = request.method
+        path = request.raw_path
+        if not path.startswith("/"):  # absolute-form request-target
+            path = "/" + path.partition("://")[2].partition("/")[2]
+        route = path.partition("?")[0]
+        if method in ("GET", "HEAD") and route in ("/healthz", "/metrics"):
+            return await (self._healthz() if route == "/healthz" else self._metrics())
+        if method in ("PURGE", "BAN"):
+            return await self._purge(request, path)
+        if method not in OCSP_METHODS:
+            return web.Response(status=405, text="method not allowed\n", headers={"Allow": ALLOW})
+        start = time.perf_counter()
+        result = "error"
+        try:
+            result, response = await self._ocsp(request, path)
+        except Exception as e:  # noqa: BLE001 - any failure is internalError, never a trace
+            self._log_error(method, e)
+            response = self._error(INTERNAL_ERROR)
+        self.metrics.answered(result, time.perf_counter() - start)
+        return response
+
+    def _log_error(self, method: str, e: Exception) -> None:
+        """Log an internalError, at most one line a second (a store outage
+        fails every request); ``suppressed`` counts the lines skipped."""
+        now = time.monotonic()
+        if now - self._last_error_log < 1.0:
+            self._quiet_errors += 1
+            return
+        _log("error", method=method, error=f"{type(e).__name__}: {str(e)[:200]}", suppressed=self._quiet_errors)
+        self._last_error_log, self._quiet_errors = now, 0
+
+    def _error(self, body: bytes) -> Any:
+        from aiohttp import web
+
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": NO_CACHE})
+
+    async def _read_body(self, request: Any) -> bytes | None:
+        """The POST body, or None when it is over MAX_BODY or not typed
+        application/ocsp-request (RFC 6960 App. A.1); never reads more
+        than MAX_BODY + 1 bytes."""
+        ctype = request.headers.get("Content-Type", "application/ocsp-request")
+        if ctype.partition(";")[0].strip().lower() != "application/ocsp-request":
+            return None
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return None
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = bytearray()
+        while len(body) <= MAX_BODY:
+            chunk = await request.content.read(MAX_BODY + 1 - len(body))
+            if not chunk:
+                return bytes(body)
+            body += chunk
+        return None
+
+    async def _ocsp(self, request: Any, path: str) -> tuple[str, Any]:
+        from aiohttp import web
+
+        try:
+            if request.method == "POST":
+                data = await self._read_body(request)
+                if data is None:
+                    response = self._error(MALFORMED_REQUEST)
+                    response.force_close()  # the rest of the body is never read
+                    return "malformed", response
+                cids = parse_request(data)
+            else:
+                cids = parse_get_path(path)
+        except RequestError:
+            return "malformed", self._error(MALFORMED_REQUEST)
+        # RFC 5019 §2.1.1: one Request. Several are answered only when they
+        # name one certificate (say a SHA-1 and a SHA-256 CertID of it).
+        targets = {(i.id if (i := self.issuers.issuer(c)) else None, c.serial) for c in cids}
+        if len(targets) > 1:
+            return "malformed", self._error(MALFORMED_REQUEST)
+        key = self.issuers.key(cids[0])
+        stored = await self._load(key) if key is not None else None
+        if stored is not None and all(serial != cids[0].serial for _, serial in stored.certids):
+            raise ValueError(f"{key}: the stored response is for another serial")  # internalError, logged
+        if stored is None or any((c.hash_name, c.serial) not in stored.certids for c in cids):
+            return "unauthorized", self._error(UNAUTHORIZED)  # no response, or none with this CertID hash
+        now = int(self.clock())
+        expired = now >= stored.next_update
+        if expired:
+            cache_control = NO_CACHE
+        else:
+            max_age = min(self.max_age, stored.next_update - now)  # Date + max-age ≤ nextUpdate
+            cache_control = f"max-age={max_age}, public, no-transform, must-revalidate"
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "Date": _http_date(now),
+            "Last-Modified": _http_date(stored.this_update),
+            "Expires": _http_date(stored.next_update),
+            "ETag": stored.etag,
+            "Cache-Control": cache_control,
+            "X-OCSP-Key": stored.label,
+        }
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and _etag_matches(inm, stored.etag):
+            del headers["Content-Type"]
+            return ("expired" if expired else "not_modified"), web.Response(status=304, headers=headers)
+        return ("expired" if expired else "ok"), web.Response(body=stored.body, headers=headers)
+
+    async def _load(self, key: str) -> Stored | None:
+        """The response at ``key``, from the cache or the store (one store
+        read per key at a time); None when the store has none. Raises
+        StoreError or ValueError (unreadable stored response)."""
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.metrics.hit()
+            return hit
+        self.metrics.miss()
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fill(key))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._inflight.pop(key, None) if self._inflight.get(key) is f else None)
+        return await asyncio.shield(fut)
+
+    async def _fill(self, key: str) -> Stored | None:
+        bans = self._bans
+        body = await self.reader.fetch(key)
+        if body is None:
+            return None  # never cached: a new precertificate must be served at once
+        try:
+            stored = parse_stored(body, key.partition("/")[2])
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        if bans == self._bans and self.clock() < stored.next_update:
+            self.cache.put(key, stored)
+        return stored
+
+    def _forget(self, keys: set[str], issuer_ids: set[str]) -> int:
+        """Drop ``keys`` and every key of ``issuer_ids`` from the cache and
+        from the fills in flight; the number of cached entries dropped."""
+        self._bans += 1
+
+        def hit(key: str) -> bool:
+            return key in keys or key.split("/")[1] in issuer_ids
+
+        for key in [k for k in self._inflight if hit(k)]:
+            del self._inflight[key]
+        return sum(self.cache.drop(k) for k in (self.cache.keys() if issuer_ids else keys) if hit(k))
+
+    def _allowed(self, remote: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(remote or "")
+        except ValueError:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return any(ip in net or (mapped is not None and mapped in net) for net in self.purge_from)
+
+    async def _purge(self, request: Any, path: str) -> Any:
+        """PURGE /<request>: forget what that request maps to. BAN with
+        ``X-OCSP-Key: <issuer id>/<serial hex>`` and/or ``X-OCSP-Issuer:
+        <issuer id>`` (each may list several, comma-separated or repeated):
+        forget those keys / every key of those issuers. 405 unless the
+        client address is in ``purge_from``; 400 for an unparsable target;
+        else 200 ``purged N`` (N: cached entries dropped)."""
+        from aiohttp import web
+
+        if not self._allowed(request.remote):
+            return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD, POST"})
+        keys: set[str] = set()
+        issuer_ids: set[str] = set()
+
+        def values(header: str) -> list[str]:
+            return [v.strip().lower() for h in request.headers.getall(header, []) for v in h.split(",") if v.strip()]
+
+        try:
+            if request.method == "PURGE":
+                keys = {k for c in parse_get_path(path) if (k := self.issuers.key(c)) is not None}
+            else:
+                for value in values("X-OCSP-Key"):
+                    issuer_id, _, serial = value.partition("/")
+                    if len(issuer_id) != 40 or not serial or not _HEX.issuperset(issuer_id + serial):
+                        raise ValueError(value)
+                    keys.add(object_key(issuer_id, int(serial, 16)))
+                for issuer_id in values("X-OCSP-Issuer"):
+                    if len(issuer_id) != 40 or not _HEX.issuperset(issuer_id):
+                        raise ValueError(issuer_id)
+                    issuer_ids.add(issuer_id)
+                if not keys and not issuer_ids:
+                    raise ValueError("no X-OCSP-Key or X-OCSP-Issuer")
+        except ValueError:  # RequestError included
+            return web.Response(status=400, text="bad purge target\n")
+        dropped = self._forget(keys, issuer_ids)
+        return web.Response(text=f"purged {dropped}\n", headers={"Cache-Control": "no-store"})
+
+    async def check_store(self) -> None:
+        """Raise when the store does not answer (a fetch of PROBE_KEY)."""
+        await self.reader.fetch(PROBE_KEY)
+
+    async def _healthz(self) -> Any:
+        from aiohttp import web
+
+        try:
+            await self.check_store()
+        except Exception as e:  # noqa: BLE001
+            _log("healthz", ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+            return web.Response(status=503, text="store unreachable\n", headers={"Cache-Control": "no-store"})
+        return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
+
+    async def _metrics(self) -> Any:
+        from aiohttp import web
+
+        body, ctype = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
+
+
+# --- start and stop -----------------------------------------------------------
+
+
+def self_check() -> list[str]:
+    """Problems with the error bodies this responder sends: each must equal
+    the RFC 6960 §4.2.1 bytes and what pyca cryptography's
+    ``OCSPResponseBuilder.build_unsuccessful`` makes. Empty when fine."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509 import ocsp
+
+    sent = {"malformedRequest": MALFORMED_REQUEST, "internalError": INTERNAL_ERROR, "unauthorized": UNAUTHORIZED}
+    statuses = {
+        "malformedRequest": ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
+        "internalError": ocsp.OCSPResponseStatus.INTERNAL_ERROR,
+        "unauthorized": ocsp.OCSPResponseStatus.UNAUTHORIZED,
+    }
+    problems = []
+    for name, body in sent.items():
+        reference = ocsp.OCSPResponseBuilder.build_unsuccessful(statuses[name]).public_bytes(Encoding.DER)
+        if not body == RFC6960_ERRORS[name] == reference:
+            problems.append(f"{name} body {body.hex()} != RFC 6960 {RFC6960_ERRORS[name].hex()} / "
+                            f"cryptography {reference.hex()}")
+    return problems
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (port 0: any free port); ServeError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ServeError(f"listen address {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _accept_any_method() -> None:
+    """Make aiohttp use its pure-Python request parser, which accepts any
+    method token; llhttp (the C parser) answers BAN with 400."""
+    from aiohttp import web_protocol
+    from aiohttp.http_parser import HttpRequestParserPy
+
+    web_protocol.HttpRequestParser = HttpRequestParserPy  # type: ignore[attr-defined,misc]
+
+
+async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: int) -> int:
+    from aiohttp import web
+
+    try:
+        reader = open_reader(config)
+        responder = Responder(config, issuers, reader)
+        await responder.check_store()
+    except (StoreError, ServeError, OSError) as e:
+        print(f"ocspmint serve: store {config.store.url} unusable: {e}", file=sys.stderr)
+        return 2
+    server = web.Server(responder.handle, access_log=None)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, host or None, port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        print(f"ocspmint serve: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        return 2
+    bound = [addr[:2] for addr in runner.addresses]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _log("start", listen=[f"{h}:{p}" for h, p in bound], store=config.store.url,
+         issuers=[i.name for i in issuers], pid=os.getpid())
+    await stop.wait()
+    await runner.cleanup()
+    reader.close()
+    m = responder.metrics
+    _log("stop", answered=m.counts,
+         cache_hits=m.n_hits, cache_misses=m.n_misses)
+    return 0
+
+
+def serve(config: Config, listen: str | None = None) -> int:
+    """Run the responder until SIGTERM/SIGINT; the exit status: 0 after a
+    clean stop, 2 when it refuses to start (self-check, issuers, store,
+    listen address). Raises IdentityError for an unusable issuer
+    certificate (the CLI maps it to 2)."""
+    problems = self_check()
+    if problems:
+        print("ocspmint serve: refusing to start, error response bytes are wrong:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 2
+    try:
+        host, port = parse_listen(listen or config.serve.listen)
+        _networks(config.serve.purge_from)
+    except ServeError as e:
+        print(f"ocspmint serve: {e}", file=sys.stderr)
+        return 2
+    issuers = list(load_issuers(config).values())
+    _accept_any_method()
+    import uvloop
+
+    return uvloop.run(_run(config, issuers, host, port))
