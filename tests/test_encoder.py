@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ocspmint import encoder
 from ocspmint.encoder import ResponseTemplate, Times
-from ocspmint.model import UTC, Kind, LedgerEntry, Reason, Status
+from ocspmint.model import Kind, LedgerEntry, Reason, Status
 from pki import NOW, make_pki
 
 REASONS = [r for r in Reason if r is not Reason.certificateHold]

@@ -34,15 +34,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any
 
 from ocspmint import der
-from ocspmint import store as store_mod
 from ocspmint.config import Config
 from ocspmint.encoder import MALFORMED_REQUEST, OCSP_BASIC_OID, UNAUTHORIZED
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.request import HASH_OIDS, IssuerMap, RequestError, parse_get_path, parse_request
-from ocspmint.store import CONTENT_TYPE, StoreError, object_key
+from ocspmint.store import CONTENT_TYPE, Store, StoreError, object_key, open_store
 
 INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
 # What RFC 6960 §4.2.1 says the unsigned error responses are, byte for byte.
@@ -217,40 +216,6 @@ class Cache:
 # --- store access -------------------------------------------------------------
 
 
-class Reader(Protocol):
-    async def fetch(self, key: str) -> bytes | None: ...
-
-    def close(self) -> None: ...
-
-
-class FileReader:
-    """Read-only view of a ``file:`` store. Unlike ``store.FileStore()`` it
-    never empties ``.tmp/``, where a concurrent ``ocspmint run`` writes."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-
-    async def fetch(self, key: str) -> bytes | None:
-        try:
-            with open(f"{self.root}/{key}", "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            if not os.path.isdir(self.root):
-                raise StoreError(f"{self.root}: store folder is missing") from None
-            return None
-
-    def close(self) -> None:
-        pass
-
-
-def open_reader(config: Config) -> Reader:
-    """The store of ``config`` for reading; raise StoreError."""
-    url = config.store.url
-    if url.startswith("file:"):
-        return FileReader(url[5:])
-    return store_mod.open_store(url, config.store)
-
-
 # --- metrics ------------------------------------------------------------------
 
 
@@ -326,7 +291,7 @@ class Responder:
     """The request handler (an aiohttp low-level handler: ``await
     responder.handle(request)``), its cache and its metrics."""
 
-    def __init__(self, config: Config, issuers: Iterable[IssuerIdentity], reader: Reader,
+    def __init__(self, config: Config, issuers: Iterable[IssuerIdentity], reader: Store,
                  clock: Callable[[], float] = time.time) -> None:
         serve = config.serve
         self.issuers = IssuerMap(issuers)
@@ -599,7 +564,7 @@ async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: i
     from aiohttp import web
 
     try:
-        reader = open_reader(config)
+        reader = open_store(config.store.url, config.store)
         responder = Responder(config, issuers, reader)
         await responder.check_store()
     except (StoreError, ServeError, OSError) as e:

@@ -80,14 +80,23 @@ class FileStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        tmp = self.root / ".tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        for stale in tmp.iterdir():
-            stale.unlink(missing_ok=True)
         self._root = str(self.root)
-        self._tmp = f"{tmp}/{os.getpid()}-"
+        self._tmp = ""
         self._dirs: set[str] = set()
         self._n = 0
+
+    def _tmp_prefix(self) -> str:
+        """``.tmp/<pid>-``, made on the first write; temp files left by
+        processes that no longer run (a killed run) are removed then. A
+        reader (``ocspmint serve``) never touches ``.tmp``."""
+        if not self._tmp:
+            tmp = self.root / ".tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for stale in tmp.iterdir():
+                if not _alive(stale.name.partition("-")[0]):
+                    stale.unlink(missing_ok=True)
+            self._tmp = f"{tmp}/{os.getpid()}-"
+        return self._tmp
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` atomically; raise StoreError.
@@ -99,7 +108,7 @@ class FileStore:
             os.makedirs(folder, exist_ok=True)
             self._dirs.add(folder)
         self._n += 1
-        tmp = f"{self._tmp}{self._n}"
+        tmp = f"{self._tmp or self._tmp_prefix()}{self._n}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -132,10 +141,14 @@ class FileStore:
         return done
 
     def get(self, key: str) -> bytes | None:
+        """The object at ``key``, None when there is none; StoreError when
+        the store folder itself is missing (a mount gone)."""
         try:
             with open(f"{self._root}/{key}", "rb") as f:
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):
+            if not os.path.isdir(self._root):
+                raise StoreError(f"{self._root}: store folder is missing") from None
             return None
 
     async def fetch(self, key: str) -> bytes | None:
@@ -151,6 +164,16 @@ class FileStore:
             rel = Path(dirpath).relative_to(self.root)
             for name in filenames:
                 yield str(rel / name)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def open_store(url: str, settings: config.Store | None = None) -> Store:

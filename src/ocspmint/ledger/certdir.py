@@ -34,7 +34,6 @@ the first file (sorted) holding each serial, then CRL-only serials.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
