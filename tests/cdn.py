@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from seaweed import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 VCL = REPO / "deploy" / "varnish" / "ocspmint.vcl"
 BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:

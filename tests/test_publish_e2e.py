@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography.x509 import ocsp
 
 from cdn import VCL, free_port, serve, varnish
@@ -33,7 +34,7 @@ class World:
     env: dict[str, str]
 
 
-def publish_config(demo: Demo, sw, prefix: str, origin_port: int, cdn_port: int, purge: bool) -> Path:
+def publish_config(demo: Demo, sw, prefix: str, origin_port: int, cdn_port: int, purge: str) -> Path:
     """The demo config with the S3 store, a purge target (origin, then
     Varnish) and verify_served through Varnish for every response."""
     text = demo.config.read_text().replace(
@@ -41,7 +42,7 @@ def publish_config(demo: Demo, sw, prefix: str, origin_port: int, cdn_port: int,
         f'[store]\nurl = "s3://{sw.bucket}/{prefix}"\nendpoint = "{sw.endpoint}"\nregion = "{sw.region}"\n')
     assert "s3://" in text
     if purge:
-        text += (f'\n[[purge]]\nname = "cdn"\ntype = "http"\n'
+        text += (f'\n[[purge]]\nname = "cdn"\ntype = "http"\nmethod = "{purge}"\n'
                  f'urls = ["http://127.0.0.1:{origin_port}", "http://127.0.0.1:{cdn_port}"]\n')
     text += f'\n[verify_served]\nurl = "http://127.0.0.1:{cdn_port}"\nsample = "all"\n'
     path = demo.root / f"publish-{prefix}.toml"
@@ -50,7 +51,8 @@ def publish_config(demo: Demo, sw, prefix: str, origin_port: int, cdn_port: int,
 
 
 @contextmanager
-def world(tmp_path: Path, sw, prefix: str, purge: bool = True) -> Iterator[World]:
+def world(tmp_path: Path, sw, prefix: str, purge: str = "") -> Iterator[World]:
+    """``purge``: the http purge method ("ban", "purge"), or "" for none."""
     demo = build_demo(tmp_path / "demo")
     origin_port, cdn_port = free_port(), free_port()
     config = publish_config(demo, sw, prefix, origin_port, cdn_port, purge)
@@ -87,8 +89,9 @@ def openssl_url(w: World, serial: int) -> str:
     return m.group(1)
 
 
-def test_s3_origin_varnish_serve_every_status_and_a_revocation_purges_the_cdn(tmp_path: Path, seaweed):
-    with world(tmp_path, seaweed, "e2e") as w:
+@pytest.mark.parametrize("method", ["ban", "purge"])
+def test_s3_origin_varnish_serve_every_status_and_a_revocation_purges_the_cdn(tmp_path: Path, seaweed, method: str):
+    with world(tmp_path, seaweed, f"e2e-{method}", method) as w:
         rc, summary = run(w)
         assert rc == 0, summary
         assert summary["published"] > 0 and summary["served_checked"] == summary["published"]
@@ -119,7 +122,7 @@ def test_s3_origin_varnish_serve_every_status_and_a_revocation_purges_the_cdn(tm
 
 
 def test_without_a_purge_the_served_check_catches_the_stale_cdn_answer(tmp_path: Path, seaweed):
-    with world(tmp_path, seaweed, "stale", purge=False) as w:
+    with world(tmp_path, seaweed, "stale") as w:
         rc, summary = run(w)
         assert rc == 0, summary
         good = next(s for s in w.demo.serials["good"] if s not in w.demo.revoked)
