@@ -53,18 +53,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def serve(config: Path, workdir: Path, port: int, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`ocspmint serve --config CONFIG` on 127.0.0.1:``port``; yields its base URL."""
-    log = workdir / f"serve-{port}.log"
+def _running(cmd: list[str], log: Path, port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``cmd`` (output to ``log``) until it answers on 127.0.0.1:``port``;
+    yield its base URL; stop it at the end."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "ocspmint"), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(base + "/healthz", proc, log)
         yield base
     finally:
         _stop(proc)
+
+
+@contextmanager
+def serve(config: Path, workdir: Path, port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`ocspmint serve --config CONFIG` on 127.0.0.1:``port``; yields its base URL."""
+    cmd = [str(BIN / "ocspmint"), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    with _running(cmd, workdir / f"serve-{port}.log", port, env) as base:
+        yield base
 
 
 @contextmanager
@@ -76,14 +83,7 @@ def varnish(origin: str, workdir: Path, listen: int) -> Iterator[str]:
     vdir = workdir / f"varnish-{listen}"
     vdir.mkdir()
     (vdir / "backend.vcl").write_text(f'backend origin {{ .host = "{host}"; .port = "{port}"; }}\n')
-    log = vdir / "varnishd.log"
     cmd = [varnishd, "-F", "-j", "none", "-n", str(vdir / "n"), "-a", f"127.0.0.1:{listen}", "-T", "none",
            "-f", str(VCL), "-p", f"vcl_path={vdir}:{VCL.parent}", "-s", "malloc,32m"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{listen}"
-    try:
-        wait_http(base + "/healthz", proc, log)
+    with _running(cmd, vdir / "varnishd.log", listen) as base:
         yield base
-    finally:
-        _stop(proc)
