@@ -341,6 +341,15 @@ def test_fail_from_2_is_permanent(child, token: Token, tmp_path: Path):
 # rv -> python-pkcs11 exception, and session-fatal vs. not
 
 
+# one faulted signature, then a second on the same session
+SIGN_TWICE = """
+s = tok.open(user_pin=PIN)
+k = ec_key(s)
+out["faulted"] = sign(k, 1)
+out["retry_same_session"] = sign(k, 2)
+"""
+
+
 @pytest.mark.parametrize(
     ("rv", "exc"),
     [
@@ -357,12 +366,7 @@ def test_fail_from_2_is_permanent(child, token: Token, tmp_path: Path):
 )
 def test_sign_rv_maps_to_exception(child, token: Token, rv: str, exc: str):
     res = child(
-        """
-        s = tok.open(user_pin=PIN)
-        k = ec_key(s)
-        out["faulted"] = sign(k, 1)
-        out["retry_same_session"] = sign(k, 2)
-        """,
+        SIGN_TWICE,
         sign_fail_at="1",
         sign_rv=rv,
     )
@@ -377,12 +381,7 @@ def test_sign_rv_maps_to_exception(child, token: Token, rv: str, exc: str):
 @pytest.mark.parametrize(("rv", "fatal", "dead"), [("0x30", "0", False), ("0x06", "1", True)])
 def test_session_fatal_override(child, token: Token, rv: str, fatal: str, dead: bool):
     res = child(
-        """
-        s = tok.open(user_pin=PIN)
-        k = ec_key(s)
-        out["faulted"] = sign(k, 1)
-        out["retry_same_session"] = sign(k, 2)
-        """,
+        SIGN_TWICE,
         sign_fail_at="1",
         sign_rv=rv,
         session_fatal=fatal,
