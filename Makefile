@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= ocspmint-demo
 
-.PHONY: demo test bench bench-publish system-deps venv clean
+.PHONY: demo test bench bench-publish fuzz system-deps venv clean
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -33,6 +33,15 @@ bench: system-deps venv
 bench-publish: system-deps venv
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/publish_throughput.py
+
+## Fuzz the OCSP request parser for FUZZ_SECONDS (atheris, fuzz/fuzz_request.py).
+## Seeds: fuzz/corpus (remade by fuzz/make_corpus.py); new inputs and crashes go to build/fuzz/.
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/pip install -q 'atheris>=2.3'
+	$(BIN)/python fuzz/make_corpus.py fuzz/corpus
+	mkdir -p build/fuzz/corpus
+	$(BIN)/python fuzz/fuzz_request.py build/fuzz/corpus fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz/
 
 clean:
 	rm -rf $(DEMO) build *.egg-info .pytest_cache

@@ -3,9 +3,10 @@
 # softhsm2: the PKCS#11 token; openssl: CA databases and `openssl ocsp`;
 # gcc + libp11-kit-dev: build the fault-injecting PKCS#11 test module;
 # gnutls-bin: ocsptool, a second independent OCSP client;
-# varnish: the CDN cache in front of `ocspmint serve` in the end-to-end tests.
+# varnish: the CDN cache in front of `ocspmint serve` in the end-to-end tests;
+# faketime: libfaketime, to move the clock of a run (clock-jump tests).
 set -euo pipefail
-pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish)
+pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish faketime)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

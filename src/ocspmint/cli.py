@@ -1,4 +1,4 @@
-"""Command line: ``ocspmint run|ingest|verify|serve|demo``.
+"""Command line: ``ocspmint run|ingest|verify|serve|audit|reissue|refresh|demo``.
 
 Exit status: 0 everything due was published and verified (or every
 response checked is clean); 1 something due was not done or a finding was
@@ -8,8 +8,11 @@ reported; 2 the config, an issuer or a signer setting is unusable.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
+
+import msgspec
 
 from ocspmint.config import ConfigError, load_config
 from ocspmint.issuer import IdentityError
@@ -48,6 +51,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ocspmint.responder import serve
 
     return serve(_config(args), listen=args.listen)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ocspmint.audit import audit_command
+
+    return audit_command(_config(args), as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
+                         issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
+                         show_progress=not args.quiet)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from ocspmint.refresh import refresh_service
+
+    return refresh_service(args.config)
+
+
+def _utc(text: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (2026-01-31T00:00:00Z)") from None
+    if t.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z (UTC)")
+    return t.astimezone(dt.timezone.utc)
+
+
+def cmd_reissue(args: argparse.Namespace) -> int:
+    from ocspmint.reissue import dry_run, reissue
+    from ocspmint.selection import SelectionError, selection
+
+    cfg = _config(args)
+    try:
+        sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
+        if args.dry_run:
+            plan = dry_run(cfg, sel, args.reason, args.rate)
+            print(msgspec.json.encode(plan).decode() if args.json else plan.text())
+            return 0
+        out = reissue(cfg, sel, args.reason, args.rate, not args.no_purge, not args.quiet)
+    except SelectionError as e:
+        print(f"ocspmint: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out), indent=2).decode() + "\n")
+    else:
+        print(f"reissue job {out.job} ({'resumed' if out.resumed else 'new'}): {out.reason}")
+        print(out.summary.text())
+        print(f"audit of the selection: {out.audit.get('text', '')}")
+        print("REISSUE OK" if out.ok else "REISSUE NOT DONE: run the same command again to resume")
+    return 0 if out.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -92,6 +144,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: the config's [serve] listen)")
     s.set_defaults(func=cmd_serve)
+    a = sub.add_parser("audit", help="classify what is served for every ledger serial (store and/or HTTP); --fix remedies")
+    a.add_argument("--config", required=True)
+    a.add_argument("--store", nargs="?", const="", metavar="URL",
+                   help="audit a store (no URL: the config's); the default when --url is not given")
+    a.add_argument("--url", metavar="BASE", help="audit over HTTP: OCSP GET requests to this origin or CDN")
+    a.add_argument("--issuer", metavar="NAME", help="only this issuer (config name)")
+    a.add_argument("--serials", metavar="FILE", help="only the hex serials listed in FILE, one per line")
+    a.add_argument("--concurrency", type=int, default=32, help="checks in flight (default 32)")
+    a.add_argument("--fix", action="store_true", help="re-sign/delete every finding, then audit those serials again")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--quiet", action="store_true", help="no progress output")
+    a.set_defaults(func=cmd_audit)
+    rf = sub.add_parser("refresh", help="the continuous service: new entries and status changes at once, routine "
+                                       "re-signing spread evenly (SIGTERM stops, SIGHUP reloads)")
+    rf.add_argument("--config", required=True)
+    rf.set_defaults(func=cmd_refresh)
+    ri = sub.add_parser("reissue", help="re-sign, publish and purge a selected population now (incident remediation)")
+    ri.add_argument("--config", required=True)
+    ri.add_argument("--reason", required=True, help="why (recorded in the journal with every response)")
+    ri.add_argument("--issuer", action="append", default=[], help="select an issuer by config name (repeatable)")
+    ri.add_argument("--serials", default="", metavar="FILE", help="select the hex serials listed in FILE")
+    ri.add_argument("--issued-after", type=_utc, metavar="TIME", help="select notBefore ≥ TIME (ISO 8601 UTC)")
+    ri.add_argument("--issued-before", type=_utc, metavar="TIME", help="select notBefore < TIME")
+    ri.add_argument("--status", choices=["good", "revoked"], default="")
+    ri.add_argument("--all", action="store_true", help="select every entry")
+    ri.add_argument("--rate", type=float, default=0.0, help="at most this many responses/s (0: no cap)")
+    ri.add_argument("--no-purge", action="store_true", help="do not purge the CDN (routine re-signing)")
+    ri.add_argument("--dry-run", action="store_true", help="print what would be done and how long it would take")
+    ri.add_argument("--json", action="store_true")
+    ri.add_argument("--quiet", action="store_true")
+    ri.set_defaults(func=cmd_reissue)
     d = sub.add_parser("demo", help="build a demo CA + SoftHSM2 token and run once")
     d.add_argument("--dir", default="ocspmint-demo")
     d.add_argument("--quiet", action="store_true")

@@ -145,15 +145,32 @@ class VerifyServed(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     timeout: dt.timedelta = dt.timedelta(seconds=10)
 
 
+class Refresh(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`ocspmint refresh`, the continuous service: every ``tick`` it reads
+    ledger changes (signing them at once) and re-signs the responses whose
+    refresh time came (journal ``refresh_at``), at most ``routine_rate``
+    responses/s of routine work (0: no cap; new entries and status changes
+    are never capped). ``metrics_listen`` HOST:PORT serves Prometheus
+    /metrics (empty: off)."""
+
+    tick: dt.timedelta = dt.timedelta(seconds=1)
+    routine_rate: float = 0.0
+    metrics_listen: str = "127.0.0.1:9310"
+
+
 class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Signer pool: ``workers`` 0 means the CPU count; ``batch_size`` serials
     per IPC message; ``retries`` consecutive PKCS#11 failures, each
-    followed by fresh sessions, before a batch is reported failed."""
+    followed by fresh sessions, before a batch is reported failed;
+    ``timeout``: a worker with batches in hand that returns no signature
+    for this long (a hung HSM) is killed and its batches re-sent, counted
+    as an attempt."""
 
     workers: int = 0
     batch_size: int = 256
     retries: int = 3
     verify: bool = True
+    timeout: dt.timedelta = dt.timedelta(seconds=60)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -167,6 +184,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     serve: Serve = Serve()
     purge: list[Purge] = []
     verify_served: VerifyServed = VerifyServed()
+    refresh: Refresh = Refresh()
 
     def issuer(self, name: str) -> Issuer:
         for issuer in self.issuers:
@@ -253,6 +271,8 @@ def _check(cfg: Config) -> None:
     if cfg.store.concurrency < 1 or cfg.store.retries < 0:
         raise ConfigError("$.store: concurrency ≥ 1, retries ≥ 0")
     _check_purge(cfg.purge)
+    if cfg.refresh.tick <= dt.timedelta(0) or cfg.refresh.routine_rate < 0:
+        raise ConfigError("$.refresh: tick > 0 and routine_rate ≥ 0")
     sample = cfg.verify_served.sample
     if sample != "all" and sample < 0:
         raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")

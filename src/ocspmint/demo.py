@@ -429,6 +429,53 @@ def _token_child() -> None:
     sys.stdout.write(json.dumps({"spki": spki.hex()}))
 
 
+def _new_key_child() -> None:
+    """Child process body of new_responder: JSON request on stdin, SPKI hex out."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+    from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+    req = json.loads(sys.stdin.buffer.read())
+    token = pkcs11.lib(req["module"]).get_token(token_label=TOKEN_LABEL)
+    private = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
+               Attribute.SIGN: True, Attribute.TOKEN: True}
+    pin = Path(req["pin_file"]).read_text().strip()
+    with token.open(rw=True, user_pin=pin) as s:
+        params = s.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        pub, _ = params.generate_keypair(store=True, label=req["label"], id=req["label"].encode(),
+                                         private_template=private)
+        spki = encode_ec_public_key(pub)
+    sys.stdout.write(json.dumps({"spki": spki.hex()}))
+
+
+def new_responder(demo: Demo, label: str, days: int = 30) -> Path:
+    """Rehearse a delegated responder rotation: generate a new P-256 key
+    labelled ``label`` inside the demo token and have the issuing CA
+    certify it (id-kp-OCSPSigning, RFC 6960 §4.2.2.2). Returns the new
+    certificate's path, ``ca/<label>.pem``; point the config's signer at
+    both to switch (then `ocspmint reissue`). Raises RuntimeError if the
+    token or openssl fails."""
+    ca = demo.root / "ca"
+    env = {**demo.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    request = json.dumps({"module": SOFTHSM_MODULE, "pin_file": str(demo.pin_file), "label": label}).encode()
+    p = subprocess.run([sys.executable, "-c", "from ocspmint.demo import _new_key_child; _new_key_child()"],
+                       input=request, env=env, capture_output=True)
+    if p.returncode:
+        raise RuntimeError(f"new responder key failed: {p.stderr.decode(errors='replace').strip()}")
+    from cryptography.hazmat.primitives import serialization
+
+    pub_pem, cert = ca / f"{label}.pub.pem", ca / f"{label}.pem"
+    pub_pem.write_bytes(serialization.load_der_public_key(bytes.fromhex(json.loads(p.stdout)["spki"])).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    _openssl(ca, "x509", "-new", "-subj", f"{SUBJECT_PREFIX}/CN=ocspmint Demo OCSP Responder {label}",
+             "-force_pubkey", str(pub_pem), "-CA", str(demo.issuing_ca), "-CAkey", str(demo.issuing_key),
+             "-set_serial", "0x" + format(_random_serial(False), "x"), "-days", str(days), "-sha256",
+             "-extfile", str(demo.openssl_cnf), "-extensions", "responder_ext", "-out", str(cert))
+    pub_pem.unlink()
+    return cert
+
+
 def _openssl(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> bytes:
     """Run the openssl CLI in ``cwd``; return stdout, RuntimeError on failure."""
     return _run(["openssl", *args], cwd=cwd, env=env)

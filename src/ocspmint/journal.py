@@ -12,7 +12,21 @@ re-signed: the safe direction.
 Schema ``published``: issuer TEXT, serial TEXT (040x hex), this_update /
 next_update INTEGER (Unix seconds, UTC), status TEXT, revoked_at INTEGER
 NULL, reason INTEGER NULL, signer TEXT (hex SHA-1 of the signing key),
-sha256 BLOB (of the published DER); primary key (issuer, serial).
+sha256 BLOB (of the published DER), why TEXT (the planner's reason, or a
+reissue's ``--reason``), kind TEXT and not_after INTEGER (of the ledger
+entry, so `ocspmint refresh` can re-sign from the journal alone),
+refresh_at INTEGER NULL (when `ocspmint refresh` re-signs it,
+planner.refresh_at; NULL once the certificate expired), produced_at
+INTEGER (producedAt: a reissue resumes by it); primary key (issuer,
+serial); index on refresh_at. Files made before the last five columns existed are migrated in place (``unscheduled`` lists the rows
+still without refresh_at).
+
+Schema ``jobs`` (`ocspmint reissue`): id, reason, selector (JSON), started,
+finished (NULL while unfinished: a re-run resumes it), published.
+Schema ``runs``: one row per run (started, seconds, published), the
+measured rate `reissue --dry-run` estimates with. Schema ``meta``:
+``clock`` is the latest wall-clock time any run saw; a clock earlier than
+it means the clock jumped backwards (``ClockError``).
 
 Schema ``purges`` (the durable purge queue, docs/purge.md): target TEXT
 (a purge target's name), issuer TEXT, serial TEXT, queued INTEGER (Unix
@@ -43,7 +57,29 @@ CREATE TABLE IF NOT EXISTS purges (
   target TEXT NOT NULL, issuer TEXT NOT NULL, serial TEXT NOT NULL,
   queued INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
   PRIMARY KEY (target, issuer, serial)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY, reason TEXT NOT NULL, selector TEXT NOT NULL,
+  started INTEGER NOT NULL, finished INTEGER, published INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS runs (
+  started INTEGER NOT NULL, seconds REAL NOT NULL, published INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+ADDED_COLUMNS = {"why": "TEXT", "kind": "TEXT", "not_after": "INTEGER", "refresh_at": "INTEGER", "produced_at": "INTEGER"}
+CLOCK_SLACK = dt.timedelta(seconds=2)
+
+
+class ClockError(Exception):
+    """The wall clock is earlier than a time a previous run recorded."""
+
+
+class Job(msgspec.Struct, frozen=True):
+    """A reissue job: ``since`` its start; entries re-signed at or after it are done."""
+
+    id: int
+    reason: str
+    selector: str
+    since: dt.datetime
+    resumed: bool
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -58,6 +94,11 @@ class Record(msgspec.Struct, frozen=True):
     reason: int | None
     signer: str
     sha256: bytes
+    why: str = ""
+    kind: str = ""
+    not_after: dt.datetime | None = None
+    refresh_at: dt.datetime | None = None
+    produced_at: dt.datetime | None = None
 
     def matches(self, entry: LedgerEntry) -> bool:
         """True when this record states the entry's current status."""
@@ -73,6 +114,15 @@ def _dt(v: int | None) -> dt.datetime | None:
     return None if v is None else dt.datetime.fromtimestamp(v, UTC)
 
 
+_COLUMNS = "issuer, serial, this_update, next_update, status, revoked_at, reason, signer, sha256, why, kind, not_after, refresh_at, produced_at"
+
+
+def _record(row: tuple) -> Record:
+    issuer, serial, tu, nu, status, revoked_at, reason, signer, sha256, why, kind, not_after, refresh_at, produced = row
+    return Record(issuer, int(serial, 16), _dt(tu), _dt(nu), status, _dt(revoked_at), reason, signer, sha256,
+                  why or "", kind or "", _dt(not_after), _dt(refresh_at), _dt(produced))
+
+
 class Journal:
     """Open (creating) the journal in ``state_dir``; use as a context manager."""
 
@@ -83,6 +133,12 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(published)")}
+        for name, sql_type in ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE published ADD COLUMN {name} {sql_type}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS published_refresh_at ON published(refresh_at) WHERE refresh_at IS NOT NULL")
+        self._db.execute("CREATE INDEX IF NOT EXISTS published_active ON published(issuer, this_update) WHERE refresh_at IS NOT NULL")
 
     def __enter__(self) -> Journal:
         return self
@@ -95,26 +151,122 @@ class Journal:
 
     def get(self, issuer: str, serial: int) -> Record | None:
         row = self._db.execute(
-            "SELECT this_update, next_update, status, revoked_at, reason, signer, sha256 FROM published WHERE issuer=? AND serial=?",
-            (issuer, serial_hex(serial)),
-        ).fetchone()
-        if row is None:
-            return None
-        return Record(issuer, serial, _dt(row[0]), _dt(row[1]), row[2], _dt(row[3]), row[4], row[5], row[6])
+            f"SELECT {_COLUMNS} FROM published WHERE issuer=? AND serial=?", (issuer, serial_hex(serial))).fetchone()
+        return None if row is None else _record(row)
+
+    def due_by(self, now: dt.datetime, limit: int) -> list[Record]:
+        """Up to ``limit`` records whose refresh_at ≤ ``now``, earliest
+        first (an index range scan: cost grows with what is due, not with
+        the journal's size)."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at LIMIT ?",
+                                (_ts(now), limit))
+        return [_record(r) for r in rows]
+
+    def retire(self, keys: list[tuple[str, int]]) -> None:
+        """Stop scheduling (issuer, serial) pairs (their certificate expired)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE published SET refresh_at=NULL WHERE issuer=? AND serial=?",
+                                 [(i, serial_hex(s)) for i, s in keys])
+
+    def unscheduled(self, after: tuple[str, int], limit: int) -> list[Record]:
+        """Up to ``limit`` records after (issuer, serial) ``after`` that
+        have no refresh_at and an unexpired notAfter (a journal from before
+        refresh_at existed, or refresh_after changed), in key order."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE (issuer, serial) > (?, ?) AND refresh_at IS NULL "
+                                "AND not_after > ? ORDER BY issuer, serial LIMIT ?",
+                                (after[0], serial_hex(after[1]), _ts(utc_now()), limit))
+        return [_record(r) for r in rows]
+
+    def unschedule_all(self) -> None:
+        """Clear every refresh_at (refresh_after changed: ``unscheduled`` then lists them all)."""
+        self._db.execute("UPDATE published SET refresh_at=NULL WHERE refresh_at IS NOT NULL")
+
+    def complete(self, entries: list[tuple[LedgerEntry, dt.datetime | None]]) -> None:
+        """Fill kind, not_after and refresh_at of records journaled before
+        those columns existed, from their ledger entries."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE published SET kind=?, not_after=?, refresh_at=? WHERE issuer=? AND serial=?",
+                                 [(e.kind.value, _ts(e.not_after), _ts(at), e.issuer, serial_hex(e.serial)) for e, at in entries])
+
+    def schedule(self, times: list[tuple[str, int, dt.datetime]]) -> None:
+        """Set refresh_at of (issuer, serial, time) triples."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE published SET refresh_at=? WHERE issuer=? AND serial=?",
+                                 [(_ts(t), i, serial_hex(s)) for i, s, t in times])
+
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def active(self) -> int:
+        """How many records are scheduled for refresh."""
+        return self._db.execute("SELECT count(*) FROM published WHERE refresh_at IS NOT NULL").fetchone()[0]
+
+    def oldest(self, issuer: str) -> dt.datetime | None:
+        """The oldest thisUpdate among ``issuer``'s scheduled records (staleness; an index lookup)."""
+        row = self._db.execute("SELECT min(this_update) FROM published WHERE issuer=? AND refresh_at IS NOT NULL",
+                               (issuer,)).fetchone()
+        return _dt(row[0])
+
+    def check_clock(self, now: dt.datetime) -> None:
+        """Record ``now`` as the latest time seen; raise ClockError when it
+        is more than CLOCK_SLACK before the latest time a previous call
+        recorded (the clock jumped backwards)."""
+        seen = self.setting("clock")
+        latest = _dt(int(seen)) if seen else now
+        if now < latest - CLOCK_SLACK:
+            raise ClockError(f"the clock reads {now.isoformat()}, earlier than {latest.isoformat()} "
+                             f"recorded in {self.path}: it jumped backwards; fix it before signing")
+        if now > latest or seen is None:
+            self.set_setting("clock", str(_ts(now)))
+
+    def unfinished_job(self, selector: str) -> Job | None:
+        """The oldest unfinished job with this selector, if any."""
+        row = self._db.execute("SELECT id, reason, started FROM jobs WHERE selector=? AND finished IS NULL ORDER BY id LIMIT 1",
+                               (selector,)).fetchone()
+        return None if row is None else Job(row[0], row[1], selector, _dt(row[2]), True)
+
+    def job(self, reason: str, selector: str, now: dt.datetime) -> Job:
+        """The unfinished job with this selector (resumed), else a new one."""
+        if (job := self.unfinished_job(selector)) is not None:
+            return job
+        cur = self._db.execute("INSERT INTO jobs (reason, selector, started) VALUES (?,?,?)", (reason, selector, _ts(now)))
+        return Job(cur.lastrowid, reason, selector, now, False)
+
+    def finish_job(self, job: Job, published: int, now: dt.datetime) -> None:
+        self._db.execute("UPDATE jobs SET finished=?, published=published+? WHERE id=?", (_ts(now), published, job.id))
+
+    def add_run(self, started: dt.datetime, seconds: float, published: int) -> None:
+        self._db.execute("INSERT INTO runs VALUES (?,?,?)", (_ts(started), seconds, published))
+
+    def measured_rate(self, min_published: int = 1) -> float | None:
+        """Median responses/s of the last 10 runs that published at least
+        ``min_published``; None before there is one."""
+        rates = sorted(p / s for s, p in self._db.execute(
+            "SELECT seconds, published FROM runs WHERE published >= ? AND seconds > 0 ORDER BY started DESC LIMIT 10",
+            (min_published,)))
+        return rates[len(rates) // 2] if rates else None
 
     def record(self, records: list[Record], purge: list[tuple[str, int]] = (), targets: list[str] = ()) -> None:
         """Upsert ``records`` and queue a purge of each (issuer, serial) in
         ``purge`` for every target name in ``targets``, in one durable
         transaction."""
         rows = [
-            (r.issuer, serial_hex(r.serial), _ts(r.this_update), _ts(r.next_update), r.status, _ts(r.revoked_at), r.reason, r.signer, r.sha256)
+            (r.issuer, serial_hex(r.serial), _ts(r.this_update), _ts(r.next_update), r.status, _ts(r.revoked_at), r.reason,
+             r.signer, r.sha256, r.why, r.kind, _ts(r.not_after), _ts(r.refresh_at), _ts(r.produced_at))
             for r in records
         ]
         now = _ts(utc_now())
         queued = [(t, issuer, serial_hex(serial), now) for t in targets for issuer, serial in purge]
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO published VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            self._db.executemany(f"INSERT OR REPLACE INTO published ({_COLUMNS}) VALUES ({','.join('?' * 14)})", rows)
             self._db.executemany("INSERT OR REPLACE INTO purges (target, issuer, serial, queued) VALUES (?,?,?,?)", queued)
 
     def queued_purges(self, target: str, limit: int | None = None) -> list[tuple[str, int]]:

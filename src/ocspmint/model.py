@@ -47,10 +47,11 @@ class Reason(enum.IntEnum):
 class LedgerError(Exception):
     """A ledger row that cannot be trusted; names its source ("file:line")."""
 
-    def __init__(self, source: str, message: str) -> None:
+    def __init__(self, source: str, message: str, key: tuple[str, int] | None = None) -> None:
         super().__init__(f"{source}: {message}")
         self.source = source
         self.message = message
+        self.key = key  # (issuer, serial) when the row names a serial that must then not be published at all
 
 
 class LedgerEntry(msgspec.Struct, frozen=True):
@@ -60,6 +61,8 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     the row came from (``path:line`` or a file path) for error messages.
     ``revoked_at``/``reason`` are set only when ``status`` is REVOKED; a
     reason of unspecified is stored as None (BR 7.3.2: omit it).
+    ``not_before`` is the certificate's notBefore, None when the source does
+    not hold it (a version-1 SQLite ledger, a row written without it).
     """
 
     issuer: str
@@ -70,6 +73,7 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     revoked_at: dt.datetime | None = None
     reason: Reason | None = None
     source: str = ""
+    not_before: dt.datetime | None = None
 
 
 def utc_now() -> dt.datetime:

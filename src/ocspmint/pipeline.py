@@ -10,228 +10,135 @@ failed verification (docs/ocsp-rules.md).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from collections.abc import Iterator
-from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 from ocspmint.config import Config
-from ocspmint.encoder import ResponseTemplate, Times
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
-from ocspmint.journal import Journal, Record
+from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
-from ocspmint.planner import Planner
+from ocspmint.planner import Force, Planner
 from ocspmint.report import Failure, Progress, Summary
+from ocspmint.runner import Planned, Runner, probe_keys, purges_for, sign_all
 from ocspmint.served import check_served
-from ocspmint.signer import Failed, KeySpec, SignBatch, SignerError, SignerPool, key_spec
-from ocspmint.store import PutItem, Store, object_key, open_store
-from ocspmint.verifier import Expectation, signature_valid, verify_response
+from ocspmint.signer import SignerError, SignerPool, key_spec
+from ocspmint.store import open_store
 
-MIN_INTERVAL = dt.timedelta(hours=8)
+Select = Callable[[LedgerEntry], bool]
+__all__ = ["Force", "LedgerStop", "Planned", "checked_entries", "ledger_entries", "make_planner", "run"]
 
 
 class LedgerStop(Exception):
     """on_error = "stop" and a ledger row was bad."""
 
 
-def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: Summary) -> Iterator[LedgerEntry]:
-    """Every entry of every source; bad rows stop the run or are
-    quarantined into ``summary.failures`` per ``config.on_error``."""
+def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: Iterator[LedgerEntry | LedgerError],
+                    summary: Summary, conflicts: set[tuple[str, int]] | None = None) -> Iterator[LedgerEntry]:
+    """The good entries of ``items``; bad rows (and rows of an issuer not
+    configured) stop the run (LedgerStop) or are quarantined into
+    ``summary.failures`` per ``config.on_error``. A bad row that names a
+    serial (a duplicate) adds it to ``conflicts``: not published at all."""
+    for item in items:
+        if isinstance(item, LedgerEntry) and item.issuer not in issuers:
+            item = LedgerError(item.source, f"issuer {item.issuer!r} is not configured")
+        if isinstance(item, LedgerError):
+            issuer, serial = item.key or ("", 0)
+            summary.failures.append(Failure("ledger", item.message, issuer, serial_hex(serial) if serial else "", item.source))
+            if item.key is not None and conflicts is not None:
+                conflicts.add(item.key)
+            if config.on_error == "stop":
+                raise LedgerStop(str(item))
+            continue
+        yield item
+
+
+def _statement(e: LedgerEntry) -> tuple[object, ...]:
+    return e.status, e.revoked_at, e.reason
+
+
+def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: Summary,
+                   conflicts: set[tuple[str, int]] | None = None) -> Iterator[LedgerEntry]:
+    """Every good entry of every source (see ``checked_entries``), each
+    (issuer, serial) once: with several sources, a serial they state alike
+    comes once, and one they state differently (one says revoked, the
+    other good) is a ledger failure added to ``conflicts``, whose entries
+    the caller must not publish. Memory: one key per entry when there is
+    more than one source. An unusable source raises LedgerStop."""
+    seen: dict[tuple[str, int], LedgerEntry] | None = {} if len(config.sources) > 1 else None
     for source in config.sources:
         try:
-            for item in read_source(source, issuers):
-                if isinstance(item, LedgerEntry) and item.issuer not in issuers:
-                    item = LedgerError(item.source, f"issuer {item.issuer!r} is not configured")
-                if isinstance(item, LedgerError):
-                    summary.failures.append(Failure("ledger", item.message, source=item.source))
-                    if config.on_error == "stop":
-                        raise LedgerStop(str(item))
+            for entry in checked_entries(config, issuers, read_source(source, issuers), summary, conflicts):
+                if seen is None:
+                    yield entry
                     continue
-                yield item
+                key = (entry.issuer, entry.serial)
+                first = seen.setdefault(key, entry)
+                if first is entry:
+                    yield entry
+                elif _statement(first) != _statement(entry):
+                    summary.failures.append(Failure(
+                        "ledger", f"serial stated differently: {first.status.value} by {first.source}, "
+                                  f"{entry.status.value} by {entry.source}; neither is published",
+                        entry.issuer, serial_hex(entry.serial), entry.source))
+                    if conflicts is not None:
+                        conflicts.add(key)
+                    if config.on_error == "stop":
+                        raise LedgerStop(f"{entry.source}: serial {entry.serial:#x} stated differently by two sources")
         except LedgerError as e:
             summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None
 
 
-def batch_times(config: Config, issuer: IssuerIdentity, now: dt.datetime) -> Times:
-    """producedAt = now; thisUpdate = now − backdate, but never before the
-    signer certificate's notBefore; nextUpdate = thisUpdate + validity, cut
-    back to the signer certificate's notAfter (rules file).
-
-    Raises ValueError when that leaves less than BR 4.9.9's 8 hours.
-    """
-    this_update = max(now - config.response.backdate, issuer.signer.not_before)
-    next_update = min(this_update + config.response.validity, issuer.signer.not_after.replace(microsecond=0))
-    if next_update - this_update + dt.timedelta(seconds=1) < MIN_INTERVAL:
-        raise ValueError(f"signer certificate of {issuer.name} expires {issuer.signer.not_after.isoformat()}: "
-                         "less than 8 h of validity left (BR 4.9.9)")
-    return Times(now, this_update, next_update)
+def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None) -> Planner:
+    """The planner of a run starting now."""
+    return Planner(journal, {n: i.signer.key_hash.hex() for n, i in issuers.items()},
+                   config.response.refresh_after, utc_now(), force)
 
 
-@dataclass
-class _Batch:
-    issuer: IssuerIdentity
-    entries: list[LedgerEntry]
-    tbs: list[bytes]
-    times: Times
-
-
-@dataclass
-class _Upload:
-    """A batch handed to the store, journaled once the store acknowledged it."""
-
-    done: Future[list[str | None]]
-    entries: list[LedgerEntry]
-    records: list[Record]
-
-
-PURGE_REASONS = ("changed", "signer")  # the served bytes must change at once
-
-
-class Runner:
-    """One run: holds the open journal, store and templates.
-
-    ``purge``: (issuer, serial) of due entries whose served status or
-    signer changed; their journal rows queue a purge for every target.
-    ``published``: (entry, validity) of everything journaled this run.
-    """
-
-    MAX_UPLOADS = 4  # batches in the store's hands at once
-
-    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, store: Store, summary: Summary) -> None:
-        self.config, self.issuers, self.journal, self.store, self.summary = config, issuers, journal, store, summary
-        hashes = tuple(config.response.certid_hashes)
-        self.templates = {n: ResponseTemplate(i, hashes) for n, i in issuers.items()}
-        self.batches: dict[int, _Batch] = {}
-        self.uploads: deque[_Upload] = deque()
-        self.purge: set[tuple[str, int]] = set()
-        self.targets = [t.name for t in config.purge]
-        self.published: list[LedgerEntry] = []
-
-    def make_batch(self, batch_id: int, issuer: str, entries: list[LedgerEntry]) -> SignBatch | None:
-        ident, template = self.issuers[issuer], self.templates[issuer]
-        try:
-            times = batch_times(self.config, ident, utc_now())
-        except ValueError as e:
-            self.fail_all(entries, "sign", str(e))
-            return None
-        fields = template.time_fields(times)
-        tbs, kept = [], []
-        for e in entries:
-            try:
-                tbs.append(template.tbs(e, fields))
-                kept.append(e)
-            except ValueError as err:
-                self.fail(e, "sign", str(err))
-        self.batches[batch_id] = _Batch(ident, kept, tbs, times)
-        return SignBatch(batch_id, issuer, tbs)
-
-    def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
-        self.summary.failures.append(Failure(stage, message, e.issuer, serial_hex(e.serial), e.source))
-
-    def fail_all(self, entries: list[LedgerEntry], stage: str, message: str) -> None:
-        for e in entries:
-            self.fail(e, stage, message)
-
-    def failed(self, reply: Failed) -> None:
-        b = self.batches.pop(reply.batch)
-        self.fail_all(b.entries, "sign", reply.error)
-
-    def signed(self, batch_id: int, signatures: list[bytes]) -> None:
-        """Assemble and verify one signed batch, then hand it to the store."""
-        b = self.batches.pop(batch_id)
-        template = self.templates[b.issuer.name]
-        expect_validity = b.times.next_update - b.times.this_update
-        items, entries, records = [], [], []
-        for entry, tbs, sig in zip(b.entries, b.tbs, signatures, strict=True):
-            response = template.response(tbs, sig)
-            if self.config.signing.verify:
-                findings = verify_response(response, b.issuer, Expectation(entry, template.hashes, expect_validity), utc_now())
-                if findings:
-                    self.fail(entry, "verify", "; ".join(findings))
-                    continue
-            items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
-            entries.append(entry)
-            reason = None if entry.reason is None else int(entry.reason)
-            records.append(Record(entry.issuer, entry.serial, b.times.this_update, b.times.next_update, entry.status.value,
-                                  entry.revoked_at, reason, b.issuer.signer.key_hash.hex(), hashlib.sha256(response).digest()))
-        if items:
-            self.uploads.append(_Upload(self.store.submit(items), entries, records))
-        self.settle(self.MAX_UPLOADS)
-
-    def settle(self, keep: int) -> None:
-        """Journal every upload the store has acknowledged, oldest first,
-        blocking while more than ``keep`` are outstanding (0: drain)."""
-        while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
-            up = self.uploads.popleft()
-            errors = up.done.result()
-            kept, purge = [], []
-            for entry, record, error in zip(up.entries, up.records, errors, strict=True):
-                if error is not None:
-                    self.fail(entry, "store", error)
-                    continue
-                kept.append(record)
-                self.published.append(entry)
-                self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
-                if (entry.issuer, entry.serial) in self.purge:
-                    purge.append((entry.issuer, entry.serial))
-            if self.config.signing.verify:
-                self.summary.verified += len(kept)
-            self.journal.record(kept, purge, self.targets)
-
-
-def probe_keys(pool: SignerPool, runner: Runner) -> None:
-    """Sign one throwaway ResponseData per issuer and check it with the
-    signer certificate: a token key that does not match the configured
-    certificate stops the run before anything is published."""
-    for n, ident in enumerate(runner.issuers.values()):
-        tbs = b"ocspmint key probe " + ident.id.encode()
-        pool.submit(SignBatch(-1 - n, ident.name, [tbs]))
-        replies = []
-        while not replies:
-            replies = list(pool.collect(30))
-        reply = replies[0]
-        if isinstance(reply, Failed):
-            raise SignerError(f"issuer {ident.name}: probe signature failed: {reply.error}")
-        if not signature_valid(ident.signer, tbs, reply.signatures[0]):
-            raise SignerError(f"issuer {ident.name}: the token key {ident.config.signer.uri} does not match "
-                              f"the signer certificate {ident.config.signer.cert or ident.config.cert}")
-
-
-def _chunks(due: list[LedgerEntry], size: int) -> Iterator[tuple[str, list[LedgerEntry]]]:
-    by_issuer: dict[str, list[LedgerEntry]] = {}
-    for e in due:
-        by_issuer.setdefault(e.issuer, []).append(e)
-    for issuer, entries in by_issuer.items():
-        for i in range(0, len(entries), size):
-            yield issuer, entries[i : i + size]
-
-
-def run(config: Config, show_progress: bool = True) -> Summary:
+def run(config: Config, show_progress: bool = True, *, select: Select | None = None, force: Force | None = None,
+        rate: float = 0.0) -> Summary:
     """Sign, verify and publish everything due; see the module docstring.
 
-    Raises IdentityError/UriError for unusable issuer or signer settings.
+    ``select`` keeps only the ledger entries it returns True for (a
+    reissue's selection); ``force`` makes every selected entry due (reason
+    ``forced``) unless the journal shows it re-signed since ``force.since``
+    (so an interrupted reissue resumes); ``rate`` caps responses/s (0: no
+    cap). Raises IdentityError/UriError for unusable issuer or signer
+    settings.
     """
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
-    specs: list[KeySpec] = [key_spec(i) for i in issuers.values()]
+    specs = [key_spec(i) for i in issuers.values()]
     with Journal(config.state_dir) as journal:
-        planner = Planner(journal, {n: i.signer.key_hash.hex() for n, i in issuers.items()},
-                          config.response.refresh_after, utc_now())
+        planner = make_planner(config, issuers, journal, force)
         try:
-            planned = list(planner.due(ledger_entries(config, issuers, summary)))
+            journal.check_clock(planner.now)
+            conflicts: set[tuple[str, int]] = set()
+            entries = ledger_entries(config, issuers, summary, conflicts)
+            planned = list(planner.due(e for e in entries if select is None or select(e)))
+            planned = [p for p in planned if (p[0].issuer, p[0].serial) not in conflicts]  # known only after the pass
         except LedgerStop:
+            summary.finish(planner.counts)
+            return summary
+        except ClockError as e:
+            summary.failures.append(Failure("clock", str(e)))
             summary.finish(planner.counts)
             return summary
         store = open_store(config.store.url, config.store)
         runner = Runner(config, issuers, journal, store, summary)
+        runner.force = force
         try:
-            runner.purge = {(e.issuer, e.serial) for e, why in planned if why in PURGE_REASONS}
+            runner.purge = {(e.issuer, e.serial) for e, why in planned if purges_for(why, force)}
             if planned:
-                _sign_all(config, specs, runner, [e for e, _ in planned], show_progress)
+                progress = Progress(len(planned), "signing") if show_progress else None
+                try:
+                    with SignerPool(specs, config.signing.workers, config.signing.retries,
+                                    config.signing.timeout.total_seconds()) as pool:
+                        probe_keys(pool, runner)
+                        sign_all(pool, runner, planned, progress, rate)
+                except SignerError as e:  # the pool could not start
+                    runner.fail_all([entry for entry, _ in planned], "sign", str(e))
         finally:
             runner.settle(0)
             store.close()
@@ -239,41 +146,8 @@ def run(config: Config, show_progress: bool = True) -> Summary:
         if config.verify_served.url:
             summary.served_checked, failures = check_served(config, issuers, journal, runner.published, runner.purge)
             summary.failures.extend(failures)
-    summary.finish(planner.counts)
+        summary.finish(planner.counts)
+        if summary.published:
+            journal.add_run(summary.started, summary.seconds, summary.published)
     return summary
 
-
-def _sign_all(config: Config, specs: list[KeySpec], runner: Runner, due: list[LedgerEntry], show_progress: bool) -> None:
-    progress = Progress(len(due), "signing") if show_progress else None
-    chunks = _chunks(due, config.signing.batch_size)
-    try:
-        with SignerPool(specs, config.signing.workers, config.signing.retries) as pool:
-            probe_keys(pool, runner)
-            next_id, exhausted = 0, False
-            while not exhausted or pool.busy():
-                while not exhausted and pool.has_capacity():
-                    chunk = next(chunks, None)
-                    if chunk is None:
-                        exhausted = True
-                        break
-                    batch = runner.make_batch(next_id, *chunk)
-                    next_id += 1
-                    if batch is not None:
-                        pool.submit(batch)
-                for reply in pool.collect(1.0):
-                    if isinstance(reply, Failed):
-                        runner.failed(reply)
-                    else:
-                        runner.signed(reply.batch, reply.signatures)
-                runner.settle(runner.MAX_UPLOADS)
-                if progress:
-                    progress.update(runner.summary.published + len(runner.summary.failures))
-            runner.summary.signer_restarts = pool.restarts
-    except SignerError as e:
-        for batch in runner.batches.values():
-            runner.fail_all(batch.entries, "sign", str(e))
-        for _, entries in chunks:
-            runner.fail_all(entries, "sign", str(e))
-    finally:
-        if progress:
-            progress.close()

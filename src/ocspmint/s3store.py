@@ -21,7 +21,7 @@ event loop (uvloop when installed); at most ``concurrency`` PUTs are in
 flight over all batches. ``fetch`` awaits obstore directly on the caller's
 running loop (any loop, any thread; obstore's I/O runs on its own Rust
 runtime), so it never blocks that loop and never goes through the
-background thread. ``get`` and ``keys`` block the calling thread.
+background thread. ``get``, ``keys`` and ``delete`` block the calling thread.
 
 Retries (PUT): after a 5xx, a throttling answer (429, ``SlowDown``,
 ``Throttling``...), ``RequestTimeout``, a timeout or a connection error,
@@ -279,6 +279,17 @@ class S3Store:
                     yield meta["path"]
         except Exception as e:  # noqa: BLE001 - obstore's classes and builtins
             raise StoreError(self._scrub(f"{self.url}: LIST failed: {classify(e)[1]}")) from None
+
+    def delete(self, key: str) -> None:
+        """Delete the object at ``key``; blocks the caller. S3 answers a
+        missing key with success too. Idempotent, so obstore's read retry
+        applies. StoreError naming the key on failure."""
+        try:
+            obstore.delete(self._read_store, key)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001 - obstore's classes and builtins
+            raise StoreError(self._scrub(f"{self._where(key)}: DELETE failed: {classify(e)[1]}")) from None
 
     # -- life cycle ------------------------------------------------------
 

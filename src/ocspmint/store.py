@@ -15,7 +15,7 @@ Every store offers the same interface (``Store``): ``submit`` a batch of
 ``PutItem`` and get a Future of per-item errors, resolved once every
 successful item is durable (file store: after ``os.sync``; S3: after the
 server acknowledged each PUT); ``get``/``fetch`` (async) one object;
-``keys`` to walk the store; ``close``.
+``keys`` to walk the store; ``delete`` one object; ``close``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ class Store(Protocol):
 
     def keys(self) -> Iterator[str]: ...
 
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (`ocspmint audit --fix` for a serial
+        the ledger does not know); no error when there is none."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -104,11 +109,15 @@ class FileStore:
         Plain os calls on str paths: this is the hot path of a run."""
         dest = f"{self._root}/{key}"
         folder = dest.rpartition("/")[0]
-        if folder not in self._dirs:
-            os.makedirs(folder, exist_ok=True)
-            self._dirs.add(folder)
+        try:  # a full disk (no block or inode for a folder) fails the item, not the run
+            if folder not in self._dirs:
+                os.makedirs(folder, exist_ok=True)
+                self._dirs.add(folder)
+            tmp_prefix = self._tmp or self._tmp_prefix()
+        except OSError as e:
+            raise StoreError(f"{dest}: {e.strerror}") from None
         self._n += 1
-        tmp = f"{self._tmp or self._tmp_prefix()}{self._n}"
+        tmp = f"{tmp_prefix}{self._n}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -153,6 +162,16 @@ class FileStore:
 
     async def fetch(self, key: str) -> bytes | None:
         return self.get(key)
+
+    def delete(self, key: str) -> None:
+        """Remove the file at ``key`` (an atomic unlink: a reader sees the
+        whole response or none); StoreError when that fails."""
+        try:
+            os.unlink(f"{self._root}/{key}")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            raise StoreError(f"{self._root}/{key}: {e.strerror}") from None
 
     def close(self) -> None:
         pass

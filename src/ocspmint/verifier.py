@@ -366,8 +366,10 @@ def _check_times(
     interval = nxt - this + _ONE_SECOND
     if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
         out.append(f"times: validity interval {interval} (inclusive) outside [8h, 10d] (BR 4.9.9)")
-    if validity is not None and nxt - this != validity:
-        out.append(f"times: nextUpdate - thisUpdate is {nxt - this}, configured {validity}")
+    if validity is not None:  # the configured validity, or less where the signer certificate expires first
+        expected = min(validity, signer.not_after.replace(microsecond=0) - this)
+        if nxt - this != expected and nxt <= signer.not_after:  # past notAfter: reported below
+            out.append(f"times: nextUpdate - thisUpdate is {nxt - this}, configured {validity}")
     if nxt > signer.not_after:
         out.append(f"times: nextUpdate {_t(nxt)} is after the signer's notAfter {_t(signer.not_after)}")
 
@@ -438,6 +440,44 @@ def verify_response(der: bytes, issuer: IssuerIdentity, expect: Expectation | No
         return _verify(der, issuer, expect, now)
     except Exception as e:  # noqa: BLE001 - the verifier must never crash the pipeline
         return [f"malformed: verifier could not process the response ({type(e).__name__}: {str(e)[:80]})"]
+
+
+# Audit class of a finding (`ocspmint audit`, docs/audit.md): the first
+# matching prefix below, else the class of the finding's area.
+FINDING_CLASSES = ("malformed", "unauthorized", "error_response", "unknown", "wrong_status", "bad_signature",
+                   "wrong_signer", "wrong_serial", "expired", "validity_too_long", "time_format")
+_PREFIX_CLASS = (
+    *((f"status: {n}", "unauthorized" if n == "unauthorized" else "error_response") for n in _ERROR_NAMES.values()),
+    ("status: unknown", "unknown"),
+    ("signature: algorithm", "wrong_signer"),  # another key type or hash: another signer
+    ("signature: cannot verify", "wrong_signer"),
+    ("certs: empty", "malformed"),
+    ("certid: no SingleResponse", "malformed"),
+    ("times: expired", "expired"),
+    ("times: validity interval", "validity_too_long"),
+    ("times: nextUpdate", "validity_too_long"),  # absent (valid forever), past the signer's notAfter, not as configured
+)
+_AREA_CLASS = {
+    "malformed": "malformed", "encoding": "malformed", "extensions": "malformed",
+    "status": "wrong_status", "signature": "bad_signature", "responderID": "wrong_signer", "certs": "wrong_signer",
+    "certid": "wrong_serial", "times": "time_format",
+}
+
+
+def finding_class(finding: str) -> str:
+    """The FINDING_CLASSES member a ``verify_response`` finding belongs to.
+
+    ``error_response``: an unsigned error other than unauthorized
+    (malformedRequest, internalError, tryLater, sigRequired; RFC 6960
+    §4.2.1). ``wrong_serial`` covers every CertID mismatch (serial, issuer
+    hashes, hash algorithms). ``time_format`` covers GeneralizedTime form
+    (RFC 5280 §4.1.2.5.2) and times out of order or in the future.
+    A string that is no verifier finding gives ``malformed``.
+    """
+    for prefix, cls in _PREFIX_CLASS:
+        if finding.startswith(prefix):
+            return cls
+    return _AREA_CLASS.get(finding.partition(":")[0], "malformed")
 
 
 def describe(der: bytes) -> dict[str, Any]:

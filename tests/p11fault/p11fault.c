@@ -14,6 +14,8 @@
  *   P11FAULT_SESSION_FATAL=auto|0|1  does a faulted attempt kill the session
  *   P11FAULT_SIGN_DELAY_US=N       sleep N us at the start of every attempt
  *   P11FAULT_LOGIN_RV=0xA0         every C_Login fails with this rv
+ *   P11FAULT_TOKEN_GONE_FROM=N     the token is pulled at signature attempt #N
+ *   P11FAULT_TOKEN_BACK_MS=M       ... and is back M ms later (unset: never)
  *   P11FAULT_LOG=/path             one appended line per injected fault
  *   P11FAULT_OS_LOCKING=1          turn C_Initialize(NULL) into
  *                                  C_Initialize({flags=CKF_OS_LOCKING_OK})
@@ -62,6 +64,8 @@ static struct {
     unsigned long delay_us;
     int login_fault;
     CK_RV login_rv;
+    unsigned long gone_from; /* 0 = the token is never pulled */
+    unsigned long back_ms;   /* 0 = a pulled token never comes back */
     char *log_path;
     int os_locking; /* C_Initialize(NULL) -> C_Initialize(CKF_OS_LOCKING_OK) */
 } cfg;
@@ -87,6 +91,9 @@ static struct sess *sessions;
 static size_t n_sessions, cap_sessions;
 static unsigned long sign_attempts; /* signature attempts seen so far */
 static unsigned long login_calls;
+static int pulled;                    /* the token has been pulled (once) */
+static struct timespec pulled_at;     /* CLOCK_MONOTONIC */
+static unsigned long absent_calls;    /* calls refused while it is absent */
 
 static void p11f_warn(const char *fmt, ...)
 {
@@ -158,6 +165,7 @@ static void atfork_child(void)
 {
     sign_attempts = 0;
     login_calls = 0;
+    absent_calls = 0;
     for (size_t i = 0; i < n_sessions; i++)
         sessions[i].in_attempt = 0;
     pthread_mutex_unlock(&lock);
@@ -215,7 +223,36 @@ static void sleep_us(unsigned long us)
         ;
 }
 
-enum gate { GATE_DEAD, GATE_PASS, GATE_FAULT };
+/* lock held: is the token currently pulled out (TOKEN_GONE_FROM)? */
+static int token_absent_locked(void)
+{
+    if (!pulled)
+        return 0;
+    if (!cfg.back_ms)
+        return 1;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double ms = (double)(now.tv_sec - pulled_at.tv_sec) * 1e3 +
+                (double)(now.tv_nsec - pulled_at.tv_nsec) / 1e6;
+    return ms < (double)cfg.back_ms;
+}
+
+/*
+ * A call that needs the token while it is pulled: count it, log it as
+ * "absent#n" and tell the caller to answer CKR_TOKEN_NOT_PRESENT.
+ */
+static int refuse_absent(void)
+{
+    pthread_mutex_lock(&lock);
+    int absent = token_absent_locked();
+    unsigned long n = absent ? ++absent_calls : 0;
+    pthread_mutex_unlock(&lock);
+    if (absent)
+        log_fault("absent", n, CKR_TOKEN_NOT_PRESENT);
+    return absent;
+}
+
+enum gate { GATE_DEAD, GATE_PASS, GATE_FAULT, GATE_PULL };
 
 /*
  * Called at the start of every C_Sign / C_SignFinal.  Decides whether this
@@ -232,10 +269,12 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
         pthread_mutex_unlock(&lock);
         return GATE_DEAD;
     }
+    int pull = 0;
     if (!s || !s->in_attempt) {
         new_attempt = 1;
         *attempt_no = ++sign_attempts;
         fault = attempt_faulted(*attempt_no);
+        pull = !pulled && cfg.gone_from && *attempt_no >= cfg.gone_from;
         if (s)
             s->in_attempt = 1;
     }
@@ -243,7 +282,7 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
 
     if (new_attempt && cfg.delay_us)
         sleep_us(cfg.delay_us);
-    return fault ? GATE_FAULT : GATE_PASS;
+    return pull ? GATE_PULL : fault ? GATE_FAULT : GATE_PASS;
 }
 
 /* after the real call: does the attempt continue (length query etc.)? */
@@ -268,6 +307,29 @@ static void kill_session(CK_SESSION_HANDLE h)
         real->C_CloseSession(h);
     }
     pthread_mutex_unlock(&lock);
+}
+
+/*
+ * Pull the token out during attempt n: every session of the process dies
+ * (closed in the real module, handles remembered as dead), and the attempt
+ * answers CKR_DEVICE_REMOVED.
+ */
+static CK_RV pull_token(unsigned long n)
+{
+    pthread_mutex_lock(&lock);
+    pulled = 1;
+    clock_gettime(CLOCK_MONOTONIC, &pulled_at);
+    for (size_t i = 0; i < n_sessions; i++) {
+        struct sess *s = &sessions[i];
+        if (!s->dead || s->plug)
+            real->C_CloseSession(s->h);
+        s->dead = 1;
+        s->plug = 0;
+        s->in_attempt = 0;
+    }
+    pthread_mutex_unlock(&lock);
+    log_fault("sign", n, CKR_DEVICE_REMOVED);
+    return CKR_DEVICE_REMOVED;
 }
 
 static void end_attempt(CK_SESSION_HANDLE h)
@@ -338,9 +400,44 @@ static CK_RV w_C_Finalize(void *reserved)
     return rv;
 }
 
+static CK_RV w_C_GetSlotList(CK_BBOOL token_present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count)
+{
+    if (token_present && count) {
+        pthread_mutex_lock(&lock);
+        int absent = token_absent_locked();
+        pthread_mutex_unlock(&lock);
+        if (absent) {
+            *count = 0;
+            return CKR_OK;
+        }
+    }
+    return real->C_GetSlotList(token_present, list, count);
+}
+
+static CK_RV w_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
+{
+    CK_RV rv = real->C_GetSlotInfo(slot, info);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&lock);
+        if (token_absent_locked())
+            info->flags &= ~(CK_FLAGS)CKF_TOKEN_PRESENT;
+        pthread_mutex_unlock(&lock);
+    }
+    return rv;
+}
+
+static CK_RV w_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
+{
+    if (refuse_absent())
+        return CKR_TOKEN_NOT_PRESENT;
+    return real->C_GetTokenInfo(slot, info);
+}
+
 static CK_RV w_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
                              CK_NOTIFY notify, CK_SESSION_HANDLE_PTR ph)
 {
+    if (refuse_absent())
+        return CKR_TOKEN_NOT_PRESENT;
     if (!ph)
         return real->C_OpenSession(slot, flags, app, notify, ph);
     pthread_mutex_lock(&lock);
@@ -446,6 +543,8 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
         return CKR_SESSION_HANDLE_INVALID;
     case GATE_FAULT:
         return inject_sign_fault(h, n, data, data_len, 0);
+    case GATE_PULL:
+        return pull_token(n);
     case GATE_PASS:
         break;
     }
@@ -462,6 +561,8 @@ static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR si
         return CKR_SESSION_HANDLE_INVALID;
     case GATE_FAULT:
         return inject_sign_fault(h, n, NULL, 0, 1);
+    case GATE_PULL:
+        return pull_token(n);
     case GATE_PASS:
         break;
     }
@@ -687,6 +788,24 @@ static int read_config(void)
         cfg.login_fault = 1;
         cfg.login_rv = n;
     }
+    if ((v = env("P11FAULT_TOKEN_GONE_FROM"))) {
+        if (parse_ulong("P11FAULT_TOKEN_GONE_FROM", v, &n, 10))
+            return -1;
+        if (n == 0) {
+            p11f_warn("P11FAULT_TOKEN_GONE_FROM: numbers are 1-based, got 0");
+            return -1;
+        }
+        cfg.gone_from = n;
+    }
+    if ((v = env("P11FAULT_TOKEN_BACK_MS"))) {
+        if (parse_ulong("P11FAULT_TOKEN_BACK_MS", v, &n, 10))
+            return -1;
+        if (!cfg.gone_from) {
+            p11f_warn("P11FAULT_TOKEN_BACK_MS needs P11FAULT_TOKEN_GONE_FROM");
+            return -1;
+        }
+        cfg.back_ms = n;
+    }
     if ((v = env("P11FAULT_LOG")) && !(cfg.log_path = strdup(v)))
         return -1;
     return 0;
@@ -726,6 +845,9 @@ static void do_init(void)
 #define W(fn) shim.fn = w_##fn
     W(C_Initialize);
     W(C_Finalize);
+    W(C_GetSlotList);
+    W(C_GetSlotInfo);
+    W(C_GetTokenInfo);
     W(C_InitPIN);
     W(C_SetPIN);
     W(C_OpenSession);

@@ -7,6 +7,9 @@ configured source (``config.Source``):
 - ``certdir``: a folder of certificates and precertificates (``ledger.certdir``);
 - ``sqlite``: the embedded ledger filled by ``ledger.sqlite.ingest``.
 
+``ledger.tail.Tail`` reads only what changed in a source since its last look
+(for a long-running service; costs per source type in docs/ledger.md).
+
 A bad row is *yielded* as a LedgerError naming ``path:line`` (or the file, or
 ``db:issuer/serial``) so the caller can stop or quarantine (config
 ``on_error``); the good rows around it still come through. LedgerError is

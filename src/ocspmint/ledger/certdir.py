@@ -17,8 +17,9 @@ its final certificate share issuer + serial and give ONE entry, CERTIFICATE
 when a final certificate exists, PRECERTIFICATE otherwise. The same bytes
 found twice are one certificate. Two different final certificates, two
 different precertificates, or a precertificate and final certificate with
-different notAfter under one issuer + serial give one error row for that
-serial naming every file, and no entry.
+different notBefore or notAfter under one issuer + serial give one error row
+for that serial naming every file, and no entry. ``not_before``/``not_after``
+are the certificates' own.
 
 Status: GOOD unless a CRL of ``source.crls`` (PEM or DER) lists the serial;
 then REVOKED with the entry's revocationDate and CRLReason (unspecified or
@@ -29,6 +30,8 @@ certificate is not in the folder, are error rows.
 
 Order: error rows for files as they are met, then entries in the order of
 the first file (sorted) holding each serial, then CRL-only serials.
+
+``CertdirTail`` (``ledger.tail``) reads only new files and changed CRLs.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ from ocspmint.ledger import (
     openssl_hex,
     split_certificates,
 )
-from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, Status, check_serial
+from ocspmint.ledger.tail import Change, file_time
+from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, utc_now
 
 SUFFIXES = (".pem", ".crt", ".cer", ".der")
 _SHA256 = hashes.SHA256()
@@ -66,12 +70,47 @@ class _Revocation:
     error: str = ""
 
 
+Key = tuple[str, int]  # (issuer name, serial)
+_Member = tuple[str, dt.datetime, dt.datetime]  # (where, notBefore, notAfter)
+
+
 @dataclass
 class _Group:
     """All certificates seen for one (issuer, serial)."""
 
-    final: dict[bytes, tuple[str, dt.datetime]] = field(default_factory=dict)  # sha256 → (where, notAfter)
-    pre: dict[bytes, tuple[str, dt.datetime]] = field(default_factory=dict)
+    final: dict[bytes, _Member] = field(default_factory=dict)  # sha256 → member
+    pre: dict[bytes, _Member] = field(default_factory=dict)
+
+
+class _Certificates:
+    """The certificates read so far from one folder, grouped by Key."""
+
+    def __init__(self, issuers: Mapping[str, IssuerIdentity]) -> None:
+        self.by_name: dict[bytes, list[IssuerIdentity]] = {}
+        self.own: set[bytes] = set()  # the issuers' own certificates (SHA-256), skipped
+        for ident in issuers.values():
+            self.by_name.setdefault(ident.cert.subject.public_bytes(), []).append(ident)
+            self.own.add(ident.cert.fingerprint(_SHA256))
+        self.groups: dict[Key, _Group] = {}
+
+    def add(self, path: str, data: bytes) -> tuple[list[LedgerError], list[Key]]:
+        """Group every certificate of file ``path`` (content ``data``) →
+        (error rows in file order, the Keys it holds)."""
+        errors: list[LedgerError] = []
+        keys: list[Key] = []
+        for where, item in _certificates(path, data):
+            if isinstance(item, str):
+                errors.append(LedgerError(where, item))
+                continue
+            try:
+                digest = item.fingerprint(_SHA256)
+                if digest not in self.own:
+                    keys.append(_add(self.groups, item, digest, where, self.by_name))
+            except LedgerError as e:
+                errors.append(e)
+            except Exception as e:  # never crash on one file
+                errors.append(LedgerError(where, f"cannot read certificate: {type(e).__name__}: {e}"))
+        return errors, keys
 
 
 def read_certdir(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
@@ -82,57 +121,59 @@ def read_certdir(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Itera
     """
     if not os.path.isdir(source.path):
         raise LedgerError(source.path, "certificate folder does not exist")
-    by_name: dict[bytes, list[IssuerIdentity]] = {}
-    own = set()
-    for ident in issuers.values():
-        by_name.setdefault(ident.cert.subject.public_bytes(), []).append(ident)
-        own.add(ident.cert.fingerprint(_SHA256))
-    revoked = load_crls(source.crls, by_name)
-    groups: dict[tuple[str, int], _Group] = {}
-    paths, walk_errors = _files(source.path)
+    certs = _Certificates(issuers)
+    revoked = load_crls(source.crls, certs.by_name)
+    files, _, walk_errors = _walk(source.path)
     yield from walk_errors
-    for path in paths:
+    for path in sorted(files):
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
+            data, _ = _read(path)
         except OSError as e:
             yield LedgerError(path, f"cannot read: {e.strerror}")
             continue
-        for where, item in _certificates(path, data):
-            if isinstance(item, str):
-                yield LedgerError(where, item)
-                continue
-            try:
-                digest = item.fingerprint(_SHA256)
-                if digest in own:
-                    continue
-                _add(groups, item, digest, where, by_name)
-            except LedgerError as e:
-                yield e
-            except Exception as e:  # never crash on one file
-                yield LedgerError(where, f"cannot read certificate: {type(e).__name__}: {e}")
-    for (issuer, serial), group in groups.items():
-        yield _entry(issuer, serial, group, revoked.pop((issuer, serial), None))
-    for (issuer, serial), rev in revoked.items():
-        yield LedgerError(
-            rev.crl,
-            f"revokes serial {openssl_hex(serial)} of issuer {issuer!r} but no certificate "
-            f"with that serial is in {source.path}",
-        )
+        yield from certs.add(path, data)[0]
+    for key, group in certs.groups.items():
+        yield _entry(key, group, revoked.pop(key, None))
+    for key, rev in revoked.items():
+        yield _orphan(key, rev, source.path)
 
 
-def _files(root: str) -> tuple[list[str], list[LedgerError]]:
-    """Sorted certificate file paths below ``root`` and an error per folder
-    that could not be listed (never skipped silently)."""
-    out: list[str] = []
+def _orphan(key: Key, rev: _Revocation, folder: str) -> LedgerError:
+    issuer, serial = key
+    return LedgerError(
+        rev.crl, f"revokes serial {openssl_hex(serial)} of issuer {issuer!r} but no certificate with that serial is in {folder}"
+    )
+
+
+def _read(path: str) -> tuple[bytes, int]:
+    """(content, st_mtime_ns) of a file; OSError when it cannot be read."""
+    with open(path, "rb") as fh:
+        return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
+
+
+def _walk(root: str) -> tuple[dict[str, int], dict[str, int], list[LedgerError]]:
+    """Every certificate file below ``root`` (path → inode, symlinked folders
+    not followed), every folder listed (path → st_mtime_ns, taken before its
+    listing) and an error per folder that could not be listed (never skipped
+    silently). One ``stat`` per folder, none per file."""
+    files: dict[str, int] = {}
+    folders: dict[str, int] = {}
     errors: list[LedgerError] = []
-
-    def failed(e: OSError) -> None:
-        errors.append(LedgerError(str(e.filename), f"cannot list folder: {e.strerror}"))
-
-    for dirpath, _dirs, files in os.walk(root, onerror=failed):
-        out.extend(os.path.join(dirpath, f) for f in files if f.lower().endswith(SUFFIXES))
-    return sorted(out), errors
+    todo = [root]
+    while todo:
+        folder = todo.pop()
+        try:
+            folders[folder] = os.stat(folder).st_mtime_ns
+            with os.scandir(folder) as listing:
+                for item in listing:
+                    if item.is_dir():
+                        if not item.is_symlink():
+                            todo.append(item.path)
+                    elif item.name.lower().endswith(SUFFIXES):
+                        files[item.path] = item.inode()
+        except OSError as e:
+            errors.append(LedgerError(str(e.filename or folder), f"cannot list folder: {e.strerror}"))
+    return files, folders, errors
 
 
 def _certificates(path: str, data: bytes) -> list[tuple[str, x509.Certificate | str]]:
@@ -177,12 +218,8 @@ def _ski(cert: x509.Certificate) -> bytes | None:
 
 
 def _add(
-    groups: dict[tuple[str, int], _Group],
-    cert: x509.Certificate,
-    digest: bytes,
-    where: str,
-    by_name: dict[bytes, list[IssuerIdentity]],
-) -> None:
+    groups: dict[Key, _Group], cert: x509.Certificate, digest: bytes, where: str, by_name: dict[bytes, list[IssuerIdentity]]
+) -> Key:
     ident = _match(cert, where, by_name)
     serial = check_serial(cert_serial(cert), where)
     try:
@@ -191,21 +228,23 @@ def _add(
         raise LedgerError(where, str(e)) from None
     group = groups.setdefault((ident.name, serial), _Group())
     bucket = group.pre if kind is Kind.PRECERTIFICATE else group.final
-    bucket.setdefault(digest, (where, cert.not_valid_after_utc))
+    bucket.setdefault(digest, (where, cert.not_valid_before_utc, cert.not_valid_after_utc))
+    return ident.name, serial
 
 
-def _entry(issuer: str, serial: int, group: _Group, rev: _Revocation | None) -> LedgerEntry | LedgerError:
+def _entry(key: Key, group: _Group, rev: _Revocation | None) -> LedgerEntry | LedgerError:
+    issuer, serial = key
     members = [*group.final.values(), *group.pre.values()]
-    where = members[0][0]
+    where, not_before, not_after = members[0]
     problem = ""
     if len(group.final) > 1:
         problem = "different certificates share"
     elif len(group.pre) > 1:
         problem = "different precertificates share"
-    elif len({not_after for _, not_after in members}) > 1:
-        problem = "precertificate and certificate disagree on notAfter for"
+    elif len({(nb, na) for _, nb, na in members}) > 1:
+        problem = "precertificate and certificate disagree on notBefore/notAfter for"
     if problem:
-        files = ", ".join(f"{w} (notAfter {na:%Y-%m-%dT%H:%M:%SZ})" for w, na in members)
+        files = ", ".join(f"{w} (notBefore {nb:%Y-%m-%dT%H:%M:%SZ}, notAfter {na:%Y-%m-%dT%H:%M:%SZ})" for w, nb, na in members)
         return LedgerError(where, f"{problem} serial {openssl_hex(serial)} of issuer {issuer!r}: {files}")
     if rev is not None and rev.error:
         return LedgerError(where, f"serial {openssl_hex(serial)}: {rev.error}")
@@ -213,22 +252,23 @@ def _entry(issuer: str, serial: int, group: _Group, rev: _Revocation | None) -> 
         issuer=issuer,
         serial=serial,
         kind=Kind.CERTIFICATE if group.final else Kind.PRECERTIFICATE,
-        not_after=members[0][1],
+        not_after=not_after,
         status=Status.REVOKED if rev else Status.GOOD,
         revoked_at=rev.revoked_at if rev else None,
         reason=rev.reason if rev else None,
         source=where,
+        not_before=not_before,
     )
 
 
-def load_crls(paths: list[str], by_name: dict[bytes, list[IssuerIdentity]]) -> dict[tuple[str, int], _Revocation]:
+def load_crls(paths: list[str], by_name: dict[bytes, list[IssuerIdentity]]) -> dict[Key, _Revocation]:
     """(issuer name, serial) → revocation for every entry of every CRL.
 
     Raises LedgerError naming the CRL file when it is unreadable, not a CRL,
     a delta CRL, or not signed by a configured issuer (RFC 5280 §6.3.3).
     Per-entry problems are kept in ``_Revocation.error``.
     """
-    out: dict[tuple[str, int], _Revocation] = {}
+    out: dict[Key, _Revocation] = {}
     for path in paths:
         crl, ident = _load_crl(path, by_name)
         try:
@@ -288,3 +328,130 @@ def _revocation(entry: x509.RevokedCertificate, crl: str) -> _Revocation:
     except ValueError as e:
         rev.error = f"{e} in {crl}"
     return rev
+
+
+@dataclass
+class _Position:
+    """What CertdirTail remembers of the folder and CRLs as last read."""
+
+    certs: _Certificates  # every certificate read, grouped
+    folders: dict[str, int]  # folder → st_mtime_ns
+    files: dict[str, int]  # certificate file read → inode
+    crls: list[tuple[int, int, int]]  # (st_ino, st_size, st_mtime_ns) per source.crls
+    revoked: dict[Key, _Revocation]
+    walk_errors: set[str]
+
+
+class CertdirTail:
+    """Incremental reader of one certificate folder (contract: ``ledger.tail.Tail``).
+
+    Unchanged folder mtimes (every folder of the tree) and CRL (inode, size,
+    mtime) → nothing read. A changed folder → a listing of the whole tree
+    (one stat per folder, none per file) and reading only the files that are
+    new; a changed CRL → all CRLs re-read. Yields the entries of the
+    (issuer, serial) pairs the new files hold or whose revocation changed,
+    computed from every certificate seen for the pair (precertificate and
+    final certificate pairing, conflicts: as ``read_certdir``), and the error
+    rows of new files and new listing failures. A removed or replaced file
+    (other inode) makes the call re-read every file, so its certificates no
+    longer count, and yields the pairs whose certificates changed. A file
+    rewritten in place (same inode) is not noticed: write a new file and
+    rename it. ``start()`` reads every certificate, as ``read_certdir`` does;
+    the groups stay in memory (~1 KB per certificate).
+    """
+
+    def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
+        self._source = source
+        self._issuers = issuers
+        self._pos: _Position | None = None
+
+    def start(self) -> None:
+        """Read the folder and CRLs as they are now. Raises LedgerError like
+        read_certdir."""
+        self._pos = _Position(_Certificates(self._issuers), {}, {}, [], {}, set())
+        for _ in self.changes():
+            pass
+
+    def changes(self) -> Iterator[Change]:
+        """Entries (or errors) of new files and changed revocations since the
+        last call; ``seen_at`` is the mtime of the file or CRL that brought
+        the change (the time of the call for a removal or a read failure)."""
+        pos = self._pos
+        assert pos is not None, "start() first"
+        root = self._source.path
+        if not os.path.isdir(root):
+            raise LedgerError(root, "certificate folder does not exist")
+        crls = self._crl_keys()
+        moved = not pos.folders or any(_mtime_ns(f) != m for f, m in pos.folders.items())
+        if not moved and crls == pos.crls:
+            return
+        now = utc_now()
+        touched: dict[Key, dt.datetime] = {}  # in the order met
+        certs, revoked = pos.certs, pos.revoked
+        if crls != pos.crls:
+            revoked = load_crls(self._source.crls, certs.by_name)
+            crl_time = {path: file_time(key[2]) for path, key in zip(self._source.crls, crls)}
+            for key in revoked.keys() | pos.revoked.keys():
+                if revoked.get(key) != pos.revoked.get(key):
+                    touched[key] = crl_time[(revoked.get(key) or pos.revoked[key]).crl]
+        folders, files, walk_errors = pos.folders, pos.files, pos.walk_errors
+        if moved:
+            listing, folders, errors = _walk(root)
+            walk_errors = {str(e) for e in errors}
+            for e in errors:
+                if str(e) not in pos.walk_errors:
+                    yield Change(e, now)
+            fresh = {p for p, inode in listing.items() if pos.files.get(p) != inode}
+            gone = pos.files.keys() - (listing.keys() - fresh)  # removed or replaced
+            if gone:
+                certs = _Certificates(self._issuers)
+            unreadable = set()
+            for path in sorted(listing if gone else fresh):
+                try:
+                    data, mtime_ns = _read(path)
+                except OSError as e:
+                    unreadable.add(path)
+                    if path in fresh:
+                        yield Change(LedgerError(path, f"cannot read: {e.strerror}"), now)
+                    continue
+                errors, keys = certs.add(path, data)
+                if path in fresh:
+                    written = file_time(mtime_ns)
+                    for e in errors:
+                        yield Change(e, written)
+                    for key in keys:
+                        touched[key] = max(touched.get(key, written), written)
+            if gone:
+                for key in certs.groups.keys() | pos.certs.groups.keys():
+                    if certs.groups.get(key) != pos.certs.groups.get(key):
+                        touched.setdefault(key, now)
+            files = _without(listing, unreadable)
+        for key, seen_at in touched.items():
+            group = certs.groups.get(key)
+            if group is not None:
+                yield Change(_entry(key, group, revoked.get(key)), seen_at)
+            elif key in revoked:
+                yield Change(_orphan(key, revoked[key], root), seen_at)
+        self._pos = _Position(certs, folders, files, crls, revoked, walk_errors)
+
+    def _crl_keys(self) -> list[tuple[int, int, int]]:
+        """(st_ino, st_size, st_mtime_ns) of each CRL; LedgerError if one is missing."""
+        out = []
+        for path in self._source.crls:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise LedgerError(path, f"cannot read CRL: {e.strerror}") from None
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return out
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _without(files: dict[str, int], paths: set[str]) -> dict[str, int]:
+    return {p: inode for p, inode in files.items() if p not in paths}

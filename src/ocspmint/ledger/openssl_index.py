@@ -26,6 +26,13 @@ SubjectKeyIdentifier; a P-256 signature check costs ~68 µs per certificate
 on this machine against ~1 µs for name + AKI, so the signature is verified
 only for a certificate without an AKI keyIdentifier.
 
+Each entry's ``not_before`` is its certificate's notBefore.
+
+Lines parse one at a time: ``parse_line`` checks the fields (no file
+access), ``IndexRows.entry`` adds the duplicate check and the certificate
+file; ``read_index`` streams the whole file through them and ``IndexTail``
+(``ledger.tail``) only the lines that changed since its last look.
+
 Error rows (yielded, ``path:line``): wrong field count, unknown status
 letter, bad expiry/revocation time, R without or V/E with a revocation,
 refused/unknown reason, bad or out-of-range serial, duplicate serial (second
@@ -39,13 +46,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Iterator, Mapping
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 
 from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex
+from ocspmint.ledger.tail import Change, file_time
 from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial
 
 FIELDS = 6
@@ -141,45 +152,24 @@ class _IssuerCheck:
         return None
 
 
-def read_index(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
-    """Stream the rows of an ``openssl ca`` index.txt (see module docstring).
+class Row(NamedTuple):
+    """The fields of one index line that need no certificate file."""
 
-    Raises LedgerError when the index cannot be read, ``certs_dir`` is not a
-    folder or ``source.issuer`` is not in ``issuers``.
+    letter: str  # V | R | E
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None
+    reason: Reason | None
+    serial: int
+    serial_text: str  # as written in the index
+
+
+def parse_line(line: bytes, where: str) -> Row:
+    """One index line (without its line end) → Row.
+
+    Raises LedgerError naming ``where`` for a wrong field count, unknown
+    status letter, bad time or revocation, or a bad serial. Neither the
+    certificate file nor duplicates are checked (``IndexRows.entry`` does).
     """
-    path = source.path
-    if source.issuer not in issuers:
-        raise LedgerError(path, f"issuer {source.issuer!r} is not configured")
-    if not os.path.isdir(source.certs_dir):
-        raise LedgerError(path, f"certificate folder {source.certs_dir!r} does not exist")
-    try:
-        fh = open(path, "rb")
-    except OSError as e:
-        raise LedgerError(path, f"cannot read index: {e.strerror}") from None
-    check = _IssuerCheck(issuers[source.issuer])
-    seen: dict[int, int] = {}
-    blank: list[int] = []
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.rstrip(b"\n").rstrip(b"\r")
-            if not line:
-                blank.append(lineno)  # an error only if a row follows
-                continue
-            where = f"{path}:{lineno}"
-            for b in blank:
-                yield LedgerError(f"{path}:{b}", "empty line inside the index")
-            blank.clear()
-            try:
-                yield _row(line, where, source, check, seen, lineno)
-            except LedgerError as e:
-                yield e
-            except Exception as e:  # never crash on one row
-                yield LedgerError(where, f"cannot read row: {type(e).__name__}: {e}")
-
-
-def _row(
-    line: bytes, where: str, source: Source, check: _IssuerCheck, seen: dict[int, int], lineno: int
-) -> LedgerEntry:
     fields = line.split(b"\t")
     if len(fields) != FIELDS:
         raise LedgerError(where, f"expected {FIELDS} tab-separated fields, found {len(fields)}")
@@ -207,25 +197,95 @@ def _row(
     if not _HEX.fullmatch(serial_text):
         raise LedgerError(where, f"serial {serial_text!r} is not hexadecimal")
     serial = check_serial(int(serial_text, 16), where)
-    first = seen.setdefault(serial, lineno)
-    if first != lineno:
-        raise LedgerError(where, f"duplicate serial {serial_text} (first on line {first})")
-    kind = _check_certificate(serial, serial_text, not_after, where, source.certs_dir, check)
-    return LedgerEntry(
-        issuer=source.issuer,
-        serial=serial,
-        kind=kind,
-        not_after=not_after,
-        status=Status.REVOKED if letter == "R" else Status.GOOD,
-        revoked_at=revoked_at,
-        reason=reason,
-        source=where,
-    )
+    return Row(letter, not_after, revoked_at, reason, serial, serial_text)
 
 
-def _check_certificate(
-    serial: int, serial_text: str, not_after: dt.datetime, where: str, certs_dir: str, check: _IssuerCheck
-) -> Kind:
+def first_lines(lines: Sequence[bytes]) -> dict[int, int]:
+    """serial → 1-based number of the first line holding it, over every line
+    ``parse_line`` accepts (lines without their ``\\n``; bad lines skipped)."""
+    seen: dict[int, int] = {}
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            seen.setdefault(parse_line(raw.rstrip(b"\r"), "").serial, lineno)
+        except LedgerError:
+            continue
+    return seen
+
+
+class IndexRows:
+    """Turns single lines of one ``openssl-index`` source into entries."""
+
+    def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
+        """Raises LedgerError when ``source.issuer`` is not in ``issuers`` or
+        ``certs_dir`` is not a folder."""
+        if source.issuer not in issuers:
+            raise LedgerError(source.path, f"issuer {source.issuer!r} is not configured")
+        if not os.path.isdir(source.certs_dir):
+            raise LedgerError(source.path, f"certificate folder {source.certs_dir!r} does not exist")
+        self.source = source
+        self.check = _IssuerCheck(issuers[source.issuer])
+
+    def entry(self, line: bytes, lineno: int, seen: dict[int, int]) -> LedgerEntry | LedgerError:
+        """Line ``lineno`` (1-based, without its line end) → its entry, or a
+        LedgerError naming ``path:lineno``; never raises.
+
+        ``seen`` maps serial → first line number holding it; the line's serial
+        is added when absent, and a serial first held by another line makes
+        this line a duplicate. Reads the line's certificate file.
+        """
+        where = f"{self.source.path}:{lineno}"
+        try:
+            row = parse_line(line, where)
+            first = seen.setdefault(row.serial, lineno)
+            if first != lineno:
+                raise LedgerError(where, f"duplicate serial {row.serial_text} (first on line {first})",
+                                  (self.source.issuer, row.serial))
+            kind, not_before = _check_certificate(row, where, self.source.certs_dir, self.check)
+            return LedgerEntry(
+                issuer=self.source.issuer,
+                serial=row.serial,
+                kind=kind,
+                not_after=row.not_after,
+                status=Status.REVOKED if row.letter == "R" else Status.GOOD,
+                revoked_at=row.revoked_at,
+                reason=row.reason,
+                source=where,
+                not_before=not_before,
+            )
+        except LedgerError as e:
+            return e
+        except Exception as e:  # never crash on one row
+            return LedgerError(where, f"cannot read row: {type(e).__name__}: {e}")
+
+
+def read_index(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
+    """Stream the rows of an ``openssl ca`` index.txt (see module docstring).
+
+    Raises LedgerError when the index cannot be read, ``certs_dir`` is not a
+    folder or ``source.issuer`` is not in ``issuers``.
+    """
+    rows = IndexRows(source, issuers)
+    try:
+        fh = open(source.path, "rb")
+    except OSError as e:
+        raise LedgerError(source.path, f"cannot read index: {e.strerror}") from None
+    seen: dict[int, int] = {}
+    blank: list[int] = []
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.rstrip(b"\n").rstrip(b"\r")
+            if not line:
+                blank.append(lineno)  # an error only if a row follows
+                continue
+            for b in blank:
+                yield LedgerError(f"{source.path}:{b}", "empty line inside the index")
+            blank.clear()
+            yield rows.entry(line, lineno, seen)
+
+
+def _check_certificate(row: Row, where: str, certs_dir: str, check: _IssuerCheck) -> tuple[Kind, dt.datetime]:
+    """The row's certificate file cross-checked → (kind, its notBefore)."""
+    serial, serial_text, not_after = row.serial, row.serial_text, row.not_after
     canonical = openssl_hex(serial)
     names = [serial_text + ".pem"] + ([canonical + ".pem"] if canonical != serial_text else [])
     data = None
@@ -257,6 +317,105 @@ def _check_certificate(
             f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} of {file}",
         )
     try:
-        return cert_kind(cert)
+        return cert_kind(cert), cert.not_valid_before_utc
     except ValueError as e:
         raise LedgerError(where, f"certificate file {file}: {e}") from None
+
+
+@dataclass
+class _Position:
+    """What IndexTail remembers of the index as last read."""
+
+    key: tuple[int, int, int]  # (st_ino, st_size, st_mtime_ns)
+    digests: array[int]  # hash() of each complete line, in line order
+    last_row: int  # 1-based number of the last non-empty line, 0 if none
+    seen: dict[int, int]  # serial → first line holding it (duplicate detection)
+
+
+class IndexTail:
+    """Incremental reader of one index.txt (contract: ``ledger.tail.Tail``).
+
+    Unchanged (st_ino, st_size, st_mtime_ns) → nothing read. Otherwise the
+    whole file is read and each complete line's 8-byte hash (``hash()``:
+    SipHash, keyed per process) compared with the one at the same line
+    number last time (``openssl ca`` rewrites
+    the file keeping line order: revocation and ``-updatedb`` change lines in
+    place, issuance appends); only changed and new lines are parsed and
+    their certificate files read. An empty line is reported once a row
+    follows it. A line without its final newline is still being written and
+    is left for a later call. Memory: 8 bytes per line plus the serial →
+    first line map (~115 bytes per serial). When lines were removed or an
+    in-place change altered a line's serial, the map is rebuilt from every
+    line's fields (no certificate read).
+    """
+
+    def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
+        self._source = source
+        self._issuers = issuers
+        self._pos: _Position | None = None
+
+    def start(self) -> None:
+        """Remember the index as it is now. Raises LedgerError like read_index."""
+        IndexRows(self._source, self._issuers)
+        key, _, lines = _snapshot(self._source.path)
+        self._pos = _Position(key, array("q", map(hash, lines)), _last_row(lines), first_lines(lines))
+
+    def changes(self) -> Iterator[Change]:
+        """Entries (or errors) of changed and new lines since the last call,
+        in line order, each with the index's mtime as ``seen_at``."""
+        pos = self._pos
+        assert pos is not None, "start() first"
+        path = self._source.path
+        try:
+            if _stat_key(os.stat(path)) == pos.key:
+                return
+        except OSError as e:
+            raise LedgerError(path, f"cannot read index: {e.strerror}") from None
+        rows = IndexRows(self._source, self._issuers)
+        key, mtime, lines = _snapshot(path)
+        digests = array("q", map(hash, lines))
+        changed = [i for i, (a, b) in enumerate(zip(pos.digests, digests)) if a != b]
+        in_place = len(changed)
+        changed += range(len(pos.digests), len(lines))
+        seen = pos.seen
+        if len(lines) < len(pos.digests) or not all(_same_serial(lines[i], i + 1, seen) for i in changed[:in_place]):
+            seen = first_lines(lines)
+        last_row = _last_row(lines)
+        # rows appended after trailing empty lines make those lines errors
+        for i in sorted({*changed, *range(pos.last_row, last_row)}):
+            line = lines[i].rstrip(b"\r")
+            if line:
+                yield Change(rows.entry(line, i + 1, seen), mtime)
+            elif i + 1 < last_row:
+                yield Change(LedgerError(f"{path}:{i + 1}", "empty line inside the index"), mtime)
+        self._pos = _Position(key, digests, last_row, seen)
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _snapshot(path: str) -> tuple[tuple[int, int, int], dt.datetime, list[bytes]]:
+    """(stat key, mtime as whole-second UTC, complete lines without ``\\n``).
+    The key is taken before reading, so a write during the read is seen
+    again next time. Raises LedgerError when the file cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except OSError as e:
+        raise LedgerError(path, f"cannot read index: {e.strerror}") from None
+    complete = data[: data.rfind(b"\n") + 1]
+    return _stat_key(st), file_time(st.st_mtime_ns), complete.split(b"\n")[:-1]
+
+
+def _last_row(lines: Sequence[bytes]) -> int:
+    return next((n for n in range(len(lines), 0, -1) if lines[n - 1].rstrip(b"\r")), 0)
+
+
+def _same_serial(raw: bytes, lineno: int, seen: dict[int, int]) -> bool:
+    """Whether line ``lineno`` still holds the serial ``seen`` has for it."""
+    try:
+        return seen.get(parse_line(raw.rstrip(b"\r"), "").serial) == lineno
+    except LedgerError:
+        return False

@@ -1,6 +1,6 @@
 """The embedded ledger: one SQLite file holding every assigned serial.
 
-Schema (version 1, ``meta.schema_version``)::
+Schema (version 2, ``meta.schema_version``; docs/ledger.md)::
 
     CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE entries(
@@ -12,7 +12,26 @@ Schema (version 1, ``meta.schema_version``)::
         revoked_at TEXT NULL,      -- like not_after; set iff status = 'revoked'
         reason     INTEGER NULL,   -- CRLReason (RFC 5280 §5.3.1); NULL = unspecified/absent (BR 7.3.2)
         source     TEXT NOT NULL,  -- where the row was read from ('path:line')
+        not_before TEXT NULL,      -- like not_after; NULL = not known (rows from version 1)
         PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+    CREATE TABLE changes(          -- the change log, filled by triggers only
+        id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        issuer TEXT NOT NULL, serial TEXT NOT NULL,  -- the entries row that changed
+        at     INTEGER NOT NULL);  -- unix seconds of the change
+
+Triggers add a ``changes`` row for every INSERT into ``entries`` and every
+UPDATE that alters issuer, serial, kind, not_after, status, revoked_at or
+reason (not source or not_before alone), whoever writes: ``ingest``,
+``write_entries`` or a CA's issuance system writing SQL directly. ``SqliteTail``
+(``ledger.tail``) reads the log from the last id it saw. Nothing here prunes
+it (one row of ~70 bytes per change); deleting rows every running Tail has
+passed is safe. Ids only grow (AUTOINCREMENT) and SQLite has one writer at
+a time, so a reader never sees an id before an earlier one is committed.
+
+Version 1 (no ``not_before``, no change log) is read as is (``not_before``
+None) and migrated in place by ``connect`` (every writer here opens with
+it): ALTER TABLE ADD COLUMN, the log and its triggers, version 2, in one
+transaction. A Tail needs version 2.
 
 ``ingest(db_path, sources, issuers, on_error)`` reads every non-sqlite source
 with ``read_source`` and upserts its entries. Each source is staged in a
@@ -20,8 +39,9 @@ TEMP table (inserts in batches of BATCH rows), checked against the ledger,
 then merged:
 
 - an existing row is never un-revoked (revoked → good is an error, BR 4.9.13)
-  and never changes notAfter (another certificate under the same serial);
-  kind only moves precertificate → certificate (RFC 6962 §3.1);
+  and never changes notAfter or a known notBefore (another certificate under
+  the same serial); a NULL not_before is filled in; kind only moves
+  precertificate → certificate (RFC 6962 §3.1);
 - ``on_error="stop"``: a source is all-or-nothing. Its first error (bad row,
   unusable source, conflict) aborts it with nothing of it committed; sources
   before it stay committed, sources after it are not read
@@ -52,9 +72,10 @@ from pathlib import Path
 from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import read_source
+from ocspmint.ledger.tail import Change
 from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, serial_hex
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 BATCH = 10_000
 FETCH = 1_000
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -62,28 +83,41 @@ _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _SERIAL = re.compile(r"[0-9a-f]{40}")
 _KINDS: dict[object, Kind] = {k.value: k for k in Kind}
 _STATUSES: dict[object, Status] = {s.value: s for s in Status}
-_COLUMNS = "issuer, serial, kind, not_after, status, revoked_at, reason, source"
+_COLUMNS = "issuer, serial, kind, not_after, status, revoked_at, reason, source, not_before"
+_V1_COLUMNS = "issuer, serial, kind, not_after, status, revoked_at, reason, source, NULL"
 
-_DDL = f"""
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS entries(
+_META = "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+_ENTRIES = """
+CREATE TABLE entries(
     issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
-    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL,
-    PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
-INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL, not_before TEXT,
+    PRIMARY KEY (issuer, serial)) WITHOUT ROWID
 """
+_LOGGED = "issuer, serial, kind, not_after, status, revoked_at, reason"
+_NOW = "CAST(strftime('%s', 'now') AS INTEGER)"  # unixepoch() needs SQLite 3.38 in every writer
+_CHANGE_LOG = (
+    "CREATE TABLE changes(id INTEGER PRIMARY KEY AUTOINCREMENT, issuer TEXT NOT NULL, serial TEXT NOT NULL,"
+    " at INTEGER NOT NULL)",
+    f"""CREATE TRIGGER entries_inserted AFTER INSERT ON entries BEGIN
+        INSERT INTO changes(issuer, serial, at) VALUES (NEW.issuer, NEW.serial, {_NOW}); END""",
+    f"""CREATE TRIGGER entries_updated AFTER UPDATE OF {_LOGGED} ON entries
+        WHEN ({", ".join("OLD." + c for c in _LOGGED.split(", "))}) IS NOT ({", ".join("NEW." + c for c in _LOGGED.split(", "))})
+        BEGIN INSERT INTO changes(issuer, serial, at) VALUES (NEW.issuer, NEW.serial, {_NOW}); END""",
+)
 _STAGING = """
 CREATE TEMP TABLE staging(
     issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
-    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL,
+    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL, not_before TEXT,
     dup INTEGER NOT NULL DEFAULT 0, bad INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (issuer, serial))
 """
-# Existing rows a staged row must not overwrite: un-revocation or another notAfter.
+# Existing rows a staged row must not overwrite: un-revocation or another
+# certificate (notAfter or a known notBefore differs).
 _CONFLICTS = """
-SELECT s.rowid, s.issuer, s.serial, s.source, e.status, s.status, e.not_after, s.not_after
+SELECT s.rowid, s.issuer, s.serial, s.source, e.status, s.status, e.not_after, s.not_after, e.not_before, s.not_before
 FROM staging s JOIN main.entries e ON e.issuer = s.issuer AND e.serial = s.serial
-WHERE s.bad = 0 AND ((e.status = 'revoked' AND s.status = 'good') OR e.not_after <> s.not_after)
+WHERE s.bad = 0 AND ((e.status = 'revoked' AND s.status = 'good') OR e.not_after <> s.not_after
+                     OR e.not_before <> s.not_before)
 ORDER BY s.rowid
 """
 _MERGE = f"""
@@ -92,11 +126,18 @@ SELECT {_COLUMNS} FROM staging WHERE bad = 0 AND rowid > ? AND rowid <= ?
 ON CONFLICT(issuer, serial) DO UPDATE SET
     kind = CASE WHEN entries.kind = 'certificate' THEN 'certificate' ELSE excluded.kind END,
     status = excluded.status, revoked_at = excluded.revoked_at,
-    reason = excluded.reason, source = excluded.source
-WHERE (entries.kind, entries.status, entries.revoked_at, entries.reason, entries.source)
+    reason = excluded.reason, source = excluded.source,
+    not_before = coalesce(entries.not_before, excluded.not_before)
+WHERE (entries.kind, entries.status, entries.revoked_at, entries.reason, entries.source, entries.not_before)
     IS NOT (CASE WHEN entries.kind = 'certificate' THEN 'certificate' ELSE excluded.kind END,
-            excluded.status, excluded.revoked_at, excluded.reason, excluded.source)
+            excluded.status, excluded.revoked_at, excluded.reason, excluded.source,
+            coalesce(entries.not_before, excluded.not_before))
 """
+_CHANGED = f"""
+SELECT c.id, c.at, {", ".join("e." + c for c in _COLUMNS.split(", "))}
+FROM changes c CROSS JOIN entries e ON e.issuer = c.issuer AND e.serial = c.serial
+WHERE c.id > ? ORDER BY c.id
+"""  # CROSS JOIN: changes stays the outer loop (a range on its id), entries is probed by key
 
 
 @dataclass
@@ -160,15 +201,21 @@ def parse_time(text: object) -> dt.datetime:
 def connect(db_path: str) -> sqlite3.Connection:
     """Open (creating if needed) a ledger for writing; autocommit mode, WAL.
 
-    Raises LedgerError when the file is not a ledger of this schema version."""
+    A version-1 ledger is migrated to version 2 in place, in one transaction.
+    Raises LedgerError when the file is not a ledger of version 1 or 2."""
     try:
         conn = sqlite3.connect(db_path, isolation_level=None)
     except sqlite3.Error as e:
         raise LedgerError(db_path, f"cannot open ledger database: {e}") from None
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(f"BEGIN; {_DDL} COMMIT;")
-        _check_version(conn, db_path)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _create_or_migrate(conn, db_path)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     except (sqlite3.Error, LedgerError) as e:
         conn.close()
         if isinstance(e, LedgerError):
@@ -177,16 +224,58 @@ def connect(db_path: str) -> sqlite3.Connection:
     return conn
 
 
-def _check_version(conn: sqlite3.Connection, db_path: str) -> None:
+def _create_or_migrate(conn: sqlite3.Connection, db_path: str) -> None:
+    """Inside the caller's write transaction: bring the file to SCHEMA_VERSION."""
+    conn.execute(_META)
+    version = _version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    if version is None:
+        conn.execute(_ENTRIES)
+    elif version == "1":
+        conn.execute("ALTER TABLE entries ADD COLUMN not_before TEXT")
+    else:
+        raise LedgerError(db_path, f"ledger schema version {version!r}, expected 1 or {SCHEMA_VERSION}")
+    for ddl in _CHANGE_LOG:
+        conn.execute(ddl)
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+
+def _version(conn: sqlite3.Connection) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None or row[0] != SCHEMA_VERSION:
-        raise LedgerError(db_path, f"ledger schema version {row and row[0]!r}, expected {SCHEMA_VERSION!r}")
+    return None if row is None else str(row[0])
 
 
-def _row(e: LedgerEntry) -> tuple[str, str, str, str, str, str | None, int | None, str]:
+def _open_reader(path: str, versions: tuple[str, ...]) -> tuple[sqlite3.Connection, str]:
+    """A read-only connection and the schema version (one of ``versions``).
+    Raises LedgerError when the file is missing, unreadable or of another version."""
+    if not os.path.isfile(path):
+        raise LedgerError(path, "ledger database does not exist")
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise LedgerError(path, f"cannot open ledger database: {e}") from None
+    try:
+        version = _version(conn)
+    except sqlite3.Error as e:
+        conn.close()
+        raise LedgerError(path, f"cannot read ledger database: {e}") from None
+    if version not in versions:
+        conn.close()
+        hint = "; open it for writing once (ocspmint ingest) to migrate it" if version == "1" else ""
+        raise LedgerError(path, f"ledger schema version {version!r}, expected {' or '.join(versions)}{hint}")
+    return conn, version
+
+
+_Row = tuple[str, str, str, str, str, str | None, int | None, str, str | None]
+
+
+def _row(e: LedgerEntry) -> _Row:
     revoked = format_time(e.revoked_at) if e.revoked_at is not None else None
     reason = int(e.reason) if e.reason is not None else None
-    return (e.issuer, serial_hex(e.serial), e.kind.value, format_time(e.not_after), e.status.value, revoked, reason, e.source)
+    not_before = format_time(e.not_before) if e.not_before is not None else None
+    return (e.issuer, serial_hex(e.serial), e.kind.value, format_time(e.not_after), e.status.value, revoked, reason,
+            e.source, not_before)
 
 
 def ingest(
@@ -233,9 +322,12 @@ def _ingest_one(
         staged_ok = _stage(conn, source, issuers, stop, sr, errors)
         if staged_ok is not True:
             return staged_ok is None  # None: unusable source under quarantine, go on
-        for rowid, issuer, serial, where, old_status, new_status, old_na, new_na in conn.execute(_CONFLICTS).fetchall():
+        for rowid, issuer, serial, where, old_status, new_status, old_na, new_na, old_nb, new_nb in conn.execute(
+            _CONFLICTS
+        ).fetchall():
             problems = ["would un-revoke it (BR 4.9.13)"] if (old_status, new_status) == ("revoked", "good") else []
             problems += [f"changes notAfter {old_na} → {new_na}"] if old_na != new_na else []
+            problems += [f"changes notBefore {old_nb} → {new_nb}"] if None not in (old_nb, new_nb) and old_nb != new_nb else []
             what = "; ".join(problems)
             errors.append(LedgerError(where, f"conflicts with ledger row {db_path}:{issuer}/{serial}: {what}"))
             sr.errors += 1
@@ -244,16 +336,15 @@ def _ingest_one(
             conn.execute("UPDATE staging SET bad = 1 WHERE rowid = ?", (rowid,))
         staged = conn.execute("SELECT count(*), coalesce(max(rowid), 0) FROM staging WHERE bad = 0").fetchone()
         step = staged[1] + 1 if stop else BATCH  # stop: one transaction for the whole source
-        before = conn.total_changes
         for low in range(0, staged[1], step):
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(_MERGE, (low, low + step))
+                merged = conn.execute(_MERGE, (low, low + step)).rowcount  # not counting the change log's rows
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        sr.written = conn.total_changes - before
+            sr.written += merged
         sr.unchanged = staged[0] - sr.written
         sr.committed = True
         return True
@@ -271,7 +362,7 @@ def _stage(
 ) -> bool | None:
     """Read the source into temp.staging. True: merge it; False: ``stop``
     met an error; None: the source is unusable (raised), merge nothing."""
-    insert = f"INSERT INTO staging({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(issuer, serial) DO UPDATE SET dup = dup + 1"
+    insert = f"INSERT INTO staging({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(issuer, serial) DO UPDATE SET dup = dup + 1"
     batch: list[tuple[object, ...]] = []
     try:
         for item in read_source(source, issuers):
@@ -312,38 +403,90 @@ def _insert_batch(conn: sqlite3.Connection, insert: str, batch: list[tuple[objec
 def read_ledger(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
     """Stream ledger rows ordered by (issuer, serial), FETCH rows at a time.
 
-    Raises LedgerError when the database is missing, unreadable or of
-    another schema version. Yields LedgerError ``<db>:<issuer>/<serial>``
-    for an unknown issuer, bad serial, kind, status, time or reason.
+    Reads schema versions 1 (``not_before`` None) and 2. Raises LedgerError
+    when the database is missing, unreadable or of another schema version.
+    Yields LedgerError ``<db>:<issuer>/<serial>`` for an unknown issuer, bad
+    serial, kind, status, time or reason.
     """
     path = source.path
-    if not os.path.isfile(path):
-        raise LedgerError(path, "ledger database does not exist")
-    try:
-        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise LedgerError(path, f"cannot open ledger database: {e}") from None
+    conn, version = _open_reader(path, ("1", SCHEMA_VERSION))
     try:
         try:
-            _check_version(conn, path)
-            cur = conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY issuer, serial")
+            cur = conn.execute(f"SELECT {_COLUMNS if version == SCHEMA_VERSION else _V1_COLUMNS} FROM entries"
+                               " ORDER BY issuer, serial")
         except sqlite3.Error as e:
             raise LedgerError(path, f"cannot read ledger database: {e}") from None
-        while True:
-            try:
-                rows = cur.fetchmany(FETCH)
-            except sqlite3.Error as e:
-                raise LedgerError(path, f"cannot read ledger database: {e}") from None
-            if not rows:
-                return
+        for rows in _batches(cur, path):
             for row in rows:
                 yield _entry(row, path, issuers)
     finally:
         conn.close()
 
 
+def _batches(cur: sqlite3.Cursor, path: str) -> Iterator[list[tuple[object, ...]]]:
+    """``cur``'s rows, FETCH at a time; LedgerError for a read failure."""
+    while True:
+        try:
+            rows = cur.fetchmany(FETCH)
+        except sqlite3.Error as e:
+            raise LedgerError(path, f"cannot read ledger database: {e}") from None
+        if not rows:
+            return
+        yield rows
+
+
+class SqliteTail:
+    """Incremental reader of the ledger's change log (contract: ``ledger.tail.Tail``).
+
+    Remembers the highest ``changes.id`` seen. Each call runs one query: the
+    ``changes`` rows after it (a range on the integer primary key), each
+    joined to its ``entries`` row by primary key, so the rows examined are
+    the changes since the last call, whatever the ledger's size. A serial
+    changed several times comes once, in the order of its first change,
+    with that change's ``at`` as ``seen_at``; memory: the (issuer, serial)
+    keys of one call. Ids grow with every commit (AUTOINCREMENT, one writer
+    at a time), so no committed change is skipped. Needs schema version 2.
+    """
+
+    def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
+        self._path = source.path
+        self._issuers = issuers
+        self._last_id = 0
+
+    def start(self) -> None:
+        """Remember the newest change. Raises LedgerError when the database
+        is missing, unreadable or not of schema version 2."""
+        conn, _ = _open_reader(self._path, (SCHEMA_VERSION,))
+        try:
+            self._last_id = conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
+        except sqlite3.Error as e:
+            raise LedgerError(self._path, f"cannot read ledger database: {e}") from None
+        finally:
+            conn.close()
+
+    def changes(self) -> Iterator[Change]:
+        """Entries changed since the last call, ``seen_at`` = ``changes.at``."""
+        path = self._path
+        conn, _ = _open_reader(path, (SCHEMA_VERSION,))
+        try:
+            try:
+                cur = conn.execute(_CHANGED, (self._last_id,))
+            except sqlite3.Error as e:
+                raise LedgerError(path, f"cannot read ledger database: {e}") from None
+            last, keys = self._last_id, set()
+            for rows in _batches(cur, path):
+                for change_id, at, *row in rows:
+                    last = change_id
+                    if (row[0], row[1]) not in keys:
+                        keys.add((row[0], row[1]))
+                        yield Change(_entry(tuple(row), path, self._issuers), dt.datetime.fromtimestamp(at, UTC))
+            self._last_id = last
+        finally:
+            conn.close()
+
+
 def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentity]) -> LedgerEntry | LedgerError:
-    issuer, serial, kind, not_after, status, revoked_at, reason, _source = row
+    issuer, serial, kind, not_after, status, revoked_at, reason, _source, not_before = row
     where = f"{db}:{issuer}/{serial}"
     try:
         if issuer not in issuers:
@@ -369,9 +512,13 @@ def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentit
             except ValueError as e:
                 raise ValueError(f"revoked_at {e}") from None
             why = _reason(reason)
+        try:
+            nb = None if not_before is None else parse_time(not_before)
+        except ValueError as e:
+            raise ValueError(f"not_before {e}") from None
         return LedgerEntry(
             issuer=str(issuer), serial=number, kind=_KINDS[kind], not_after=na,
-            status=_STATUSES[status], revoked_at=rev_at, reason=why, source=where,
+            status=_STATUSES[status], revoked_at=rev_at, reason=why, source=where, not_before=nb,
         )
     except LedgerError as e:
         return e
@@ -407,8 +554,8 @@ def write_entries(db_path: str, entries: Iterable[LedgerEntry]) -> int:
         conn.close()
 
 
-def _upsert(conn: sqlite3.Connection, rows: list[tuple[str, str, str, str, str, str | None, int | None, str]]) -> int:
+def _upsert(conn: sqlite3.Connection, rows: list[_Row]) -> int:
     with conn:
         conn.execute("BEGIN")
-        conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?)", rows)
+        conn.executemany(f"INSERT OR REPLACE INTO entries({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
     return len(rows)

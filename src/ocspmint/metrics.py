@@ -1,0 +1,40 @@
+"""Prometheus metrics of `ocspmint refresh` (names in docs/refresh.md).
+
+A private registry served over HTTP on ``refresh.metrics_listen``
+(HOST:PORT; empty: not served). Times are seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
+SIGN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RefreshMetrics:
+    """Counters: ``ocspmint_due_total{reason}``, ``ocspmint_published_total{issuer}``,
+    ``ocspmint_failed_total{stage}``. Gauge: ``ocspmint_oldest_this_update_seconds{issuer}``
+    (Unix time of the oldest thisUpdate still scheduled: staleness). Histograms:
+    ``ocspmint_ledger_to_published_seconds`` (ledger change seen → response
+    stored, acknowledged and journaled), ``ocspmint_sign_batch_seconds`` (one
+    batch sent to the HSM → signatures back), ``ocspmint_upload_batch_seconds``
+    (batch handed to the store → acknowledged)."""
+
+    def __init__(self, listen: str) -> None:
+        disable_created_metrics()
+        self.registry = r = CollectorRegistry()
+        self.due = Counter("ocspmint_due", "Responses found due, by planner reason", ["reason"], registry=r)
+        self.published = Counter("ocspmint_published", "Responses published and journaled", ["issuer"], registry=r)
+        self.failed = Counter("ocspmint_failed", "Due responses not published, by stage", ["stage"], registry=r)
+        self.oldest = Gauge("ocspmint_oldest_this_update_seconds", "Oldest scheduled thisUpdate (Unix time)",
+                            ["issuer"], registry=r)
+        self.ledger_to_published = Histogram("ocspmint_ledger_to_published_seconds",
+                                             "Ledger change seen to response published", buckets=LATENCY_BUCKETS, registry=r)
+        self.sign_seconds = Histogram("ocspmint_sign_batch_seconds", "HSM signing latency of one batch",
+                                      buckets=SIGN_BUCKETS, registry=r)
+        self.upload_seconds = Histogram("ocspmint_upload_batch_seconds", "Store latency of one batch",
+                                        buckets=SIGN_BUCKETS, registry=r)
+        if listen:
+            host, _, port = listen.rpartition(":")
+            start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=r)

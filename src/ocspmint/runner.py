@@ -1,0 +1,285 @@
+"""Runner: one batch at a time from ResponseData to a journaled response.
+
+``sign_all`` feeds planned entries through a SignerPool; the Runner
+encodes each batch (byte template), assembles and verifies every signed
+response (never storing one that fails), hands it to the store and
+journals it once the store acknowledged it, queueing CDN purges in the
+same transaction (docs/ocsp-rules.md, docs/purge.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ocspmint.config import Config
+from ocspmint.encoder import ResponseTemplate, Times
+from ocspmint.issuer import IssuerIdentity
+from ocspmint.journal import ClockError, Journal, Record
+from ocspmint.model import LedgerEntry, serial_hex, utc_now
+from ocspmint.planner import Force, refresh_at
+from ocspmint.report import Failure, Progress, Summary
+from ocspmint.signer import Failed, SignBatch, SignerError, SignerPool
+from ocspmint.store import PutItem, Store, object_key
+from ocspmint.verifier import Expectation, signature_valid, verify_response
+
+MIN_INTERVAL = dt.timedelta(hours=8)
+
+
+Planned = tuple[LedgerEntry, str]  # (entry, why it is due)
+
+
+def batch_times(config: Config, issuer: IssuerIdentity, now: dt.datetime) -> Times:
+    """producedAt = now; thisUpdate = now − backdate, but never before the
+    signer certificate's notBefore; nextUpdate = thisUpdate + validity, cut
+    back to the signer certificate's notAfter (rules file).
+
+    Raises ValueError when that leaves less than BR 4.9.9's 8 hours.
+    """
+    this_update = max(now - config.response.backdate, issuer.signer.not_before)
+    next_update = min(this_update + config.response.validity, issuer.signer.not_after.replace(microsecond=0))
+    if next_update - this_update + dt.timedelta(seconds=1) < MIN_INTERVAL:
+        raise ValueError(f"signer certificate of {issuer.name} expires {issuer.signer.not_after.isoformat()}: "
+                         "less than 8 h of validity left (BR 4.9.9)")
+    return Times(now, this_update, next_update)
+
+
+@dataclass
+class _Batch:
+    issuer: IssuerIdentity
+    entries: list[LedgerEntry]
+    whys: list[str]
+    tbs: list[bytes]
+    times: Times
+    sent: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Upload:
+    """A batch handed to the store, journaled once the store acknowledged it."""
+
+    done: Future[list[str | None]]
+    entries: list[LedgerEntry]
+    records: list[Record]
+    sent: float = field(default_factory=time.monotonic)
+
+
+class Observer(Protocol):
+    """Timing hooks (`ocspmint refresh` metrics); seconds are monotonic."""
+
+    def signed(self, seconds: float, count: int) -> None:
+        """A batch of ``count`` came back from the HSM ``seconds`` after it was sent."""
+
+    def uploaded(self, seconds: float, count: int) -> None:
+        """The store acknowledged a batch ``seconds`` after it was handed over."""
+
+    def journaled(self, entries: list[LedgerEntry]) -> None:
+        """These entries are now published (stored, acknowledged, journaled)."""
+
+
+PURGE_REASONS = ("changed", "signer")  # the served bytes must change at once
+
+
+def purges_for(why: str, force: Force | None) -> bool:
+    """Whether a response signed for reason ``why`` must reach the CDN at once."""
+    return why in PURGE_REASONS or (why == "forced" and force is not None and force.purge)
+
+
+class Runner:
+    """One run: holds the open journal, store and templates.
+
+    ``purge``: (issuer, serial) of due entries whose served status or
+    signer changed; their journal rows queue a purge for every target.
+    ``published``: every entry journaled this run. ``force``: a reissue's
+    reason, journaled as ``why`` of every entry it signs. ``observer`` gets
+    timings (refresh's metrics).
+    """
+
+    MAX_UPLOADS = 4  # batches in the store's hands at once
+
+    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, store: Store, summary: Summary) -> None:
+        self.config, self.issuers, self.journal, self.store, self.summary = config, issuers, journal, store, summary
+        hashes = tuple(config.response.certid_hashes)
+        self.templates = {n: ResponseTemplate(i, hashes) for n, i in issuers.items()}
+        self.batches: dict[int, _Batch] = {}
+        self.uploads: deque[_Upload] = deque()
+        self.purge: set[tuple[str, int]] = set()
+        self.targets = [t.name for t in config.purge]
+        self.published: list[LedgerEntry] = []
+        self.force: Force | None = None
+        self.observer: Observer | None = None
+
+    def make_batch(self, batch_id: int, issuer: str, planned: list[Planned]) -> SignBatch | None:
+        """Encode one batch's ResponseData (None: all of it failed)."""
+        ident, template = self.issuers[issuer], self.templates[issuer]
+        try:
+            times = batch_times(self.config, ident, utc_now())
+        except ValueError as e:
+            self.fail_all([entry for entry, _ in planned], "sign", str(e))
+            return None
+        fields = template.time_fields(times)
+        tbs, kept, whys = [], [], []
+        for e, why in planned:
+            try:
+                tbs.append(template.tbs(e, fields))
+                kept.append(e)
+                whys.append(why)
+            except ValueError as err:
+                self.fail(e, "sign", str(err))
+        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times)
+        return SignBatch(batch_id, issuer, tbs)
+
+    def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
+        self.summary.failures.append(Failure(stage, message, e.issuer, serial_hex(e.serial), e.source))
+
+    def fail_all(self, entries: list[LedgerEntry], stage: str, message: str) -> None:
+        for e in entries:
+            self.fail(e, stage, message)
+
+    def failed(self, reply: Failed) -> None:
+        b = self.batches.pop(reply.batch)
+        self.fail_all(b.entries, "sign", reply.error)
+
+    def signed(self, batch_id: int, signatures: list[bytes]) -> None:
+        """Assemble and verify one signed batch, then hand it to the store."""
+        b = self.batches.pop(batch_id)
+        if self.observer is not None:
+            self.observer.signed(time.monotonic() - b.sent, len(b.entries))
+        template = self.templates[b.issuer.name]
+        expect_validity = b.times.next_update - b.times.this_update
+        items, entries, records = [], [], []
+        for entry, why, tbs, sig in zip(b.entries, b.whys, b.tbs, signatures, strict=True):
+            response = template.response(tbs, sig)
+            if self.config.signing.verify:
+                findings = verify_response(response, b.issuer, Expectation(entry, template.hashes, expect_validity), utc_now())
+                if findings:
+                    self.fail(entry, "verify", "; ".join(findings))
+                    continue
+            items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
+            entries.append(entry)
+            reason = None if entry.reason is None else int(entry.reason)
+            if self.force is not None:
+                why = self.force.why
+            records.append(Record(entry.issuer, entry.serial, b.times.this_update, b.times.next_update, entry.status.value,
+                                  entry.revoked_at, reason, b.issuer.signer.key_hash.hex(), hashlib.sha256(response).digest(),
+                                  why, entry.kind.value, entry.not_after,
+                                  refresh_at(b.times.this_update, b.times.next_update, entry.serial,
+                                             self.config.response.refresh_after, entry.not_after),
+                                  b.times.produced_at))
+        if items:
+            self.uploads.append(_Upload(self.store.submit(items), entries, records))
+        self.settle(self.MAX_UPLOADS)
+
+    def settle(self, keep: int) -> None:
+        """Journal every upload the store has acknowledged, oldest first,
+        blocking while more than ``keep`` are outstanding (0: drain)."""
+        while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
+            up = self.uploads.popleft()
+            errors = up.done.result()
+            if self.observer is not None:
+                self.observer.uploaded(time.monotonic() - up.sent, len(up.entries))
+            kept, purge = [], []
+            for entry, record, error in zip(up.entries, up.records, errors, strict=True):
+                if error is not None:
+                    self.fail(entry, "store", error)
+                    continue
+                kept.append(record)
+                self.published.append(entry)
+                self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
+                if (entry.issuer, entry.serial) in self.purge:
+                    purge.append((entry.issuer, entry.serial))
+            if self.config.signing.verify:
+                self.summary.verified += len(kept)
+            self.journal.record(kept, purge, self.targets)
+            if self.observer is not None:
+                self.observer.journaled([e for e, err in zip(up.entries, errors) if err is None])
+
+
+def probe_keys(pool: SignerPool, runner: Runner) -> None:
+    """Sign one throwaway ResponseData per issuer and check it with the
+    signer certificate: a token key that does not match the configured
+    certificate stops the run before anything is published."""
+    for n, ident in enumerate(runner.issuers.values()):
+        tbs = b"ocspmint key probe " + ident.id.encode()
+        pool.submit(SignBatch(-1 - n, ident.name, [tbs]))
+        replies = []
+        while not replies:
+            replies = list(pool.collect(30))
+        reply = replies[0]
+        if isinstance(reply, Failed):
+            raise SignerError(f"issuer {ident.name}: probe signature failed: {reply.error}")
+        if not signature_valid(ident.signer, tbs, reply.signatures[0]):
+            raise SignerError(f"issuer {ident.name}: the token key {ident.config.signer.uri} does not match "
+                              f"the signer certificate {ident.config.signer.cert or ident.config.cert}")
+
+
+def _chunks(due: list[Planned], size: int) -> Iterator[tuple[str, list[Planned]]]:
+    by_issuer: dict[str, list[Planned]] = {}
+    for p in due:
+        by_issuer.setdefault(p[0].issuer, []).append(p)
+    for issuer, planned in by_issuer.items():
+        for i in range(0, len(planned), size):
+            yield issuer, planned[i : i + size]
+
+
+def sign_all(pool: SignerPool, runner: Runner, due: list[Planned], progress: Progress | None, rate: float = 0.0,
+             stopping: Callable[[], bool] = lambda: False) -> list[Planned]:
+    """Sign, verify, store and journal ``due`` through ``pool``, at most
+    ``rate`` responses/s (0: as fast as the pool goes). Every entry ends
+    published or in ``runner.summary.failures``, except those not yet
+    dispatched when ``stopping()`` turned True, which are returned (handed
+    back). Ends with the store drained (``runner.settle(0)``)."""
+    size = runner.config.signing.batch_size
+    chunks = _chunks(due, min(size, max(1, int(rate / 4))) if rate else size)  # ~4 batches/s keep a rate smooth
+    start, dispatched, done0 = time.monotonic(), 0, runner.summary.published + len(runner.summary.failures)
+    handed_back: list[Planned] = []
+    try:
+        next_id, exhausted = 0, False
+        while not exhausted or pool.busy():
+            wait = 1.0
+            if not exhausted and stopping():
+                handed_back = [p for _, planned in chunks for p in planned]
+                exhausted = True
+            while not exhausted and pool.has_capacity():
+                if rate and (ahead := start + dispatched / rate - time.monotonic()) > 0:
+                    wait = min(wait, ahead)
+                    break
+                runner.journal.check_clock(utc_now())  # ClockError: sign nothing more
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                batch = runner.make_batch(next_id, *chunk)
+                next_id += 1
+                dispatched += len(chunk[1])
+                if batch is not None:
+                    pool.submit(batch)
+            for reply in pool.collect(wait if pool.busy() else 0):
+                if isinstance(reply, Failed):
+                    runner.failed(reply)
+                else:
+                    runner.signed(reply.batch, reply.signatures)
+            if not pool.busy() and not exhausted and wait < 1.0:
+                time.sleep(wait)
+            runner.settle(runner.MAX_UPLOADS)
+            if progress:
+                progress.update(runner.summary.published + len(runner.summary.failures) - done0)
+        runner.summary.signer_restarts = pool.restarts
+    except (SignerError, ClockError) as e:
+        stage = "clock" if isinstance(e, ClockError) else "sign"
+        for batch in runner.batches.values():
+            runner.fail_all(batch.entries, stage, str(e))
+        runner.batches.clear()
+        for _, planned in chunks:
+            runner.fail_all([entry for entry, _ in planned], stage, str(e))
+    finally:
+        runner.settle(0)
+        if progress:
+            progress.close()
+    return handed_back

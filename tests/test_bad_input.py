@@ -1,0 +1,296 @@
+"""Bad input to `ocspmint run`: malformed files in a certificate folder,
+serials stated twice, ledger rows and sources for an unknown issuer, and
+delegated responder certificates that are unusable (no id-kp-OCSPSigning,
+not issued by the CA) or expire before nextUpdate.
+
+What each reader reports row by row is in test_ledger.py; bad index.txt
+lines, a missing certificate file and a token key that does not match the
+signer certificate are in test_faults.py. Here: what a run does with them,
+end to end. A bad row is named (file, line or ledger key) in the summary,
+the run exits 1 (2 when the config or an issuer is unusable), and with
+on_error = "quarantine" every other serial is still published.
+
+Tests marked xfail(strict=True) state wanted behaviour that the current
+code lacks; each reason says what goes wrong today.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509 import ocsp as x509_ocsp
+
+from e2e import ocspmint, openssl_check, response_path, run_json
+from faultkit import assert_journal_matches_store, file_objects, journal_rows, verify_clean
+from ocspmint.demo import Demo, build_demo
+from ocspmint.ledger.sqlite import write_entries
+from ocspmint.model import Kind, LedgerEntry, Status, serial_hex, utc_now
+
+UTC = dt.timezone.utc
+
+
+def set_sources(demo: Demo, sources: str, on_error: str = "stop") -> None:
+    """Replace the demo's [[sources]] with ``sources`` (TOML) and set on_error."""
+    head, _, _ = demo.config.read_text().partition("[[sources]]")
+    head = "".join(line for line in head.splitlines(keepends=True) if not line.startswith("on_error = "))
+    demo.config.write_text(f'on_error = "{on_error}"\n' + head + sources)
+
+
+def index_source() -> str:
+    return '[[sources]]\ntype = "openssl-index"\npath = "ca/index.txt"\ncerts_dir = "ca/newcerts"\nissuer = "issuing-ca"\n'
+
+
+def unexpired(demo: Demo) -> set[int]:
+    return set(demo.serials["good"]) | set(demo.serials["revoked"]) | set(demo.serials["precert"])
+
+
+def gen_crl(demo: Demo) -> Path:
+    crl = demo.root / "ca" / "issuing-ca.crl"
+    subprocess.run(["openssl", "ca", "-config", str(demo.openssl_cnf), "-gencrl", "-out", str(crl), "-batch"],
+                   check=True, capture_output=True, cwd=demo.root / "ca")
+    return crl
+
+
+def sign_with_issuing_ca(demo: Demo, serial: int, subject: str) -> x509.Certificate:
+    """Another leaf certificate from the demo's issuing CA key (same issuer
+    name and key as `openssl ca` uses), with ``serial``."""
+    ca = x509.load_pem_x509_certificate(demo.issuing_ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(demo.issuing_key.read_bytes(), None)
+    now = utc_now()
+    return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(ca.subject).public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(serial).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+
+
+# --------------------------------------------------------------- malformed certificates in a certdir
+
+
+def bad_certdir(demo: Demo) -> tuple[Path, dict[str, str]]:
+    """certs/: the demo's certificates plus bad files; returns the folder and
+    file name → words its ledger failure must contain."""
+    certs = demo.root / "certs"
+    shutil.copytree(demo.certs_dir, certs)
+    pem = demo.cert_path(demo.serials["good"][0]).read_bytes()
+    (certs / "truncated.pem").write_bytes(pem[: len(pem) // 2])
+    (certs / "empty.der").write_bytes(b"")
+    (certs / "junk.der").write_bytes(b"\x30\x82\x01\x00" + b"\x00" * 64)
+    shutil.copy(demo.root / "ca" / "leaf.key", certs / "leaf.pem")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Some Other CA")])
+    now = utc_now()
+    stranger = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(7).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (certs / "stranger.pem").write_bytes(stranger.public_bytes(serialization.Encoding.PEM))
+    twin = sign_with_issuing_ca(demo, demo.serials["good"][1], "twin.example")
+    (certs / "twin.pem").write_bytes(twin.public_bytes(serialization.Encoding.PEM))
+    return certs, {
+        "truncated.pem": "PEM CERTIFICATE block without its END line",
+        "empty.der": "not a DER certificate",
+        "junk.der": "not a DER certificate",
+        "leaf.pem": "PEM file without a CERTIFICATE block",
+        "stranger.pem": "issuer 'CN=Some Other CA' is not a configured issuer",
+        "twin.pem": f"different certificates share serial {demo.serials['good'][1]:X}",
+    }
+
+
+def test_malformed_certificates_are_named_and_quarantine_publishes_the_rest(tmp_path):
+    demo = build_demo(tmp_path, certs=4, precerts=2, revoke=1)
+    certs, expect = bad_certdir(demo)
+    set_sources(demo, f'[[sources]]\ntype = "certdir"\npath = "certs"\ncrls = ["{gen_crl(demo)}"]\n', "quarantine")
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    failed = [line for line in p.stdout.splitlines() if line.startswith("  FAILED ")]
+    assert len(failed) == len(expect), p.stdout
+    for name, words in expect.items():  # the twin's row is under the first file of its serial, naming both
+        [line] = [line for line in failed if str(certs / name) in line]
+        assert line.startswith(f"  FAILED [ledger] ({certs}/") and words in line, line
+    clash = demo.serials["good"][1]  # two certificates claim it: neither is trusted
+    assert not response_path(demo, clash).exists()
+    published = unexpired(demo) - {clash}
+    for serial in published:
+        expected = "revoked" if serial in demo.revoked else "good"
+        assert openssl_check(demo, response_path(demo, serial), serial).status == expected, hex(serial)
+    assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == len(published)
+
+
+def test_malformed_certificate_stops_the_run_by_default(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    certs, _ = bad_certdir(demo)
+    set_sources(demo, '[[sources]]\ntype = "certdir"\npath = "certs"\n')
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 0
+    [failure] = summary["failures"]
+    assert failure["stage"] == "ledger" and failure["source"].startswith(str(certs))
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+# --------------------------------------------------------------- serials stated twice
+
+
+def twice_in_index(demo: Demo) -> tuple[int, str]:
+    """Append a revoked copy of a valid index.txt row; (serial, words of its report)."""
+    lines = demo.index.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("V"))
+    f = lines[first].split("\t")
+    demo.index.write_text("\n".join([*lines, "\t".join(["R", f[1], "250101000000Z,keyCompromise", *f[3:]])]) + "\n")
+    return int(f[3], 16), f"duplicate serial {f[3]} (first on line {first + 1})"
+
+
+def test_duplicate_index_row_stops_the_run_by_default(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    _, words = twice_in_index(demo)
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 0
+    [failure] = summary["failures"]
+    assert failure["message"] == words and failure["source"] == f"{demo.index}:{len(demo.index.read_text().splitlines())}"
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+@pytest.mark.parametrize("where", ["index.txt twice", "index.txt and certdir"])
+def test_serial_stated_twice_differently_is_never_published_good(tmp_path, where):
+    demo = build_demo(tmp_path, certs=4, precerts=1, revoke=1)
+    if where == "index.txt twice":
+        serial, _ = twice_in_index(demo)
+        set_sources(demo, index_source(), "quarantine")
+    else:  # the certificate folder, without a CRL, states every revoked serial as good
+        serial = next(iter(demo.revoked))
+        set_sources(demo, index_source() + '[[sources]]\ntype = "certdir"\npath = "ca/newcerts"\n', "quarantine")
+    code, summary = run_json(demo)
+    assert openssl_check(demo, response_path(demo, serial), serial).status in ("missing", "revoked")
+    assert code == 1 and any(f["serial"] == serial_hex(serial) or f"{serial:X}" in f["message"].upper()
+                             for f in summary["failures"])
+
+
+def test_serial_in_two_sources_is_signed_once(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    set_sources(demo, index_source() + '[[sources]]\ntype = "certdir"\npath = "ca/newcerts"\n')
+    code, summary = run_json(demo)
+    assert code == 0 and summary["published"] == len(unexpired(demo)), summary["published"]
+
+
+# --------------------------------------------------------------- unknown issuers
+
+
+def test_ledger_rows_of_an_unknown_issuer_are_named_and_the_rest_published(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    later = utc_now() + dt.timedelta(days=60)
+    ours = [LedgerEntry("issuing-ca", 0x1000 + i, Kind.CERTIFICATE, later, Status.GOOD, source="synthetic") for i in range(5)]
+    strays = [LedgerEntry("retired-ca", 0x2000 + i, Kind.CERTIFICATE, later, Status.GOOD, source="synthetic") for i in range(2)]
+    db = demo.root / "ledger.sqlite"
+    write_entries(str(db), ours + strays)
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n', "quarantine")
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 5
+    assert sorted(f["source"] for f in summary["failures"]) == [f"{db}:retired-ca/{serial_hex(e.serial)}" for e in strays]
+    assert all(f["stage"] == "ledger" and "issuer 'retired-ca' is not configured" in f["message"] for f in summary["failures"])
+    assert verify_clean(demo) == 5
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')  # on_error = "stop"
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 0 and len(journal_rows(demo)) == 5
+
+
+def test_source_of_an_unknown_issuer_is_a_config_error(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    set_sources(demo, index_source() + index_source().replace('issuer = "issuing-ca"', 'issuer = "retired-ca"'), "quarantine")
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"ocspmint: {demo.config}: $.sources[1].issuer: no issuer named 'retired-ca'"
+    assert file_objects(demo) == {}
+
+
+# --------------------------------------------------------------- delegated responder certificates
+
+
+def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None, lifetime: dt.timedelta = dt.timedelta(days=30),
+                  by_root: bool = False) -> x509.Certificate:
+    """Replace ca/responder.pem by a certificate for the same token key, issued
+    by the issuing CA (or the root), with ``eku`` (None: no EKU extension)
+    and notAfter = now + ``lifetime`` (notBefore an hour before now or notAfter)."""
+    ca_path, key_path = (demo.root_ca, demo.root / "ca" / "root.key") if by_root else (demo.issuing_ca, demo.issuing_key)
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    old = x509.load_pem_x509_certificate(demo.responder_cert.read_bytes())
+    now = utc_now()
+    b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.subject).public_key(old.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now + min(lifetime, dt.timedelta(0)) - dt.timedelta(hours=1))
+         .not_valid_after(now + lifetime)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False))
+    if eku is not None:
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    cert = b.sign(serialization.load_pem_private_key(key_path.read_bytes(), None), hashes.SHA256())
+    demo.responder_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"eku": None}, "responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)"),
+    ({"eku": [ExtendedKeyUsageOID.SERVER_AUTH]}, "responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)"),
+    ({"eku": [ExtendedKeyUsageOID.OCSP_SIGNING], "by_root": True}, "responder certificate is not issued by its issuer"),
+], ids=["no-eku", "serverAuth-only", "issued-by-root"])
+def test_unusable_responder_certificate_is_refused_naming_the_file(tmp_path, kw, words):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    new_responder(demo, **kw)
+    for command in ("run", "verify"):
+        p = ocspmint(demo, command)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr[-2000:])
+        assert p.stderr.startswith(f"ocspmint: {demo.responder_cert}: {words}"), p.stderr
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_responder_expiring_before_next_update_cuts_next_update_to_its_not_after(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=1)
+    cert = new_responder(demo, eku=[ExtendedKeyUsageOID.OCSP_SIGNING], lifetime=dt.timedelta(days=2))
+    code, summary = run_json(demo)
+    assert code == 0 and summary["ok"] and summary["published"] == len(unexpired(demo)), summary["failures"]
+    for serial in unexpired(demo):
+        resp = x509_ocsp.load_der_ocsp_response(response_path(demo, serial).read_bytes())
+        assert resp.next_update_utc == cert.not_valid_after_utc  # 2 days, not the configured 7
+        assert resp.this_update_utc < resp.next_update_utc and resp.certificates[0] == cert
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified, view.text
+
+
+def test_verify_accepts_next_update_cut_back_to_the_signer_not_after(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    new_responder(demo, eku=[ExtendedKeyUsageOID.OCSP_SIGNING], lifetime=dt.timedelta(days=2))
+    assert run_json(demo)[0] == 0
+    assert verify_clean(demo) == 2
+
+
+def test_response_cut_back_by_the_signer_is_refreshed_8h_before_next_update(tmp_path):
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    new_responder(demo, eku=[ExtendedKeyUsageOID.OCSP_SIGNING], lifetime=dt.timedelta(days=2))
+    assert run_json(demo)[0] == 0
+    # as if signed 2 days ago: the cut-back nextUpdate is 1 h away, thisUpdate + refresh_after is not
+    now = int(utc_now().timestamp())
+    with sqlite3.connect(demo.root / "state" / "journal.sqlite") as db:
+        db.execute("UPDATE published SET this_update = ?, next_update = ?", (now - 2 * 86400, now + 3600))
+    code, summary = run_json(demo)
+    assert summary["due"] == {"refresh": 2}, summary["due"]
+
+
+@pytest.mark.parametrize("lifetime", [dt.timedelta(hours=5), dt.timedelta(hours=-2)], ids=["5h-left", "expired"])
+def test_responder_with_less_than_8h_left_fails_every_serial_clearly(tmp_path, lifetime):
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    cert = new_responder(demo, eku=[ExtendedKeyUsageOID.OCSP_SIGNING], lifetime=lifetime)
+    p = ocspmint(demo, "run", "--quiet", "--json")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["published"] == 0 and len(summary["failures"]) == 3
+    expected = (f"signer certificate of issuing-ca expires {cert.not_valid_after_utc.isoformat()}: "
+                "less than 8 h of validity left (BR 4.9.9)")
+    assert all(f["stage"] == "sign" and f["message"] == expected for f in summary["failures"]), summary["failures"][0]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}

@@ -1,0 +1,204 @@
+"""HSM faults during `ocspmint run`, injected by the p11fault shim in front of
+a real SoftHSM2 token: a token pulled out (for good, or back within the
+signer's backoff), a locked PIN, a key or token the URI names but the HSM
+does not hold, and slow signing; and the shim's model of a pulled token
+itself. CKR_DEVICE_ERROR, lost sessions, a wrong PIN and a killed signer
+process are in test_faults.py and test_run.py.
+
+Each failing case must end with exit status 1, a message naming the issuer,
+the key's PKCS#11 URI and the CK_RV where the module returned one, no
+traceback, no object or journal row for a serial that failed, and a journal
+that matches the store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e import issuer_id, ocspmint, openssl_check, response_path, run_json
+from faultkit import (SOFTHSM, assert_journal_matches_store, edit_config, failed_serials, file_objects, journal_rows,
+                      set_signing, use_module, verify_clean)
+from ocspmint.demo import Demo, build_demo
+from ocspmint.store import object_key
+from p11fault.build import build_shim
+
+URI = "pkcs11:token=ocspmint;object=ocsp-responder;type=private"
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shim(tmp_path_factory.mktemp("shim"))
+
+
+def faulty_demo(root: Path, shim: Path, **signing: int) -> Demo:
+    """12 unexpired serials (8 certificates, 4 precertificates, 3 revoked),
+    signed through the shim."""
+    demo = build_demo(root, certs=8, precerts=4, revoke=2)
+    use_module(demo, shim)
+    if signing:
+        set_signing(demo, **signing)
+    return demo
+
+
+def unexpired(demo: Demo) -> set[int]:
+    return set(demo.serials["good"]) | set(demo.serials["revoked"]) | set(demo.serials["precert"])
+
+
+PULLED = """
+import json, sys, time
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass, SlotFlag
+lib = pkcs11.lib(sys.argv[1])
+pin = open(sys.argv[2]).read().strip()
+
+def error(call):
+    try:
+        call()
+        return "ok"
+    except pkcs11.exceptions.PKCS11Error as e:
+        return type(e).__name__
+
+def look(out):
+    out["present"] = len(lib.get_slots(token_present=True))
+    out["flag"] = any(s.flags & SlotFlag.TOKEN_PRESENT for s in lib.get_slots())
+    out["token"] = error(lambda: lib.get_token(token_label="ocspmint"))
+    out["open"] = error(lambda: token.open())  # C_OpenSession on the slot found before the pull
+
+token = lib.get_token(token_label="ocspmint")
+session = token.open(user_pin=pin)
+key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label="ocsp-responder")
+gone = {"sign": error(lambda: key.sign(bytes(32), mechanism=Mechanism.ECDSA))}
+gone["again"] = error(lambda: key.sign(bytes(32), mechanism=Mechanism.ECDSA))
+look(gone)
+time.sleep(0.4)
+back = {}
+look(back)
+fresh = lib.get_token(token_label="ocspmint").open(user_pin=pin)
+back["sign"] = error(lambda: fresh.get_key(object_class=ObjectClass.PRIVATE_KEY, label="ocsp-responder")
+                     .sign(bytes(32), mechanism=Mechanism.ECDSA))
+back["old session"] = error(lambda: key.sign(bytes(32), mechanism=Mechanism.ECDSA))
+print(json.dumps({"gone": gone, "back": back}))
+"""
+
+
+def test_shim_pulled_token_is_absent_for_every_call_until_it_is_back(tmp_path, shim):
+    """The p11fault model of a pulled token (tests/p11fault/README.md, "Token
+    removal"), seen through python-pkcs11 against SoftHSM2."""
+    demo = build_demo(tmp_path, certs=0, precerts=0, revoke=0)
+    env = {**demo.env(), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_TOKEN_GONE_FROM": "1", "P11FAULT_TOKEN_BACK_MS": "300"}
+    p = subprocess.run([sys.executable, "-c", PULLED, str(shim), str(demo.pin_file)], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout)
+    assert seen["gone"] == {"sign": "DeviceRemoved", "again": "SessionHandleInvalid", "present": 0, "flag": False,
+                            "token": "NoSuchToken", "open": "TokenNotPresent"}
+    assert seen["back"]["present"] >= 1 and seen["back"]["flag"] and seen["back"]["token"] == "ok"
+    assert seen["back"]["sign"] == "ok" and seen["back"]["old session"] == "SessionHandleInvalid"
+
+
+def test_token_pulled_mid_run_fails_the_rest_clearly_and_a_rerun_completes(tmp_path, shim):
+    demo = faulty_demo(tmp_path, shim, workers=1, batch_size=4, retries=3)
+    log = tmp_path / "faults.log"
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_TOKEN_GONE_FROM": "6", "P11FAULT_LOG": str(log)}
+    p = ocspmint(demo, "run", "--quiet", "--json", env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    summary = json.loads(p.stdout)
+    assert p.returncode == 1 and not summary["ok"]
+    # signature 1: the key probe; 2-5: batch 1; 6: the token is pulled in batch 2
+    assert summary["published"] == 4
+    failed = failed_serials(summary, "sign")
+    assert len(failed) == 8
+    messages = {f["message"] for f in summary["failures"]}
+    for message in messages:
+        assert message.startswith(f"issuer issuing-ca: key {URI}: PKCS#11 signing failed 3 times"), message
+        assert "NoSuchToken" in message  # reconnecting found no token
+    assert any("first CKR_DEVICE_REMOVED (DeviceRemoved)" in m for m in messages), messages
+    assert "sign#6 rv=0x32" in log.read_text() and "absent#" in log.read_text()
+    # nothing of a failed serial reached the store or the journal
+    rows = assert_journal_matches_store(demo, file_objects(demo).get)
+    assert {s for _, s in rows}.isdisjoint(failed) and len(rows) == len(file_objects(demo)) == 4
+    assert all(not response_path(demo, s).exists() for s in failed)
+    assert verify_clean(demo) == 4
+    # the token is back: the next run does exactly what is left
+    code, again = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM})
+    assert code == 0 and again["published"] == 8 and again["due"] == {"new": 8}
+    assert verify_clean(demo) == 12
+
+
+def test_token_back_within_the_backoff_loses_nothing(tmp_path, shim):
+    """The signer waits 0.1 s, then 0.2 s before its reconnects
+    (signer.backoff): a token back after 0.2 s is found by the third try."""
+    demo = faulty_demo(tmp_path, shim, workers=1, batch_size=4, retries=3)
+    log = tmp_path / "faults.log"
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_TOKEN_GONE_FROM": "4", "P11FAULT_TOKEN_BACK_MS": "200",
+           "P11FAULT_LOG": str(log)}
+    code, summary = run_json(demo, env=env)
+    assert code == 0 and summary["ok"] and summary["failures"] == [], summary["failures"]
+    assert summary["published"] == 12
+    text = log.read_text()
+    assert "sign#4 rv=0x32" in text and "absent#1 rv=0xe0" in text  # pulled, and a reconnect found it absent
+    assert verify_clean(demo) == 12
+
+
+@pytest.mark.parametrize("rv,ckr", [("0xA4", "CKR_PIN_LOCKED (PinLocked)"), ("0x32", "CKR_DEVICE_REMOVED (DeviceRemoved)")])
+def test_login_refused_stops_before_signing_naming_the_ckr(tmp_path, shim, rv, ckr):
+    demo = faulty_demo(tmp_path, shim)
+    pin = demo.pin_file.read_text().strip()
+    p = ocspmint(demo, "run", "--quiet", env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_LOGIN_RV": rv})
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and pin not in p.stdout + p.stderr
+    failed = [line for line in p.stdout.splitlines() if line.startswith("  FAILED [sign] issuing-ca serial 0x")]
+    assert len(failed) == 12, p.stdout
+    assert all(f"login to token 'ocspmint' for {URI} failed: {ckr}" in line for line in failed), failed[0]
+    assert p.stdout.rstrip().endswith("NOT OK: 12 failures, 0 purges pending")
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("object=ocsp-responder", "object=retired-responder",
+     "key pkcs11:token=ocspmint;object=retired-responder;type=private not usable: NoSuchKey"),
+    ("token=ocspmint", "token=standby-hsm",
+     "token of pkcs11:token=standby-hsm;object=ocsp-responder;type=private not found: NoSuchToken"),
+])
+def test_key_or_token_missing_is_named_and_nothing_is_published(tmp_path, old, new, message):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    edit_config(demo, old, new)
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 0
+    assert len(summary["failures"]) == 4
+    assert all(f["stage"] == "sign" and f["message"].startswith(f"issuer issuing-ca: {message}") for f in summary["failures"]), \
+        summary["failures"][0]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_slow_signing_completes_and_every_response_verifies(tmp_path, shim):
+    demo = faulty_demo(tmp_path, shim, workers=2, batch_size=3)
+    delay = 0.1
+    started = time.monotonic()
+    code, summary = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": str(int(delay * 1e6))})
+    elapsed = time.monotonic() - started
+    assert code == 0 and summary["ok"] and summary["published"] == summary["verified"] == 12, summary["failures"]
+    assert elapsed >= 12 / 2 * delay  # the delay was in effect: 12 signatures over 2 workers, plus the probe
+    assert verify_clean(demo) == 12
+    for serial in sorted(unexpired(demo))[:3]:
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified, view.text
+    assert set(journal_rows(demo)) == {("issuing-ca", s) for s in unexpired(demo)}
+    assert set(file_objects(demo)) == {object_key(issuer_id(demo), s) for s in unexpired(demo)}
+
+
+def test_hung_hsm_is_abandoned_after_the_signing_timeout_with_a_clear_error(tmp_path, shim):
+    demo = faulty_demo(tmp_path, shim, workers=1, retries=2)
+    edit_config(demo, "[signing]", '[signing]\ntimeout = "PT1S"')
+    p = ocspmint(demo, "run", "--quiet", "--json", env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": "30000000"},
+                 timeout=120)
+    summary = json.loads(p.stdout)
+    assert p.returncode == 1 and summary["published"] == 0 and "Traceback" not in p.stderr
+    assert failed_serials(summary, "sign") == unexpired(demo)
+    assert all("signer process hung (no signature for 1 s)" in f["message"] for f in summary["failures"]), summary["failures"][0]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
