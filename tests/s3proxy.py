@@ -9,7 +9,9 @@
 - ``"reset-after"``: forwarded (S3 stores the object), then the connection
   is closed without passing the answer on: the acknowledgement is lost;
 - ``"hang"``: never answered, nothing forwarded (a PUT that never returns);
-- ``"hang-after"``: forwarded, then never answered.
+- ``"hang-after"``: forwarded, then never answered;
+- ``"slowdown"`` / ``"denied"``: answered 503 SlowDown / 403 AccessDenied
+  (S3's XML error body), nothing forwarded.
 
 A hung request holds its connection until ``close()``. ``log`` records
 (n, method, path, fault) for every request.
@@ -24,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 Fault = Callable[[int, str, str], str | None]
-FAULTS = (None, "reset", "reset-after", "hang", "hang-after")
+FAULTS = (None, "reset", "reset-after", "hang", "hang-after", "slowdown", "denied")
+_ERRORS = {"slowdown": (503, "SlowDown"), "denied": (403, "AccessDenied")}
 
 
 class FaultyS3:
@@ -47,6 +50,11 @@ class FaultyS3:
                     what = fault(n, self.command, self.path)
                     assert what in FAULTS, what
                     proxy.log.append((n, self.command, self.path, what))
+                if what in _ERRORS:
+                    status, code = _ERRORS[what]
+                    out = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'
+                    self.reply(status, [("Content-Type", "application/xml")], out.encode())
+                    return
                 answer = None if what in ("reset", "hang") else self.forward(body)
                 if what in ("hang", "hang-after"):
                     proxy._closing.wait()
@@ -54,7 +62,9 @@ class FaultyS3:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                status, headers, data = answer
+                self.reply(*answer)
+
+            def reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):

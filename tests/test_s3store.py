@@ -10,7 +10,6 @@ import base64
 import datetime as dt
 import hashlib
 import http.client
-import http.server
 import os
 import secrets
 import threading
@@ -24,6 +23,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
 from botocore.credentials import Credentials
+from s3proxy import FaultyS3
 from seaweed import SeaweedS3
 
 from ocspmint import s3store
@@ -34,7 +34,6 @@ from ocspmint.store import PutItem, object_key, open_store
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 THIS = NOW - dt.timedelta(hours=1)
 NEXT = NOW + dt.timedelta(days=7)
-STALL = 5.0  # seconds a stalled proxy request waits (the client's timeout is 1 s)
 
 
 @pytest.fixture
@@ -241,80 +240,19 @@ def test_server_rejects_body_that_does_not_match_checksum(seaweed: SeaweedS3, ki
     assert status == 200
 
 
-class FaultProxy:
-    """An HTTP/1.1 proxy on 127.0.0.1 in front of SeaweedFS whose first
-    ``faults`` requests get ``mode``: ``slowdown`` (503 SlowDown), ``denied``
-    (403 AccessDenied), ``reset`` (connection closed without an answer) or
-    ``stall`` (no answer for STALL seconds, then closed);
-    later requests are forwarded unchanged (Host kept, so SigV4 holds)."""
-
-    def __init__(self, target: str, faults: int, mode: str) -> None:
-        self.faults, self.mode, self.requests = faults, mode, 0
-        self.stalled = threading.Event()  # set on close: ends a stall early
-        host, port = target.removeprefix("http://").split(":")
-        proxy = self
-        lock = threading.Lock()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle_one(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    proxy.requests += 1
-                    fault = proxy.requests <= proxy.faults
-                if fault and proxy.mode == "stall":
-                    proxy.stalled.wait(STALL)  # longer than the client's timeout
-                if fault and proxy.mode in ("reset", "stall"):
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if fault:
-                    code, status = ("SlowDown", 503) if proxy.mode == "slowdown" else ("AccessDenied", 403)
-                    out = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'.encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(out)))
-                    self.end_headers()
-                    self.wfile.write(out)
-                    return
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_PUT = do_GET = do_HEAD = do_POST = do_DELETE = handle_one
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.stalled.set()
-        self.server.shutdown()
-        self.server.server_close()
+def fault_proxy(target: str, faults: int, mode: str) -> FaultyS3:
+    """tests/s3proxy.py in front of SeaweedFS: the first ``faults`` requests
+    get ``mode`` (slowdown, denied, reset, or hang: no answer until the
+    client's timeout); later ones are forwarded unchanged."""
+    return FaultyS3(target, lambda n, method, path: mode if n <= faults else None)
 
 
 @pytest.fixture
 def proxy_factory(seaweed: SeaweedS3) -> Iterator[Any]:
-    made: list[FaultProxy] = []
+    made: list[FaultyS3] = []
 
-    def make(faults: int, mode: str) -> FaultProxy:
-        made.append(FaultProxy(seaweed.endpoint, faults, mode))
+    def make(faults: int, mode: str) -> FaultyS3:
+        made.append(fault_proxy(seaweed.endpoint, faults, mode))
         return made[-1]
 
     yield make
@@ -328,7 +266,7 @@ def test_retries_transient_faults_then_succeeds(aws_env: SeaweedS3, proxy_factor
     with S3Store(f"s3://{aws_env.bucket}/retry-{mode}", settings(aws_env, endpoint=proxy.endpoint, retries=3, concurrency=1)) as s:
         item = items(1, f"retry-{mode}")[0]
         assert s.submit([item]).result(timeout=60) == [None]
-    assert proxy.requests == 4  # three faults, then the forwarded PUT
+    assert len(proxy.log) == 4  # three faults, then the forwarded PUT
     direct = S3Store(f"s3://{aws_env.bucket}/retry-{mode}", settings(aws_env))
     try:
         assert direct.get(item.key) == item.data
@@ -341,7 +279,7 @@ def test_retries_are_bounded(aws_env: SeaweedS3, proxy_factory: Any) -> None:
     with S3Store(f"s3://{aws_env.bucket}/bounded", settings(aws_env, endpoint=proxy.endpoint, retries=2, concurrency=4)) as s:
         batch = items(3, "bounded")
         errors = s.submit(batch).result(timeout=60)
-    assert proxy.requests == 3 * 3  # 1 + 2 retries per item
+    assert len(proxy.log) == 3 * 3  # 1 + 2 retries per item
     for item, error in zip(batch, errors, strict=True):
         assert error == f"s3://{aws_env.bucket}/bounded/{item.key}: PUT failed after 3 attempts: 503 SlowDown injected"
 
@@ -352,7 +290,7 @@ def test_client_error_is_not_retried(aws_env: SeaweedS3, proxy_factory: Any) -> 
         first, second = items(2, "denied")
         assert s.submit([first]).result(timeout=60) == [f"s3://{aws_env.bucket}/denied/{first.key}: PUT failed: 403 AccessDenied injected"]
         assert s.submit([second]).result(timeout=60) == [None]
-    assert proxy.requests == 2
+    assert len(proxy.log) == 2
 
 
 def test_closed_store_refuses_submit(aws_env: SeaweedS3) -> None:
@@ -366,9 +304,9 @@ def test_closed_store_refuses_submit(aws_env: SeaweedS3) -> None:
 
 
 def test_timeout_is_retried(aws_env: SeaweedS3, proxy_factory: Any) -> None:
-    proxy = proxy_factory(1, "stall")
+    proxy = proxy_factory(1, "hang")
     s = S3Store(f"s3://{aws_env.bucket}/stall",
                 settings(aws_env, endpoint=proxy.endpoint, retries=2, concurrency=1, timeout=dt.timedelta(seconds=1)))
     with s:
         assert s.submit(items(1, "stall")).result(timeout=60) == [None]
-    assert proxy.requests == 2
+    assert len(proxy.log) == 2

@@ -36,7 +36,7 @@ from ocspmint.model import UTC, Kind, LedgerEntry, Reason, Status, serial_hex
 from ocspmint.planner import refresh_point
 from ocspmint.respcache import parse_stored
 from ocspmint.served import get_url, header_findings
-from ocspmint.store import Store, StoreError
+from ocspmint.store import Store, StoreError, pid_alive
 from ocspmint.verifier import Expectation, describe, finding_class, verify_response
 
 # Most severe first: a response that cannot be read, or that is not what
@@ -222,17 +222,6 @@ class Job(NamedTuple):
     sources: tuple[Source, ...]
 
 
-def _alive(pid: str) -> bool:
-    """Whether process ``pid`` (text) runs; False for no number."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _ts(t: dt.datetime | None) -> int | None:
     return None if t is None else int(t.timestamp())
 
@@ -250,7 +239,7 @@ class WorkDB:
     def __init__(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         for old in Path(folder).glob("audit-*.sqlite"):
-            if not _alive(old.name.split("-")[1]):
+            if not pid_alive(old.name.split("-")[1]):
                 old.unlink(missing_ok=True)
         fd, self.path = tempfile.mkstemp(prefix=f"audit-{os.getpid()}-", suffix=".sqlite", dir=folder)
         os.close(fd)

@@ -98,7 +98,7 @@ class FileStore:
             tmp = self.root / ".tmp"
             tmp.mkdir(parents=True, exist_ok=True)
             for stale in tmp.iterdir():
-                if not _alive(stale.name.partition("-")[0]):
+                if not pid_alive(stale.name.partition("-")[0]):
                     stale.unlink(missing_ok=True)
             self._tmp = f"{tmp}/{os.getpid()}-"
         return self._tmp
@@ -185,7 +185,9 @@ class FileStore:
                 yield str(rel / name)
 
 
-def _alive(pid: str) -> bool:
+def pid_alive(pid: str) -> bool:
+    """Whether process ``pid`` (text) runs; False for no number (names of
+    temp files left by a process that died are made from its pid)."""
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):
