@@ -174,3 +174,31 @@ def test_sigterm_stops_gracefully_with_a_consistent_journal(service):
     assert "Traceback" not in service.log.read_text()
     check = ocspmint(service.demo, "verify")
     assert check.returncode == 0, check.stdout[-2000:]
+
+
+def test_a_ledger_change_that_fails_to_sign_is_retried_until_published(tmp_path):
+    from p11fault.build import build_shim
+
+    shim = build_shim(tmp_path / "shim")
+    demo = build_demo(tmp_path / "demo", certs=3, precerts=1, revoke=0)
+    softhsm = "/usr/lib/softhsm/libsofthsm2.so"
+    demo.config.write_text(demo.config.read_text().replace(f'module = "{softhsm}"', f'module = "{shim}"')
+                           .replace("workers = 2", "workers = 1")
+                           + '\n[refresh]\ntick = "PT0.2S"\nmetrics_listen = ""\n')
+    # one worker: signature attempts are the probe (1) and the 4 catch-up responses; the 6th,
+    # the new precertificate's, finds the token pulled out for 3 s (longer than the signer's own retries)
+    env = {**demo.env(), "P11FAULT_MODULE": softhsm, "P11FAULT_TOKEN_GONE_FROM": "6", "P11FAULT_TOKEN_BACK_MS": "3000"}
+    log = tmp_path / "refresh.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "ocspmint"), "refresh", "--config", str(demo.config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    svc = Service(demo, proc, log, 0)
+    try:
+        wait_for(lambda: svc.events("caught_up"), "the catch-up pass")
+        serial = issue(demo, precert=True)
+        wait_for(lambda: any(e["serial"] == f"{serial:040x}" for e in svc.events("failure")), "the signing failure", 30)
+        wait_for(response_path(demo, serial).exists, "the retried precertificate response", 60)
+        assert openssl_check(demo, response_path(demo, serial), serial).status == "good"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -54,6 +54,7 @@ from ocspmint.store import open_store
 
 ROUTINE_MAX = 50_000  # journal records taken per tick at most
 SCHEDULE_PAGE = 10_000
+RETRY_MAX = 60.0  # seconds between retries of ledger changes that keep failing
 
 
 def log(event: str, **fields: object) -> None:
@@ -81,7 +82,9 @@ class Session:
                                config.signing.timeout.total_seconds())
         self.tails = [Tail(s, self.issuers) for s in config.sources]
         self.seen: dict[tuple[str, int], float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
-        self.retry: list[LedgerEntry] = []  # ledger changes planned but not published yet: planned again next tick
+        self.retry: list[LedgerEntry] = []  # ledger changes planned but not published yet: planned again later
+        self.backoff = 0.0  # seconds before the next retry (doubling to RETRY_MAX while they keep failing)
+        self.retry_at = 0.0  # monotonic
         self._seen_at = 0.0
 
     def __enter__(self) -> Session:
@@ -157,7 +160,8 @@ class Session:
         """Ledger changes first, then routine refreshes, then purges."""
         summary = Summary(started=utc_now())
         planner = make_planner(self.config, self.issuers, self.journal)
-        urgent = [(e, why) for e in self.retry if (why := planner.judge(e))]
+        retrying = self.retry if time.monotonic() >= self.retry_at else []
+        urgent = [(e, why) for e in retrying if (why := planner.judge(e))]
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers, self._changes(tail), summary):
@@ -171,7 +175,10 @@ class Session:
         if routine:
             planner.counts["refresh"] += len(routine)
         published = self._sign(urgent + routine, summary, planner.counts)
-        self.retry = [e for e, _ in urgent if (e.issuer, e.serial) not in published]
+        failed = [e for e, _ in urgent if (e.issuer, e.serial) not in published]
+        self.retry = failed + ([] if retrying else self.retry)
+        self.backoff = 0.0 if not failed else min(RETRY_MAX, max(1.0, 2 * self.backoff))
+        self.retry_at = time.monotonic() + self.backoff
         return summary
 
     def _changes(self, tail: Tail) -> Iterator[LedgerEntry | LedgerError]:
@@ -250,7 +257,12 @@ class Service:
                 print(f"ocspmint refresh: {e}", file=sys.stderr)
                 return 1
             with session:
-                first = session.catch_up()
+                try:
+                    first = session.catch_up()
+                except LedgerError as e:  # a source unusable at start: nothing to tail from
+                    log("ledger_failed", error=str(e))
+                    print(f"ocspmint refresh: {e}", file=sys.stderr)
+                    return 1
                 log("caught_up", published=first.published, due=first.due, failures=len(first.failures),
                     seconds=first.seconds)
                 self._loop(session, config)
