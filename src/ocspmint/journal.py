@@ -204,9 +204,6 @@ class Journal:
     def set_setting(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def active(self) -> int:
-        """How many records are scheduled for refresh."""
-        return self._db.execute("SELECT count(*) FROM published WHERE refresh_at IS NOT NULL").fetchone()[0]
 
     def oldest(self, issuer: str) -> dt.datetime | None:
         """The oldest thisUpdate among ``issuer``'s scheduled records (staleness; an index lookup)."""
