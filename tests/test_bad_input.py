@@ -33,6 +33,7 @@ from cryptography.x509 import ocsp as x509_ocsp
 from e2e import ocspmint, openssl_check, response_path, run_json
 from faultkit import assert_journal_matches_store, file_objects, journal_rows, verify_clean
 from ocspmint.demo import Demo, build_demo
+from ocspmint.ledger import openssl_hex
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint.model import Kind, LedgerEntry, Status, serial_hex, utc_now
 
@@ -101,7 +102,7 @@ def bad_certdir(demo: Demo) -> tuple[Path, dict[str, str]]:
         "junk.der": "not a DER certificate",
         "leaf.pem": "PEM file without a CERTIFICATE block",
         "stranger.pem": "issuer 'CN=Some Other CA' is not a configured issuer",
-        "twin.pem": f"different certificates share serial {demo.serials['good'][1]:X}",
+        "twin.pem": f"different certificates share serial {openssl_hex(demo.serials['good'][1])}",
     }
 
 

@@ -347,12 +347,11 @@ def test_post(origin: Origin) -> None:
 
 
 def test_malformed_get_never_404(origin: Origin) -> None:
-    # no "/" in the broken encodings: a merged-"//" repair could otherwise
-    # turn one into a valid request for another serial
-    good = next(r for r in (request_for(origin.issuer, s) for s in origin.demo.serials["good"])
-                if b"/" not in base64.b64encode(r[:-1]) + base64.b64encode(r + b"\0"))
-    for path in ("/", "/MEIxxx", "/not*base64", "/" + base64.b64encode(good + b"\0").decode(),
-                 "/" + base64.b64encode(good[:-1]).decode(), "/favicon.ico", "/%ff%fe"):
+    # URL-safe base64 has no "/": a merged-"//" repair could otherwise turn
+    # a broken encoding into a valid request for another serial
+    good = request_for(origin.issuer, origin.demo.serials["good"][0])
+    for path in ("/", "/MEIxxx", "/not*base64", "/" + base64.urlsafe_b64encode(good + b"\0").decode(),
+                 "/" + base64.urlsafe_b64encode(good[:-1]).decode(), "/favicon.ico", "/%ff%fe"):
         assert_error(origin.server.request("GET", path), MALFORMED)
     assert origin.server.request("PUT", "/")[0] == 405
 
