@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= ocspmint-demo
 
-.PHONY: demo test bench bench-publish fuzz system-deps venv clean
+.PHONY: demo test bench bench-publish bench-peers bench-deps fuzz system-deps venv clean
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -15,6 +15,10 @@ $(BIN)/ocspmint: pyproject.toml
 	touch $@
 
 venv: $(BIN)/ocspmint
+
+## Debian packages only the benchmarks need (golang-cfssl for bench-peers).
+bench-deps:
+	bash scripts/install-bench-deps.sh
 
 ## Build a demo CA + SoftHSM2 token in ./$(DEMO) and run the pipeline once.
 demo: system-deps venv
@@ -33,6 +37,12 @@ bench: system-deps venv
 bench-publish: system-deps venv
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/publish_throughput.py
+
+## ocspmint against cfssl ocsprefresh, openssl ocsp, a pyca loop and openssl speed
+## (bench/peers.py; PEERS_ARGS e.g. "--serials 2000 --repeat 1 --key rsa-2048 --markdown").
+PEERS_ARGS ?=
+bench-peers: system-deps bench-deps venv
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 
 ## Fuzz the OCSP request parser for FUZZ_SECONDS (atheris, fuzz/fuzz_request.py).
 ## Seeds: fuzz/corpus (remade by fuzz/make_corpus.py); new inputs and crashes go to build/fuzz/.

@@ -4,9 +4,11 @@
 # gcc + libp11-kit-dev: build the fault-injecting PKCS#11 test module;
 # gnutls-bin: ocsptool, a second independent OCSP client;
 # varnish: the CDN cache in front of `ocspmint serve` in the end-to-end tests;
-# faketime: libfaketime, to move the clock of a run (clock-jump tests).
+# faketime: libfaketime, to move the clock of a run (clock-jump tests);
+# p11-kit: `p11-kit server` + p11-kit-client.so, the simulated network HSM
+# (tests/nethsm.py, bench/nethsm_throughput.py).
 set -euo pipefail
-pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish faketime)
+pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish faketime p11-kit)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -590,6 +590,103 @@ def test_counter_is_thread_safe(child, token: Token, tmp_path: Path):
     ]
 
 
+SIGN_WHEN_GO = """
+    import threading
+    with tok.open(user_pin=PIN) as s:
+        k = ec_key(s)
+        sign(k, 0)
+        keys = [ec_key(tok.open()) for _ in range(int(os.environ["THREADS"]))]
+        print("ready", flush=True)
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.002)
+        spans, lock = [], threading.Lock()
+        def worker(t):
+            for n in range(int(os.environ["EACH"])):
+                t0 = time.monotonic()
+                r = sign(keys[t], 100 * t + n + 1)
+                with lock:
+                    spans.append([t0, time.monotonic(), r])
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(keys))]
+        for th in threads: th.start()
+        for th in threads: th.join()
+        out["spans"] = spans
+"""
+
+
+def _sign_together(shim: Path, conf: Path, tmp: Path, children: list[dict], *, threads: int = 1,
+                   each: int = 1) -> list[dict]:
+    """One child per ``children`` entry (its P11FAULT_* settings), started
+    one after the other (each logs in before the next starts: SoftHSM2
+    rewrites its token file on C_Login); then all of them sign at once,
+    ``threads`` threads x ``each`` signatures per child (SIGN_WHEN_GO).
+    Returns their JSON results."""
+    go = tmp / "go"
+    procs = []
+    try:
+        for faults in children:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("P11FAULT_")}
+            env.update(SOFTHSM2_CONF=str(conf), TEST_P11_LIB=str(shim), P11FAULT_MODULE=SOFTHSM_MODULE,
+                       GO=str(go), THREADS=str(threads), EACH=str(each))
+            env.update({f"P11FAULT_{k.upper()}": str(v) for k, v in faults.items()})
+            p = subprocess.Popen([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(SIGN_WHEN_GO) + CHILD_EPILOGUE],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr and p.stderr.read()
+        go.touch()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _union(spans: list[list]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b, _ in sorted(spans, key=lambda s: s[0]):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def test_sign_slots_limit_how_many_delays_run_at_once(shim: Path, token: Token, tmp_path: Path):
+    """8 threads sign at once with a 0.1 s delay: with 2 slots the delays
+    take at least 4 rounds (a lower bound set by the sleeps themselves;
+    no upper bound is asserted: tests never assert speed)."""
+    faults = {"sign_delay_us": "100000", "os_locking": "1"}
+    (limited,) = _sign_together(shim, token.conf, tmp_path, [{**faults, "sign_slots": "2"}], threads=8)
+    (tmp_path / "go").unlink()
+    (free,) = _sign_together(shim, token.conf, tmp_path, [{**faults, "sign_slots": "8"}], threads=8)
+    for res in (limited, free):
+        assert len(res["spans"]) == 8
+        for _, _, r in res["spans"]:
+            assert_verifies(token, r)
+    assert _union(limited["spans"]) >= 0.4
+
+
+def test_named_sign_slots_are_shared_between_processes(shim: Path, token: Token, tmp_path: Path):
+    """Two processes, one named slot: their 3 + 3 delays of 0.1 s never
+    overlap, so the signing spans cover at least 0.6 s."""
+    name = f"/p11fault-test-{os.getpid()}"
+    Path("/dev/shm", f"sem.{name[1:]}").unlink(missing_ok=True)
+    faults = {"sign_delay_us": "100000", "sign_slots": "1", "sign_slots_name": name}
+    try:
+        results = _sign_together(shim, token.conf, tmp_path, [faults, faults], each=3)
+    finally:
+        Path("/dev/shm", f"sem.{name[1:]}").unlink(missing_ok=True)
+    spans = [s for res in results for s in res["spans"]]
+    assert len(spans) == 6
+    for _, _, r in spans:
+        assert_verifies(token, r)
+    assert _union(spans) >= 0.6
+
+
 @pytest.mark.parametrize(
     ("faults", "message"),
     [
@@ -602,6 +699,10 @@ def test_counter_is_thread_safe(child, token: Token, tmp_path: Path):
         ({"session_fatal": "yes"}, "P11FAULT_SESSION_FATAL"),
         ({"login_rv": "nope"}, "P11FAULT_LOGIN_RV: invalid number"),
         ({"os_locking": "yes"}, "P11FAULT_OS_LOCKING"),
+        ({"sign_delay_us": "10", "sign_slots": "0"}, "P11FAULT_SIGN_SLOTS: expected 1.."),
+        ({"sign_slots": "2"}, "P11FAULT_SIGN_SLOTS needs P11FAULT_SIGN_DELAY_US"),
+        ({"sign_delay_us": "10", "sign_slots_name": "/x"}, "P11FAULT_SIGN_SLOTS_NAME needs P11FAULT_SIGN_SLOTS"),
+        ({"sign_delay_us": "10", "sign_slots": "2", "sign_slots_name": "x/y"}, "expected '/name'"),
     ],
 )
 def test_bad_configuration_fails_loading(shim: Path, token: Token, faults: dict, message: str):

@@ -13,6 +13,10 @@
  *   P11FAULT_SIGN_RV=0x30          rv of a faulted attempt (default 0x30)
  *   P11FAULT_SESSION_FATAL=auto|0|1  does a faulted attempt kill the session
  *   P11FAULT_SIGN_DELAY_US=N       sleep N us at the start of every attempt
+ *   P11FAULT_SIGN_SLOTS=K          at most K attempts sleep that delay at once
+ *                                  (a counting semaphore: capacity K / delay)
+ *   P11FAULT_SIGN_SLOTS_NAME=/n    share those K slots between processes
+ *                                  (named POSIX semaphore /n)
  *   P11FAULT_LOGIN_RV=0xA0         every C_Login fails with this rv
  *   P11FAULT_TOKEN_GONE_FROM=N     the token is pulled at signature attempt #N
  *   P11FAULT_TOKEN_BACK_MS=M       ... and is back M ms later (unset: never)
@@ -40,7 +44,9 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,6 +68,8 @@ static struct {
     CK_RV sign_rv;
     int session_fatal; /* -1 auto, 0 never, 1 always */
     unsigned long delay_us;
+    unsigned long slots; /* 0 = no limit on attempts sleeping the delay */
+    char *slots_name;    /* named semaphore shared between processes */
     int login_fault;
     CK_RV login_rv;
     unsigned long gone_from; /* 0 = the token is never pulled */
@@ -74,6 +82,10 @@ static CK_FUNCTION_LIST *real;  /* the real module's list */
 static CK_FUNCTION_LIST shim;   /* what we hand out */
 static CK_RV init_rv = CKR_GENERAL_ERROR;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+/* SIGN_SLOTS: a signature attempt holds a slot while it sleeps the delay */
+static sem_t local_slots;
+static sem_t *slots; /* &local_slots, a named semaphore, or NULL */
 
 /* ------------------------------------------------------------------------ */
 /* per-process state, all guarded by lock                                    */
@@ -168,6 +180,12 @@ static void atfork_child(void)
     absent_calls = 0;
     for (size_t i = 0; i < n_sessions; i++)
         sessions[i].in_attempt = 0;
+    if (slots == &local_slots) {
+        /* a process-local device: the parent's sleeping threads are not
+         * in the child, so the child starts with all K slots free */
+        sem_destroy(&local_slots);
+        sem_init(&local_slots, 0, (unsigned int)cfg.slots);
+    }
     pthread_mutex_unlock(&lock);
 }
 
@@ -221,6 +239,17 @@ static void sleep_us(unsigned long us)
     struct timespec ts = {(time_t)(us / 1000000UL), (long)(us % 1000000UL) * 1000L};
     while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
         ;
+}
+
+/* the delay of one signature attempt, in one of the K slots if SIGN_SLOTS */
+static void attempt_delay(void)
+{
+    if (slots)
+        while (sem_wait(slots) == -1 && errno == EINTR)
+            ;
+    sleep_us(cfg.delay_us);
+    if (slots)
+        sem_post(slots);
 }
 
 /* lock held: is the token currently pulled out (TOKEN_GONE_FROM)? */
@@ -281,7 +310,7 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
     pthread_mutex_unlock(&lock);
 
     if (new_attempt && cfg.delay_us)
-        sleep_us(cfg.delay_us);
+        attempt_delay();
     return pull ? GATE_PULL : fault ? GATE_FAULT : GATE_PASS;
 }
 
@@ -778,6 +807,31 @@ static int read_config(void)
             return -1;
         cfg.delay_us = n;
     }
+    if ((v = env("P11FAULT_SIGN_SLOTS"))) {
+        if (parse_ulong("P11FAULT_SIGN_SLOTS", v, &n, 10))
+            return -1;
+        if (n == 0 || n > (unsigned long)SEM_VALUE_MAX) {
+            p11f_warn("P11FAULT_SIGN_SLOTS: expected 1..%d, got '%s'", SEM_VALUE_MAX, v);
+            return -1;
+        }
+        if (!cfg.delay_us) {
+            p11f_warn("P11FAULT_SIGN_SLOTS needs P11FAULT_SIGN_DELAY_US");
+            return -1;
+        }
+        cfg.slots = n;
+    }
+    if ((v = env("P11FAULT_SIGN_SLOTS_NAME"))) {
+        if (!cfg.slots) {
+            p11f_warn("P11FAULT_SIGN_SLOTS_NAME needs P11FAULT_SIGN_SLOTS");
+            return -1;
+        }
+        if (v[0] != '/' || !v[1] || strchr(v + 1, '/') || strlen(v) > 200) {
+            p11f_warn("P11FAULT_SIGN_SLOTS_NAME: expected '/name' (no other '/'), got '%s'", v);
+            return -1;
+        }
+        if (!(cfg.slots_name = strdup(v)))
+            return -1;
+    }
     if ((v = env("P11FAULT_LOGIN_RV"))) {
         if (parse_ulong("P11FAULT_LOGIN_RV", v, &n, 0))
             return -1;
@@ -823,6 +877,22 @@ static void do_init(void)
     }
     if (read_config())
         return;
+    if (cfg.slots_name) {
+        /* created with K free slots by the first process; later processes
+         * share it as it is (whoever made the name unlinks it) */
+        sem_t *sem = sem_open(cfg.slots_name, O_CREAT, 0600, (unsigned int)cfg.slots);
+        if (sem == SEM_FAILED) {
+            p11f_warn("sem_open(%s): %s", cfg.slots_name, strerror(errno));
+            return;
+        }
+        slots = sem;
+    } else if (cfg.slots) {
+        if (sem_init(&local_slots, 0, (unsigned int)cfg.slots) != 0) {
+            p11f_warn("sem_init: %s", strerror(errno));
+            return;
+        }
+        slots = &local_slots;
+    }
 
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) {

@@ -1,0 +1,211 @@
+"""Throughput against a simulated network HSM, by sessions in flight.
+
+Usage::
+
+    .venv/bin/python bench/nethsm_throughput.py [--latency-ms 2] [--slots 16]
+        [--sessions 1,2,4,8,16,32] [--processes 1] [--seconds 2] [--warmup 0.3]
+        [--transport p11kit,shim] [--key ec-p256|rsa-2048]
+        [--series c-loop,PKG.MODULE:FUNCTION] [--json FILE]
+
+The HSM (tests/nethsm.py) is SoftHSM2 with the p11fault shim in front: each
+signature waits ``--latency-ms`` inside one of ``--slots`` slots shared by
+every process, so its capacity is slots / latency signatures per second.
+Transports:
+
+- ``p11kit``: the shim and SoftHSM2 sit behind ``p11-kit server`` on a unix
+  socket and the client loads p11-kit-client.so, like a network HSM's
+  client library. p11-kit answers one call at a time per client process,
+  so the sessions of one process do not add up (only processes do).
+- ``shim``: the client loads the shim directly, without p11-kit. The
+  sessions really are in flight together.
+
+Series: ``c-loop`` (built in) is bench/p11loop/p11_sign_loop.c, the raw C
+PKCS#11 sign loop: ``--processes`` processes x S sessions, one thread per
+session, for ``--seconds`` after ``--warmup``. Other series plug in by name,
+``PKG.MODULE:FUNCTION``, or through ``main(argv, series={name: fn})``. A
+series function gets ``(ctx: Context, sessions: int)`` and returns a dict
+with at least ``per_second`` (it may add ``signatures``, ``seconds``...).
+Its ``ctx`` has the demo (token, config), the running HSM (``ctx.hsm.module``
+and ``ctx.hsm.env``), the PIN and the timing flags. An ``ocspmint run`` series
+with ``[signing] sessions = N`` is meant to plug in this way.
+
+For every transport, series and S, the script prints signatures/s, the
+ratio to the capacity slots / latency, and the ratio to the series' best
+point. ``--json FILE`` writes all of it: top-level settings and
+``series: [{name, transport, best_per_second, points: [{sessions,
+processes, per_second, ratio_capacity, ratio_best, ...}]}]``, ready for a
+plot of throughput against sessions. The demo, the server and its socket
+live in a temp folder; SOFTHSM2_CONF and the PIN are passed to child
+processes only (the PIN through an environment variable, never in argv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from nethsm import NetHsm, available, nethsm  # noqa: E402  (tests/nethsm.py)
+
+from ocspmint.demo import RESPONDER_LABEL, TOKEN_LABEL, Demo, build_demo  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("p11loop_build", ROOT / "bench" / "p11loop" / "build.py")
+assert _spec is not None and _spec.loader is not None
+p11loop_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(p11loop_build)
+
+MECHANISM = {"ec-p256": "ecdsa", "rsa-2048": "rsa-sha256"}
+PIN_VAR = "NETHSM_BENCH_PIN"
+
+
+@dataclass
+class Context:
+    """What a series function gets (one transport, one running HSM)."""
+
+    demo: Demo
+    hsm: NetHsm
+    pin: str
+    mechanism: str  # "ecdsa" | "rsa-sha256" (p11_sign_loop's names)
+    processes: int
+    seconds: float
+    warmup: float
+    work: Path  # a scratch folder for this transport
+    loop: Path  # the p11_sign_loop executable
+
+
+SeriesFn = Callable[[Context, int], dict[str, Any]]
+
+
+def c_loop(ctx: Context, sessions: int) -> dict[str, Any]:
+    """The raw C PKCS#11 sign loop, ``ctx.processes`` x ``sessions``."""
+    env = ctx.hsm.client_env({"PATH": os.environ.get("PATH", "/usr/bin:/bin"), PIN_VAR: ctx.pin})
+    cmd = [str(ctx.loop), ctx.hsm.module, TOKEN_LABEL, RESPONDER_LABEL, ctx.mechanism, "--pin-env", PIN_VAR,
+           "--processes", str(ctx.processes), "--sessions", str(sessions), "--seconds", str(ctx.seconds),
+           "--warmup", str(ctx.warmup)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.seconds + ctx.warmup + 120)
+    if p.returncode != 0:
+        raise RuntimeError(f"p11_sign_loop failed (exit {p.returncode}): {p.stderr.strip()}")
+    return json.loads(p.stdout)
+
+
+BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop}
+
+
+def load_series(spec: str) -> SeriesFn:
+    """A built-in name or ``PKG.MODULE:FUNCTION``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    mod, sep, fn = spec.partition(":")
+    if not sep:
+        raise SystemExit(f"--series {spec!r}: expected one of {', '.join(BUILTIN)} or PKG.MODULE:FUNCTION")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of integers >= 1")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--latency-ms", type=float, default=2.0, help="signing latency of the simulated HSM (ms)")
+    ap.add_argument("--slots", type=int, default=16, help="signatures the HSM works on at once")
+    ap.add_argument("--sessions", type=int_list, default=[1, 2, 4, 8, 16, 32], help="sessions per process")
+    ap.add_argument("--processes", type=int, default=1, help="client processes (c-loop)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="measured time per point")
+    ap.add_argument("--warmup", type=float, default=0.3, help="warm-up per point (s)")
+    ap.add_argument("--transport", default="p11kit,shim", help="p11kit, shim or both (comma-separated)")
+    ap.add_argument("--key", choices=sorted(MECHANISM), default="ec-p256")
+    ap.add_argument("--series", default="c-loop", help="comma-separated: c-loop, PKG.MODULE:FUNCTION")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
+    if not args.transports or any(t not in ("p11kit", "shim") for t in args.transports):
+        ap.error("--transport takes p11kit, shim or p11kit,shim")
+    if args.latency_ms <= 0 or args.slots < 1 or args.processes < 1 or args.seconds <= 0:
+        ap.error("--latency-ms, --seconds must be > 0; --slots, --processes >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None, series: dict[str, SeriesFn] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns (and with --json writes) the results.
+    ``series`` adds named series to those given with --series."""
+    args = parse_args(argv)
+    missing = available()
+    if missing:
+        raise SystemExit(f"simulated HSM unavailable: {missing}")
+    chosen: dict[str, SeriesFn] = {s: load_series(s) for s in args.series.split(",") if s.strip()}
+    chosen.update(series or {})
+    latency_us = round(args.latency_ms * 1000)
+    capacity = args.slots * 1e6 / latency_us
+    result: dict[str, Any] = {
+        "benchmark": "nethsm_throughput",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "latency_ms": latency_us / 1000,
+        "slots": args.slots,
+        "capacity_per_second": capacity,
+        "key": args.key,
+        "mechanism": MECHANISM[args.key],
+        "processes": args.processes,
+        "seconds_per_point": args.seconds,
+        "warmup_seconds": args.warmup,
+        "series": [],
+    }
+    print(f"simulated HSM: latency {latency_us / 1000:g} ms, {args.slots} slots -> capacity {capacity:,.0f}/s; "
+          f"key {args.key}; {args.processes} process(es); {args.seconds:g} s per point", flush=True)
+    loop = p11loop_build.build_loop()
+    with tempfile.TemporaryDirectory(prefix="nethsm-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        demo = build_demo(tmp / "demo", certs=1, precerts=0, revoke=0, responder_key=args.key)
+        pin = demo.pin_file.read_text().strip()
+        for transport in args.transports:
+            work = tmp / transport
+            with nethsm(work, demo.softhsm_conf, token=TOKEN_LABEL, latency_us=latency_us, slots=args.slots,
+                        transport=transport, shim_dir=ROOT / "build" / "p11fault") as hsm:
+                ctx = Context(demo, hsm, pin, MECHANISM[args.key], args.processes, args.seconds, args.warmup,
+                              work, loop)
+                for name, fn in chosen.items():
+                    result["series"].append(run_series(name, fn, ctx, args.sessions, capacity))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def run_series(name: str, fn: SeriesFn, ctx: Context, sessions: list[int], capacity: float) -> dict[str, Any]:
+    print(f"\n{name} via {ctx.hsm.transport}:\n{'sessions':>8} {'procs':>5} {'sig/s':>10} {'/capacity':>9}", flush=True)
+    points = []
+    for s in sessions:
+        point = {"sessions": s, "processes": ctx.processes, **fn(ctx, s)}
+        point["sessions"], point["processes"] = s, point.get("processes", ctx.processes)
+        point["ratio_capacity"] = point["per_second"] / capacity
+        points.append(point)
+        print(f"{s:>8} {point['processes']:>5} {point['per_second']:>10,.0f} {point['ratio_capacity']:>9.2f}",
+              flush=True)
+    best = max(p["per_second"] for p in points)
+    for p in points:
+        p["ratio_best"] = p["per_second"] / best if best else 0.0
+    print("  /best: " + "  ".join(f"{p['sessions']}:{p['ratio_best']:.2f}" for p in points), flush=True)
+    return {"name": name, "transport": ctx.hsm.transport, "best_per_second": best, "points": points}
+
+
+if __name__ == "__main__":
+    main()
