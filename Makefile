@@ -3,12 +3,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= ocspmint-demo
 
-.PHONY: demo test bench bench-publish bench-peers bench-deps fuzz system-deps venv clean
+.PHONY: demo test bench bench-stage bench-nethsm bench-publish bench-peers bench-scale bench-deps fuzz system-deps venv clean
 
 system-deps:
 	bash scripts/install-system-deps.sh
 
-$(BIN)/ocspmint: pyproject.toml
+$(BIN)/ocspmint: pyproject.toml setup.py native/ocspmint_p11.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -33,6 +33,24 @@ test: system-deps venv
 bench: system-deps venv
 	$(BIN)/python bench/sign_throughput.py
 
+## The signing stage alone: C loop ceiling vs SignerPool native/python, P-256 and RSA-2048, 1 and 2 workers
+## (bench/sign_stage.py; STAGE_ARGS e.g. "--repeat 1 --seconds 1 --markdown"); bench/plot_workers.png if matplotlib imports.
+STAGE_ARGS ?=
+bench-stage: system-deps venv
+	mkdir -p build
+	$(BIN)/python bench/sign_stage.py --json build/sign_stage.json $(STAGE_ARGS)
+	if $(BIN)/python -c 'import matplotlib' 2>/dev/null; then $(BIN)/python bench/plots.py --stage build/sign_stage.json; \
+	else echo "no matplotlib: pip install -e '.[bench]' for bench/plot_workers.png"; fi
+
+## Simulated network HSM: C loop vs ocspmint's native signer by sessions in flight (bench/nethsm_throughput.py;
+## NETHSM_ARGS e.g. "--seconds 1 --key rsa-2048"); bench/plot_sessions.png if matplotlib imports.
+NETHSM_ARGS ?=
+bench-nethsm: system-deps venv
+	mkdir -p build
+	$(BIN)/python bench/nethsm_throughput.py --json build/nethsm.json $(NETHSM_ARGS)
+	if $(BIN)/python -c 'import matplotlib' 2>/dev/null; then $(BIN)/python bench/plots.py --nethsm build/nethsm.json; \
+	else echo "no matplotlib: pip install -e '.[bench]' for bench/plot_sessions.png"; fi
+
 ## S3 upload: client libraries and S3Store vs a raw PUT loop on SeaweedFS.
 bench-publish: system-deps venv
 	$(BIN)/pip install -q -e '.[test,bench]'
@@ -43,6 +61,11 @@ bench-publish: system-deps venv
 PEERS_ARGS ?=
 bench-peers: system-deps bench-deps venv
 	$(BIN)/python bench/peers.py $(PEERS_ARGS)
+
+## Scale: 10k, 100k, 1M, 10M ledger rows (bench/scale.py; SCALE_ARGS e.g. "--sizes 10000 100000 --markdown").
+SCALE_ARGS ?=
+bench-scale: system-deps venv
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 ## Fuzz the OCSP request parser for FUZZ_SECONDS (atheris, fuzz/fuzz_request.py).
 ## Seeds: fuzz/corpus (remade by fuzz/make_corpus.py); new inputs and crashes go to build/fuzz/.

@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/nethsm_throughput.py [--latency-ms 2] [--slots 16]
         [--sessions 1,2,4,8,16,32] [--processes 1] [--seconds 2] [--warmup 0.3]
         [--transport p11kit,shim] [--key ec-p256|rsa-2048]
-        [--series c-loop,PKG.MODULE:FUNCTION] [--json FILE]
+        [--series c-loop,ocspmint-native,ocspmint-pool,PKG.MODULE:FUNCTION] [--json FILE]
 
 The HSM (tests/nethsm.py) is SoftHSM2 with the p11fault shim in front: each
 signature waits ``--latency-ms`` inside one of ``--slots`` slots shared by
@@ -21,7 +21,13 @@ Transports:
 
 Series: ``c-loop`` (built in) is bench/p11loop/p11_sign_loop.c, the raw C
 PKCS#11 sign loop: ``--processes`` processes x S sessions, one thread per
-session, for ``--seconds`` after ``--warmup``. Other series plug in by name,
+session, for ``--seconds`` after ``--warmup``. ``ocspmint-native`` (built in)
+is ocspmint's C extension, ``_p11native.Signer(sessions=S).sign_batch`` on
+batches of 256 digests, in ``--processes`` fresh interpreters;
+``ocspmint-pool`` (built in) is a ``SignerPool`` with backend native,
+``--processes`` workers and ``sessions=S``, kept full with 256-ResponseData
+``SignBatch`` messages (both in bench/stage_load.py). All three run by
+default. Other series plug in by name,
 ``PKG.MODULE:FUNCTION``, or through ``main(argv, series={name: fn})``. A
 series function gets ``(ctx: Context, sessions: int)`` and returns a dict
 with at least ``per_second`` (it may add ``signatures``, ``seconds``...).
@@ -58,6 +64,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))  # stage_load.py, also when imported through main()
 
 from nethsm import NetHsm, available, nethsm  # noqa: E402  (tests/nethsm.py)
 
@@ -102,7 +109,33 @@ def c_loop(ctx: Context, sessions: int) -> dict[str, Any]:
     return json.loads(p.stdout)
 
 
-BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop}
+def ocspmint_native(ctx: Context, sessions: int) -> dict[str, Any]:
+    """ocspmint's native signer: ``ctx.processes`` interpreters, each with one
+    ``ocspmint._p11native.Signer(sessions=S)`` calling ``sign_batch`` on
+    batches of 256 pre-hashed items (bench/stage_load.py ``run_native``)."""
+    from stage_load import run_native  # bench/stage_load.py
+
+    return run_native(ctx.hsm.module, TOKEN_LABEL, RESPONDER_LABEL, ctx.mechanism, sessions=sessions,
+                      processes=ctx.processes, pin=ctx.pin, env=ctx.hsm.env, seconds=ctx.seconds,
+                      warmup=ctx.warmup)
+
+
+def ocspmint_pool(ctx: Context, sessions: int) -> dict[str, Any]:
+    """ocspmint's SignerPool, backend native, ``ctx.processes`` workers with
+    ``sessions=S``, kept full with SignBatch messages of 256 real
+    ResponseData (bench/stage_load.py ``run_pool``)."""
+    import msgspec
+
+    from stage_load import response_data, run_pool  # bench/stage_load.py
+
+    spec, tbs = response_data(ctx.demo.config, "issuing-ca", 256)
+    spec = msgspec.structs.replace(spec, module=ctx.hsm.module)
+    return run_pool([spec], "issuing-ca", tbs, workers=ctx.processes, backend="native", sessions=sessions,
+                    seconds=ctx.seconds, warmup=ctx.warmup, env=ctx.hsm.env)
+
+
+BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop, "ocspmint-native": ocspmint_native, "ocspmint-pool": ocspmint_pool}
+DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool"
 
 
 def load_series(spec: str) -> SeriesFn:
@@ -132,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=0.3, help="warm-up per point (s)")
     ap.add_argument("--transport", default="p11kit,shim", help="p11kit, shim or both (comma-separated)")
     ap.add_argument("--key", choices=sorted(MECHANISM), default="ec-p256")
-    ap.add_argument("--series", default="c-loop", help="comma-separated: c-loop, PKG.MODULE:FUNCTION")
+    ap.add_argument("--series", default=DEFAULT_SERIES,
+                    help=f"comma-separated: {', '.join(BUILTIN)}, PKG.MODULE:FUNCTION (default {DEFAULT_SERIES})")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]

@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from ocspmint.pipeline import run
 
-    summary = run(_config(args), show_progress=not args.quiet)
+    summary = run(_config(args), show_progress=not args.quiet, incremental=args.incremental)
     sys.stdout.write(summary.to_json().decode() + "\n" if args.json else summary.text() + "\n")
     return 0 if summary.ok else 1
 
@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="TOML config file")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--incremental", action="store_true",
+                   help="plan only ledger changes since the last complete run and scheduled re-signing "
+                        "(one sqlite source; falls back to a full pass and says why)")
     r.set_defaults(func=cmd_run)
     i = sub.add_parser("ingest", help="fill the embedded SQLite ledger from the config's sources")
     i.add_argument("--config", required=True)

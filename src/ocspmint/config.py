@@ -30,13 +30,20 @@ class Signer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     CA's own key signs (then the token key must be the CA's). The PIN comes
     from ``pin_env`` (an environment variable name) or ``pin_file``, or a
     ``pin-source=file:`` attribute of the URI; never from the config itself.
+
+    Instead of ``uri``: ``key_file``, a PEM private key signed with in
+    software (``key_password_env`` names the variable holding its
+    password, if encrypted). For tests and demos: NOT for production CA
+    keys. It must match the signer certificate's public key.
     """
 
-    uri: str
+    uri: str = ""
     module: str = ""
     cert: str = ""
     pin_env: str = ""
     pin_file: str = ""
+    key_file: str = ""
+    key_password_env: str = ""
 
 
 class Issuer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -164,13 +171,20 @@ class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     followed by fresh sessions, before a batch is reported failed;
     ``timeout``: a worker with batches in hand that returns no signature
     for this long (a hung HSM) is killed and its batches re-sent, counted
-    as an attempt."""
+    as an attempt. ``backend``: "native" (the C extension, several
+    sessions per key), "python" (python-pkcs11, one session) or "auto"
+    (native when the extension imports). ``sessions``: with the native
+    backend, PKCS#11 sessions (each with its signing thread) per key and
+    worker process, i.e. signatures in flight per worker; raise it for a
+    network HSM, whose latency one session cannot hide."""
 
     workers: int = 0
     batch_size: int = 256
     retries: int = 3
     verify: bool = True
     timeout: dt.timedelta = dt.timedelta(seconds=60)
+    backend: Literal["auto", "native", "python"] = "auto"
+    sessions: int = 1
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -206,6 +220,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                 i.signer,
                 cert=_resolve(base, i.signer.cert),
                 pin_file=_resolve(base, i.signer.pin_file),
+                key_file=_resolve(base, i.signer.key_file),
             ),
         )
         for i in cfg.issuers
@@ -255,9 +270,19 @@ def _check(cfg: Config) -> None:
     if len(set(names)) != len(names):
         raise ConfigError("$.issuers: issuer names must be unique")
     for n, i in enumerate(cfg.issuers):
-        if not i.signer.uri.startswith("pkcs11:"):
+        sig = i.signer
+        if sig.key_file:
+            if sig.uri or sig.module or sig.pin_env or sig.pin_file:
+                raise ConfigError(f"$.issuers[{n}].signer.key_file: a software key excludes uri, module, pin_env "
+                                  "and pin_file (those address a PKCS#11 key)")
+            continue
+        if sig.key_password_env:
+            raise ConfigError(f"$.issuers[{n}].signer.key_password_env: only with key_file")
+        if not sig.uri:
+            raise ConfigError(f"$.issuers[{n}].signer: give uri (an RFC 7512 PKCS#11 URI) or key_file")
+        if not sig.uri.startswith("pkcs11:"):
             raise ConfigError(f"$.issuers[{n}].signer.uri: must be an RFC 7512 PKCS#11 URI (pkcs11:...)")
-        if "pin-value" in i.signer.uri:
+        if "pin-value" in sig.uri:
             raise ConfigError(f"$.issuers[{n}].signer.uri: pin-value is refused; use pin_env, pin_file or pin-source")
     for n, s in enumerate(cfg.sources):
         if s.type == "openssl-index" and (not s.issuer or not s.certs_dir):
@@ -266,6 +291,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"$.sources[{n}].issuer: no issuer named {s.issuer!r}")
     if cfg.signing.workers < 0 or cfg.signing.batch_size < 1 or cfg.signing.retries < 1:
         raise ConfigError("$.signing: workers ≥ 0, batch_size ≥ 1, retries ≥ 1")
+    if not 1 <= cfg.signing.sessions <= 256:
+        raise ConfigError("$.signing.sessions: 1 to 256 sessions per key and worker")
     if not cfg.store.url.startswith(("file:", "s3://")):
         raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH or s3://BUCKET/PREFIX)")
     if cfg.store.concurrency < 1 or cfg.store.retries < 0:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -154,6 +155,15 @@ class Journal:
             f"SELECT {_COLUMNS} FROM published WHERE issuer=? AND serial=?", (issuer, serial_hex(serial))).fetchone()
         return None if row is None else _record(row)
 
+    def get_many(self, issuer: str, serials: list[int]) -> dict[int, Record]:
+        """The records of up to 500 ``serials`` of ``issuer`` (serial → Record;
+        absent when never published): one indexed query instead of one per
+        serial, for a planner reading the whole ledger."""
+        marks = ",".join("?" * len(serials))
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE issuer=? AND serial IN ({marks})",
+                                (issuer, *map(serial_hex, serials)))
+        return {(r := _record(row)).serial: r for row in rows}
+
     def due_by(self, now: dt.datetime, limit: int) -> list[Record]:
         """Up to ``limit`` records whose refresh_at ≤ ``now``, earliest
         first (an index range scan: cost grows with what is due, not with
@@ -161,6 +171,13 @@ class Journal:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at LIMIT ?",
                                 (_ts(now), limit))
         return [_record(r) for r in rows]
+
+    def due_all(self, now: dt.datetime) -> Iterator[Record]:
+        """Every record whose refresh_at ≤ ``now``, earliest first, streamed
+        (``due_by`` without a limit; do not write to the journal meanwhile)."""
+        for row in self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at",
+                                    (_ts(now),)):
+            yield _record(row)
 
     def retire(self, keys: list[tuple[str, int]]) -> None:
         """Stop scheduling (issuer, serial) pairs (their certificate expired)."""

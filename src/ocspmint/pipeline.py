@@ -13,15 +13,16 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 
 from ocspmint.config import Config
+from ocspmint.incremental import LedgerMark
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
-from ocspmint.planner import Force, Planner
+from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
-from ocspmint.runner import Planned, Runner, probe_keys, purges_for, sign_all
-from ocspmint.served import check_served
+from ocspmint.runner import Planned, Runner, probe_keys, sign_all
+from ocspmint.served import Sample, check_served
 from ocspmint.signer import SignerError, SignerPool, key_spec
 from ocspmint.store import open_store
 
@@ -97,27 +98,27 @@ def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Jo
 
 
 def run(config: Config, show_progress: bool = True, *, select: Select | None = None, force: Force | None = None,
-        rate: float = 0.0) -> Summary:
+        rate: float = 0.0, incremental: bool = False) -> Summary:
     """Sign, verify and publish everything due; see the module docstring.
 
     ``select`` keeps only the ledger entries it returns True for (a
     reissue's selection); ``force`` makes every selected entry due (reason
     ``forced``) unless the journal shows it re-signed since ``force.since``
     (so an interrupted reissue resumes); ``rate`` caps responses/s (0: no
-    cap). Raises IdentityError/UriError for unusable issuer or signer
-    settings.
+    cap); ``incremental`` plans from the ledger's changes and the
+    journal's schedule instead of a full pass when it can (module
+    ``incremental``). Raises IdentityError/UriError for unusable issuer or
+    signer settings.
     """
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
     specs = [key_spec(i) for i in issuers.values()]
-    with Journal(config.state_dir) as journal:
+    with Journal(config.state_dir) as journal, Spool(config.state_dir) as spool:
         planner = make_planner(config, issuers, journal, force)
+        mark = LedgerMark(config, issuers, journal)
         try:
             journal.check_clock(planner.now)
-            conflicts: set[tuple[str, int]] = set()
-            entries = ledger_entries(config, issuers, summary, conflicts)
-            planned = list(planner.due(e for e in entries if select is None or select(e)))
-            planned = [p for p in planned if (p[0].issuer, p[0].serial) not in conflicts]  # known only after the pass
+            conflicts = _plan(config, issuers, planner, summary, spool, select, mark, incremental)
         except LedgerStop:
             summary.finish(planner.counts)
             return summary
@@ -128,26 +129,64 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
         store = open_store(config.store.url, config.store)
         runner = Runner(config, issuers, journal, store, summary)
         runner.force = force
+        if config.verify_served.url:
+            runner.sample = Sample(config.verify_served.sample)
         try:
-            runner.purge = {(e.issuer, e.serial) for e, why in planned if purges_for(why, force)}
-            if planned:
-                progress = Progress(len(planned), "signing") if show_progress else None
+            if len(spool):
+                progress = Progress(len(spool), "signing") if show_progress else None
+                due = spool.entries(conflicts)  # conflicts are known only after the whole pass
                 try:
                     with SignerPool(specs, config.signing.workers, config.signing.retries,
-                                    config.signing.timeout.total_seconds()) as pool:
+                                    config.signing.timeout.total_seconds(), config.signing.backend,
+                                    config.signing.sessions) as pool:
+                        summary.signer_backend = pool.backends
                         probe_keys(pool, runner)
-                        sign_all(pool, runner, planned, progress, rate)
+                        sign_all(pool, runner, due, progress, rate)
                 except SignerError as e:  # the pool could not start
-                    runner.fail_all([entry for entry, _ in planned], "sign", str(e))
+                    runner.fail_all([entry for entry, _ in due], "sign", str(e))
         finally:
             runner.settle(0)
             store.close()
         summary.purges = invalidate(config, issuers, journal)
         if config.verify_served.url:
-            summary.served_checked, failures = check_served(config, issuers, journal, runner.published, runner.purge)
+            summary.served_checked, failures = check_served(config, issuers, journal, runner.sample)
             summary.failures.extend(failures)
         summary.finish(planner.counts)
+        if summary.ok and select is None and force is None:
+            mark.save()
         if summary.published:
             journal.add_run(summary.started, summary.seconds, summary.published)
     return summary
+
+
+def _plan(config: Config, issuers: dict[str, IssuerIdentity], planner: Planner, summary: Summary, spool: Spool,
+          select: Select | None, mark: LedgerMark, incremental: bool) -> set[tuple[str, int]]:
+    """Put what is due in ``spool``: from a full ledger pass, or, when
+    ``incremental`` and the journal's mark allows it, from the ledger
+    changes since the mark plus the journal's routine re-signing (module
+    ``incremental``). Returns the keys found in conflict (not to publish).
+    Sets ``summary.plan``. Raises LedgerStop."""
+    conflicts: set[tuple[str, int]] = set()
+    why_full = mark.why_full() if incremental else None
+    if incremental and why_full is None:
+        summary.plan = "incremental"
+        changed = set()
+        try:
+            for entry, why in planner.due(checked_entries(config, issuers, mark.changes(), summary, conflicts)):
+                changed.add((entry.issuer, entry.serial))
+                spool.add((entry, why))
+        except LedgerError as e:  # the database as a whole is unusable
+            summary.failures.append(Failure("ledger", e.message, source=e.source))
+            raise LedgerStop(str(e)) from None
+        for entry in mark.routine(issuers, planner.now, changed):
+            planner.counts["refresh"] += 1
+            spool.add((entry, "refresh"))
+        return conflicts
+    summary.plan = f"full ({why_full})" if why_full else "full"
+    mark.start()
+    entries = ledger_entries(config, issuers, summary, conflicts)
+    for planned in planner.due(e for e in entries if select is None or select(e)):
+        spool.add(planned)
+    planner.complete_records()
+    return conflicts
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 
 import msgspec
 
 from ocspmint.journal import Journal, Record
-from ocspmint.model import LedgerEntry
+from ocspmint.model import Kind, LedgerEntry, Reason, Status
 
 
 REFRESH_MARGIN = dt.timedelta(hours=8)  # BR 4.9.9: re-signed at least 8 h before nextUpdate
+LOOKUP_CHUNK = 500  # serials per journal query while planning a whole ledger
 
 
 class Force(msgspec.Struct, frozen=True):
@@ -63,6 +65,25 @@ def refresh_at(this_update: dt.datetime, next_update: dt.datetime, serial: int, 
     return None if at >= not_after else at
 
 
+def entry_of(rec: Record) -> LedgerEntry:
+    """The ledger entry a journal record states (routine re-signing needs no ledger read)."""
+    return LedgerEntry(rec.issuer, rec.serial, Kind(rec.kind), rec.not_after, Status(rec.status), rec.revoked_at,
+                       None if rec.reason is None else Reason(rec.reason), "journal")
+
+
+def routine(records: Iterable[Record], issuers: Container[str], now: dt.datetime,
+            expired: list[tuple[str, int]]) -> Iterator[LedgerEntry]:
+    """The entries of journal records whose ``refresh_at`` came (from
+    ``Journal.due_by``/``due_all``); the keys of records whose certificate
+    expired (or whose issuer is no longer configured) go to ``expired``,
+    for ``Journal.retire`` once the records are read."""
+    for rec in records:
+        if rec.not_after is None or rec.not_after <= now or rec.issuer not in issuers:
+            expired.append((rec.issuer, rec.serial))
+        else:
+            yield entry_of(rec)
+
+
 class Planner:
     """Streams due entries; ``counts`` tallies every decision."""
 
@@ -82,7 +103,10 @@ class Planner:
         "refresh"), "expired", or None."""
         if entry.not_after <= self.now:
             return "expired"
-        rec = self.journal.get(entry.issuer, entry.serial)
+        return self._decide(entry, self.journal.get(entry.issuer, entry.serial))
+
+    def _decide(self, entry: LedgerEntry, rec: Record | None) -> str | None:
+        """``reason`` of an unexpired entry given its journal record."""
         if rec is None:
             return "new"
         if not rec.matches(entry):
@@ -97,6 +121,14 @@ class Planner:
             self.incomplete.append((entry, rec))
         return None
 
+    def complete_records(self) -> None:
+        """Fill kind, not_after and refresh_at of the ``incomplete`` records
+        (journaled before those columns existed) from their ledger entries."""
+        if self.incomplete:
+            self.journal.complete([(e, refresh_at(r.this_update, r.next_update, e.serial, self.refresh_after, e.not_after))
+                                   for e, r in self.incomplete])
+            self.incomplete = []
+
     def _forced_done(self, rec: Record) -> bool:
         """Signed by this force already: journaled with its ``why`` since it began."""
         assert self.force is not None
@@ -109,6 +141,64 @@ class Planner:
         return None if why == "expired" else why
 
     def due(self, entries: Iterable[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
+        """(entry, why) for every due entry, judged like ``judge``; the
+        journal is read ``LOOKUP_CHUNK`` serials of one issuer at a time,
+        so entries come out grouped by issuer, not in ledger order."""
+        pending: dict[str, list[LedgerEntry]] = {}
         for entry in entries:
-            if why := self.judge(entry):
+            if entry.not_after <= self.now:
+                self.counts["expired"] += 1
+                continue
+            group = pending.setdefault(entry.issuer, [])
+            group.append(entry)
+            if len(group) >= LOOKUP_CHUNK:
+                yield from self._judge_group(pending.pop(entry.issuer))
+        for group in pending.values():
+            yield from self._judge_group(group)
+
+    def _judge_group(self, group: list[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
+        records = self.journal.get_many(group[0].issuer, [e.serial for e in group])
+        for entry in group:
+            why = self._decide(entry, records.get(entry.serial))
+            self.counts[why or "up_to_date"] += 1
+            if why:
+                yield entry, why
+
+
+class Spool:
+    """Due (entry, why) pairs in an unlinked temporary file of ``folder``,
+    one JSON line each: a whole-ledger plan takes disk, not memory (about
+    200 bytes per entry). ``add`` them, then iterate once (``entries``); ``len`` counts
+    what was added. Close it (or use ``with``) to free the file."""
+
+    def __init__(self, folder: str) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._encode = msgspec.json.Encoder().encode  # JSON: serials reach 160 bits
+        self._count = 0
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, planned: tuple[LedgerEntry, str]) -> None:
+        self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
+        self._count += 1
+
+    def entries(self, excluded: Container[tuple[str, int]] = ()) -> Iterator[tuple[LedgerEntry, str]]:
+        """What was added, in order, but for entries whose (issuer, serial)
+        is in ``excluded`` (serials found in conflict after the pass)."""
+        decode = msgspec.json.Decoder(tuple[LedgerEntry, str]).decode
+        self._file.flush()
+        self._file.seek(0)
+        for line in self._file:
+            entry, why = decode(line)
+            if (entry.issuer, entry.serial) not in excluded:
                 yield entry, why

@@ -35,19 +35,19 @@ import time
 from collections import Counter
 
 import msgspec
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ocspmint.config import Config, ConfigError, load_config
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IdentityError, load_issuers
-from ocspmint.journal import ClockError, Journal, Record
+from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.pkcs11uri import UriError
-from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, Status, utc_now
+from ocspmint.model import LedgerEntry, LedgerError, utc_now
 from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_planner
-from ocspmint.runner import Planned, Runner, probe_keys, purges_for, sign_all
-from ocspmint.planner import refresh_at
+from ocspmint.runner import Planned, Runner, probe_keys, sign_all
+from ocspmint.planner import Spool, refresh_at, routine
 from ocspmint.report import Failure, Summary
 from ocspmint.signer import SignerError, SignerPool, key_spec
 from ocspmint.store import open_store
@@ -62,12 +62,6 @@ def log(event: str, **fields: object) -> None:
     print(json.dumps({"time": utc_now().isoformat(), "event": event, **fields}, default=str), file=sys.stderr, flush=True)
 
 
-def entry_of(rec: Record) -> LedgerEntry:
-    """The ledger entry a journal record states (routine re-signing needs no ledger read)."""
-    return LedgerEntry(rec.issuer, rec.serial, Kind(rec.kind), rec.not_after, Status(rec.status), rec.revoked_at,
-                       None if rec.reason is None else Reason(rec.reason), "journal")
-
-
 class Session:
     """One loaded config: issuers, journal, store, signer pool and tails."""
 
@@ -79,17 +73,20 @@ class Session:
         self.journal = Journal(config.state_dir)
         self.store = open_store(config.store.url, config.store)
         self.pool = SignerPool([key_spec(i) for i in self.issuers.values()], config.signing.workers, config.signing.retries,
-                               config.signing.timeout.total_seconds())
+                               config.signing.timeout.total_seconds(), config.signing.backend, config.signing.sessions)
         self.tails = [Tail(s, self.issuers) for s in config.sources]
         self.seen: dict[tuple[str, int], float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
         self.retry: list[LedgerEntry] = []  # ledger changes planned but not published yet: planned again later
         self.backoff = 0.0  # seconds before the next retry (doubling to RETRY_MAX while they keep failing)
         self.retry_at = 0.0  # monotonic
         self._seen_at = 0.0
+        self.published: set[tuple[str, int]] = set()  # keys journaled by the current ``_sign``
 
     def __enter__(self) -> Session:
         try:
             self.pool.__enter__()
+            log("signer_started", backends=self.pool.backends, workers=self.pool.workers,
+                sessions=self.config.signing.sessions)
             probe_keys(self.pool, self._runner(Summary(started=utc_now())))
         except BaseException:
             self.close()
@@ -118,6 +115,7 @@ class Session:
 
     def journaled(self, entries: list[LedgerEntry]) -> None:
         now = time.time()
+        self.published.update((e.issuer, e.serial) for e in entries)
         for e in entries:
             self.metrics.published.labels(e.issuer).inc()
             if (t := self.seen.pop((e.issuer, e.serial), None)) is not None:
@@ -130,14 +128,14 @@ class Session:
         self._reschedule_if_changed()
         summary = Summary(started=utc_now())
         planner = make_planner(self.config, self.issuers, self.journal)
-        try:
-            planned = list(planner.due(ledger_entries(self.reading, self.issuers, summary)))
-        except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
-            planned = []
-        if planner.incomplete:
-            self.journal.complete([(e, refresh_at(r.this_update, r.next_update, e.serial, self.config.response.refresh_after,
-                                                  e.not_after)) for e, r in planner.incomplete])
-        self._sign(planned, summary, planner.counts)
+        with Spool(self.config.state_dir) as spool:
+            try:
+                for planned in planner.due(ledger_entries(self.reading, self.issuers, summary)):
+                    spool.add(planned)
+            except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
+                pass
+            planner.complete_records()
+            self._sign(spool.entries(), summary, planner.counts)
         return summary
 
     def _reschedule_if_changed(self) -> None:
@@ -171,10 +169,10 @@ class Session:
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
         keys = {(e.issuer, e.serial) for e, _ in urgent}
-        routine = [(entry_of(r), "refresh") for r in self._routine(summary.started) if (r.issuer, r.serial) not in keys]
-        if routine:
-            planner.counts["refresh"] += len(routine)
-        published = self._sign(urgent + routine, summary, planner.counts)
+        scheduled = [(e, "refresh") for e in self._routine(summary.started) if (e.issuer, e.serial) not in keys]
+        if scheduled:
+            planner.counts["refresh"] += len(scheduled)
+        published = self._sign(urgent + scheduled, summary, planner.counts)
         failed = [e for e, _ in urgent if (e.issuer, e.serial) not in published]
         self.retry = failed + ([] if retrying else self.retry)
         self.backoff = 0.0 if not failed else min(RETRY_MAX, max(1.0, 2 * self.backoff))
@@ -186,27 +184,23 @@ class Session:
             self._seen_at = change.seen_at.timestamp()
             yield change.item
 
-    def _routine(self, now: dt.datetime) -> Iterator[Record]:
+    def _routine(self, now: dt.datetime) -> list[LedgerEntry]:
         limit = ROUTINE_MAX
         if self.config.refresh.routine_rate:
             limit = max(1, round(self.config.refresh.routine_rate * self.config.refresh.tick.total_seconds()))
-        expired = []
-        for rec in self.journal.due_by(now, limit):
-            if rec.not_after is None or rec.not_after <= now or rec.issuer not in self.issuers:
-                expired.append((rec.issuer, rec.serial))
-            else:
-                yield rec
+        expired: list[tuple[str, int]] = []
+        entries = list(routine(self.journal.due_by(now, limit), self.issuers, now, expired))
         if expired:
             self.journal.retire(expired)
+        return entries
 
-    def _sign(self, planned: list[Planned], summary: Summary, counts: Counter[str]) -> set[tuple[str, int]]:
+    def _sign(self, planned: Iterable[Planned], summary: Summary, counts: Counter[str]) -> set[tuple[str, int]]:
         """Sign ``planned``, send queued purges, finish ``summary`` with the
         planner's ``counts`` and update metrics; return the keys published."""
         runner = self._runner(summary)
-        runner.purge = {(e.issuer, e.serial) for e, why in planned if purges_for(why, None)}
+        self.published = set()
         try:
-            if planned:
-                sign_all(self.pool, runner, planned, None, 0.0, self.stopping)
+            sign_all(self.pool, runner, planned, None, 0.0, self.stopping)
             self.journal.check_clock(utc_now())
         except ClockError as e:
             log("clock", error=str(e))
@@ -223,7 +217,7 @@ class Session:
         summary.finish(counts)
         for why, n in summary.due.items():
             self.metrics.due.labels(why).inc(n)
-        return {(e.issuer, e.serial) for e in runner.published}
+        return self.published
 
 
 class Service:

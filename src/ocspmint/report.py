@@ -43,6 +43,7 @@ class Summary(msgspec.Struct):
     started: dt.datetime
     finished: dt.datetime | None = None
     seconds: float = 0.0
+    plan: str = "full"  # "incremental", or "full" with why an --incremental run could not be
     ledger_entries: int = 0
     expired: int = 0
     up_to_date: int = 0
@@ -50,6 +51,7 @@ class Summary(msgspec.Struct):
     published: int = 0
     verified: int = 0
     signer_restarts: int = 0
+    signer_backend: dict[str, str] = msgspec.field(default_factory=dict)  # issuer -> native, python or software-key
     purges: dict[str, PurgeResult] = msgspec.field(default_factory=dict)
     served_checked: int = 0
     per_second: float = 0.0
@@ -83,7 +85,7 @@ class Summary(msgspec.Struct):
     def text(self) -> str:
         lines = [
             f"ledger entries {self.ledger_entries}: due {sum(self.due.values())} {dict(sorted(self.due.items()))}, "
-            f"up to date {self.up_to_date}, expired (not re-signed) {self.expired}",
+            f"up to date {self.up_to_date}, expired (not re-signed) {self.expired}; plan: {self.plan}",
             f"published {self.published}, verified before publication {self.verified}, "
             f"in {self.seconds:.1f}s ({self.per_second}/s); by status {self.by_status}; by kind {self.by_kind}",
         ]
@@ -91,6 +93,8 @@ class Summary(msgspec.Struct):
             lines.append(f"purge {name}: {p.sent} acknowledged, {p.pending} still queued" + (f" ({p.error})" if p.error else ""))
         if self.served_checked:
             lines.append(f"served responses fetched and verified: {self.served_checked}")
+        if self.signer_backend:
+            lines.append("signing backend: " + ", ".join(f"{i} {b}" for i, b in sorted(self.signer_backend.items())))
         if self.signer_restarts:
             lines.append(f"signer processes died and were replaced: {self.signer_restarts}")
         for issuer, counts in sorted(self.by_issuer.items()):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from ocspmint.journal import ClockError, Journal, Record
 from ocspmint.model import LedgerEntry, serial_hex, utc_now
 from ocspmint.planner import Force, refresh_at
 from ocspmint.report import Failure, Progress, Summary
+from ocspmint.served import Sample
 from ocspmint.signer import Failed, SignBatch, SignerError, SignerPool
 from ocspmint.store import PutItem, Store, object_key
 from ocspmint.verifier import Expectation, signature_valid, verify_response
@@ -67,6 +68,7 @@ class _Upload:
     done: Future[list[str | None]]
     entries: list[LedgerEntry]
     records: list[Record]
+    urgent: list[bool]  # purge the CDN (``purges_for`` the planner's reason)
     sent: float = field(default_factory=time.monotonic)
 
 
@@ -94,11 +96,11 @@ def purges_for(why: str, force: Force | None) -> bool:
 class Runner:
     """One run: holds the open journal, store and templates.
 
-    ``purge``: (issuer, serial) of due entries whose served status or
-    signer changed; their journal rows queue a purge for every target.
-    ``published``: every entry journaled this run. ``force``: a reissue's
-    reason, journaled as ``why`` of every entry it signs. ``observer`` gets
-    timings (refresh's metrics).
+    An entry due because its served status or signer changed (or forced
+    with purge) queues a purge for every target with its journal row
+    (``purges_for``). ``sample``: when set, gets every entry journaled
+    (`verify_served`). ``force``: a reissue's reason, journaled as ``why``
+    of every entry it signs. ``observer`` gets timings (refresh's metrics).
     """
 
     MAX_UPLOADS = 4  # batches in the store's hands at once
@@ -109,9 +111,8 @@ class Runner:
         self.templates = {n: ResponseTemplate(i, hashes) for n, i in issuers.items()}
         self.batches: dict[int, _Batch] = {}
         self.uploads: deque[_Upload] = deque()
-        self.purge: set[tuple[str, int]] = set()
         self.targets = [t.name for t in config.purge]
-        self.published: list[LedgerEntry] = []
+        self.sample: Sample | None = None
         self.force: Force | None = None
         self.observer: Observer | None = None
 
@@ -153,7 +154,7 @@ class Runner:
             self.observer.signed(time.monotonic() - b.sent, len(b.entries))
         template = self.templates[b.issuer.name]
         expect_validity = b.times.next_update - b.times.this_update
-        items, entries, records = [], [], []
+        items, entries, records, urgent = [], [], [], []
         for entry, why, tbs, sig in zip(b.entries, b.whys, b.tbs, signatures, strict=True):
             response = template.response(tbs, sig)
             if self.config.signing.verify:
@@ -163,6 +164,7 @@ class Runner:
                     continue
             items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
             entries.append(entry)
+            urgent.append(purges_for(why, self.force))
             reason = None if entry.reason is None else int(entry.reason)
             if self.force is not None:
                 why = self.force.why
@@ -173,7 +175,7 @@ class Runner:
                                              self.config.response.refresh_after, entry.not_after),
                                   b.times.produced_at))
         if items:
-            self.uploads.append(_Upload(self.store.submit(items), entries, records))
+            self.uploads.append(_Upload(self.store.submit(items), entries, records, urgent))
         self.settle(self.MAX_UPLOADS)
 
     def settle(self, keep: int) -> None:
@@ -185,14 +187,15 @@ class Runner:
             if self.observer is not None:
                 self.observer.uploaded(time.monotonic() - up.sent, len(up.entries))
             kept, purge = [], []
-            for entry, record, error in zip(up.entries, up.records, errors, strict=True):
+            for entry, record, urgent, error in zip(up.entries, up.records, up.urgent, errors, strict=True):
                 if error is not None:
                     self.fail(entry, "store", error)
                     continue
                 kept.append(record)
-                self.published.append(entry)
                 self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
-                if (entry.issuer, entry.serial) in self.purge:
+                if self.sample is not None:
+                    self.sample.add(entry, urgent)
+                if urgent:
                     purge.append((entry.issuer, entry.serial))
             if self.config.signing.verify:
                 self.summary.verified += len(kept)
@@ -215,20 +218,25 @@ def probe_keys(pool: SignerPool, runner: Runner) -> None:
         if isinstance(reply, Failed):
             raise SignerError(f"issuer {ident.name}: probe signature failed: {reply.error}")
         if not signature_valid(ident.signer, tbs, reply.signatures[0]):
-            raise SignerError(f"issuer {ident.name}: the token key {ident.config.signer.uri} does not match "
+            key = f"token key {ident.config.signer.uri}" if ident.config.signer.uri else \
+                f"key file {ident.config.signer.key_file}"
+            raise SignerError(f"issuer {ident.name}: the {key} does not match "
                               f"the signer certificate {ident.config.signer.cert or ident.config.cert}")
 
 
-def _chunks(due: list[Planned], size: int) -> Iterator[tuple[str, list[Planned]]]:
+def _chunks(due: Iterable[Planned], size: int) -> Iterator[tuple[str, list[Planned]]]:
+    """Batches of up to ``size`` entries of one issuer, as ``due`` streams
+    by (memory: one partial batch per issuer)."""
     by_issuer: dict[str, list[Planned]] = {}
     for p in due:
-        by_issuer.setdefault(p[0].issuer, []).append(p)
-    for issuer, planned in by_issuer.items():
-        for i in range(0, len(planned), size):
-            yield issuer, planned[i : i + size]
+        batch = by_issuer.setdefault(p[0].issuer, [])
+        batch.append(p)
+        if len(batch) >= size:
+            yield p[0].issuer, by_issuer.pop(p[0].issuer)
+    yield from by_issuer.items()
 
 
-def sign_all(pool: SignerPool, runner: Runner, due: list[Planned], progress: Progress | None, rate: float = 0.0,
+def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned], progress: Progress | None, rate: float = 0.0,
              stopping: Callable[[], bool] = lambda: False) -> list[Planned]:
     """Sign, verify, store and journal ``due`` through ``pool``, at most
     ``rate`` responses/s (0: as fast as the pool goes). Every entry ends

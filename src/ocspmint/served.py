@@ -111,15 +111,33 @@ def check_one(config: Config, ident: IssuerIdentity, entry: LedgerEntry, record:
     return findings + header_findings(headers, body, record.this_update, record.next_update)
 
 
-def check_served(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, published: list[LedgerEntry],
-                 changed: set[tuple[str, int]]) -> tuple[int, list[Failure]]:
-    """Check every changed serial in ``published`` and a random sample of
-    the rest; returns (number checked, failures of stage "served")."""
-    want = config.verify_served.sample
-    first = [e for e in published if (e.issuer, e.serial) in changed]
-    rest = [e for e in published if (e.issuer, e.serial) not in changed]
-    sample = first + (rest if want == "all" or want >= len(rest) else random.sample(rest, want))
-    work = [(e, journal.get(e.issuer, e.serial)) for e in sample]
+class Sample:
+    """Which published entries ``check_served`` fetches: every one whose
+    served bytes had to change at once (``urgent``), plus ``size`` others
+    drawn uniformly (reservoir sampling, so memory stays ``size`` entries
+    whatever the run publishes), or all of them when ``size`` is "all"."""
+
+    def __init__(self, size: int | str) -> None:
+        self.size = size
+        self.urgent: list[LedgerEntry] = []
+        self.rest: list[LedgerEntry] = []
+        self._seen = 0
+
+    def add(self, entry: LedgerEntry, urgent: bool) -> None:
+        if urgent:
+            self.urgent.append(entry)
+            return
+        self._seen += 1
+        if self.size == "all" or len(self.rest) < int(self.size):
+            self.rest.append(entry)
+        elif (slot := random.randrange(self._seen)) < len(self.rest):
+            self.rest[slot] = entry
+
+
+def check_served(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, sample: Sample) -> tuple[int, list[Failure]]:
+    """Check the sampled published serials over HTTP; returns (number
+    checked, failures of stage "served")."""
+    work = [(e, journal.get(e.issuer, e.serial)) for e in sample.urgent + sample.rest]
     with ThreadPoolExecutor(THREADS) as pool:
         results = list(pool.map(lambda w: check_one(config, issuers[w[0].issuer], w[0], w[1]), work))
     failures = [Failure("served", "; ".join(f), e.issuer, serial_hex(e.serial), config.verify_served.url)

@@ -1,65 +1,53 @@
-"""Signer pool: worker processes that sign ResponseData through PKCS#11.
+"""Signer pool: worker processes that sign ResponseData through PKCS#11
+(or, for tests and demos only, with a software key file).
 
 Workers are started with the ``spawn`` method, so none inherits PKCS#11
 state from the parent; each initialises the module, logs in once and keeps
-its key handles. python-pkcs11 0.10 calls ``C_Initialize(NULL)``, so
-SoftHSM2 runs without mutexes: each worker signs from one thread only.
+its key handles. Two PKCS#11 backends (``signing.backend``):
+
+- ``native``: the C extension ``ocspmint._p11native`` (native/README.md).
+  It initialises the module with ``CKF_OS_LOCKING_OK`` and signs each batch
+  over ``signing.sessions`` sessions, one thread each, with the GIL released.
+- ``python``: python-pkcs11, which calls ``C_Initialize(NULL)``, so SoftHSM2
+  runs without mutexes: each worker signs from one thread, one session.
+
+``auto`` (the default) takes ``native`` when the extension imports. Both
+give the same bytes (RSA PKCS#1 v1.5 is deterministic; ECDSA differs only
+in its random k). An issuer whose signer gives ``key_file`` instead of a
+PKCS#11 URI signs with pyca cryptography: not for production CA keys.
 
 Batches cross the process boundary as msgspec MessagePack: ``SignBatch``
 (issuer, list of ResponseData DER) in, ``Signed`` (signature values, DER
 ECDSA-Sig-Value or RSA octets) or ``Failed`` out. A PKCS#11 error
 reopens the worker's sessions, after a bounded backoff (``backoff``), and
-goes on from the failed item (``retries`` consecutive failures end the
+goes on from the failed items (``retries`` consecutive failures end the
 batch); a worker that dies is restarted and its batches re-sent.
 A batch that still fails comes back as ``Failed``: never a silent skip.
 Signing, login, token and key errors name the issuer, the key's PKCS#11
-URI and, where the module returned one, the CK_RV (``describe_error``).
+URI and, where the module returned one, the CK_RV (``describe_error``,
+``describe_rv``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
-import re
+import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 
 import msgspec
 
-from ocspmint.encoder import ecdsa_signature
-from ocspmint.issuer import IssuerIdentity
-from ocspmint.pkcs11uri import UriError, parse, read_pin
+from ocspmint.pkcs11uri import UriError
+from ocspmint.signkeys import SOFTWARE, KeySpec, SignerError, _Keys, describe_error, describe_rv, key_spec, resolve_backend
+
+__all__ = ["SOFTWARE", "Failed", "KeySpec", "SignBatch", "Signed", "SignerError", "SignerPool", "backoff",
+           "describe_error", "describe_rv", "key_spec", "resolve_backend"]
 
 IN_FLIGHT_PER_WORKER = 2
 BACKOFF_BASE = 0.1  # seconds before the first reopen after a PKCS#11 error
 BACKOFF_CAP = 5.0  # seconds, the longest wait between two attempts
-# python-pkcs11 exception names that do not spell their CK_RV (the CKR_ names of pkcs11t.h)
-_CKR_SPELLING = {
-    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
-    "FunctionCancelled": "CKR_FUNCTION_CANCELED",
-    "RandomNoRNG": "CKR_RANDOM_NO_RNG",
-    "SessionReadWriteSOExists": "CKR_SESSION_READ_WRITE_SO_EXISTS",
-    "SlotIDInvalid": "CKR_SLOT_ID_INVALID",
-    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
-}
-
-
-class SignerError(Exception):
-    """The signer pool cannot sign at all (login failed, key missing...)."""
-
-
-class KeySpec(msgspec.Struct, frozen=True):
-    """How a worker finds one issuer's signing key. Holds no PIN."""
-
-    issuer: str
-    module: str
-    uri: str
-    pin_env: str
-    pin_file: str
-    key_type: str
-    hash_name: str
 
 
 class SignBatch(msgspec.Struct, tag=True):
@@ -80,6 +68,7 @@ class Failed(msgspec.Struct, tag=True):
 
 class Ready(msgspec.Struct, tag=True):
     pid: int
+    backends: dict[str, str] = {}  # issuer -> "native", "python" or "software-key"
 
 
 class Fatal(msgspec.Struct, tag=True):
@@ -92,20 +81,6 @@ _decode_reply = msgspec.msgpack.Decoder(Reply).decode
 _decode_batch = msgspec.msgpack.Decoder(SignBatch).decode
 
 
-def describe_error(e: Exception) -> str:
-    """One line for a PKCS#11 failure. python-pkcs11 raises an exception
-    without arguments for a CK_RV, named after it: that gives
-    ``CKR_DEVICE_REMOVED (DeviceRemoved)``. Its own errors (NoSuchToken,
-    NoSuchKey...) and SignerError keep their message."""
-    name = type(e).__name__
-    if isinstance(e, SignerError):
-        return str(e)
-    if not e.args and type(e).__module__.startswith("pkcs11"):
-        ckr = _CKR_SPELLING.get(name) or "CKR_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
-        return f"{ckr} ({name})"
-    return f"{name}: {e}" if str(e) else name
-
-
 def backoff(failures: int) -> float:
     """Seconds to wait after ``failures`` (≥ 1) consecutive PKCS#11 errors
     before reopening the sessions: BACKOFF_BASE doubled per failure, at
@@ -114,81 +89,22 @@ def backoff(failures: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
 
 
-def key_spec(issuer: IssuerIdentity) -> KeySpec:
-    """The worker-side description of ``issuer``'s signer; raises UriError."""
-    s = issuer.config.signer
-    uri = parse(s.uri)
-    module = s.module or uri.query.get("module-path", "")
-    if not module:
-        raise UriError(f"issuer {issuer.name}: no PKCS#11 module (signer.module or module-path in the URI)")
-    return KeySpec(issuer.name, module, s.uri, s.pin_env, s.pin_file, issuer.signer.key_type, issuer.signer.hash_name)
-
-
-class _Keys:
-    """Worker-side sessions and key handles (one thread only)."""
-
-    def __init__(self, specs: list[KeySpec]) -> None:
-        self.specs = specs
-        self.sessions: list = []
-        self.keys: dict[str, tuple] = {}
-
-    def open(self) -> None:
-        import pkcs11
-        from pkcs11 import Mechanism, ObjectClass
-
-        for spec in self.specs:
-            uri = parse(spec.uri)
-            lib = pkcs11.lib(spec.module)
-            try:
-                token = lib.get_token(token_label=uri.text("token"), token_serial=uri.path.get("serial"))
-            except pkcs11.exceptions.PKCS11Error as e:
-                raise SignerError(f"issuer {spec.issuer}: token of {spec.uri} not found: {describe_error(e)}") from None
-            pin = read_pin(uri, spec.pin_env, spec.pin_file, dict(os.environ))
-            try:
-                session = token.open(user_pin=pin)
-            except pkcs11.exceptions.PKCS11Error as e:
-                raise SignerError(f"issuer {spec.issuer}: login to token {token.label!r} for {spec.uri} failed: "
-                                  f"{describe_error(e)}") from None
-            self.sessions.append(session)
-            attrs = {"object_class": ObjectClass.PRIVATE_KEY}
-            if "object" in uri.path:
-                attrs["label"] = uri.text("object")
-            if "id" in uri.path:
-                attrs["id"] = uri.path["id"]
-            try:
-                key = session.get_key(**attrs)
-            except (pkcs11.exceptions.NoSuchKey, pkcs11.exceptions.MultipleObjectsReturned) as e:
-                raise SignerError(f"issuer {spec.issuer}: key {spec.uri} not usable: {type(e).__name__} "
-                                  "(no single private key on the token matches the URI)") from None
-            mech = Mechanism.ECDSA if spec.key_type == "ec" else Mechanism.SHA256_RSA_PKCS
-            self.keys[spec.issuer] = (key, mech, spec)
-
-    def close(self) -> None:
-        for session in self.sessions:
-            try:
-                session.close()
-            except Exception:  # noqa: BLE001 - the session is already gone
-                pass
-        self.sessions, self.keys = [], {}
-
-    def sign_one(self, issuer: str, tbs: bytes) -> bytes:
-        key, mech, spec = self.keys[issuer]
-        if spec.key_type == "ec":
-            return ecdsa_signature(key.sign(hashlib.new(spec.hash_name, tbs).digest(), mechanism=mech))
-        return key.sign(tbs, mechanism=mech)
-
-
-def worker_main(conn: Connection, specs_msg: bytes, retries: int) -> None:
+def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str = "python", sessions: int = 1) -> None:
     """Entry point of a spawned signer process (not for direct use)."""
     import pkcs11
 
-    keys = _Keys(msgspec.msgpack.decode(specs_msg, type=list[KeySpec]))
+    try:
+        used = resolve_backend(backend)
+    except SignerError as e:
+        conn.send_bytes(_encode(Fatal(str(e))))
+        return
+    keys = _Keys(msgspec.msgpack.decode(specs_msg, type=list[KeySpec]), used, sessions)
     try:
         keys.open()
     except (SignerError, UriError, pkcs11.exceptions.PKCS11Error, OSError) as e:
         conn.send_bytes(_encode(Fatal(str(e) or type(e).__name__)))
         return
-    conn.send_bytes(_encode(Ready(os.getpid())))
+    conn.send_bytes(_encode(Ready(os.getpid(), keys.backends())))
     while True:
         try:
             req = _decode_batch(conn.recv_bytes())
@@ -200,30 +116,44 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int) -> None:
 
 def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int) -> Signed | Failed:
     """Sign every item; after a PKCS#11 error wait ``backoff(n)``, reopen
-    the sessions and go on from the failed item. Fails after ``retries``
-    consecutive errors with no signature made in between, naming the
-    issuer, its key URI and the first and last error of that streak."""
-    import pkcs11
-
-    signatures: list[bytes] = []
+    the sessions and go on with the items not signed yet. Fails after
+    ``retries`` consecutive failed attempts with no signature made in
+    between, naming the issuer, its key URI and the first and last error
+    of that streak."""
+    errors = keys.errors()
+    signatures: list[bytes] = [b""] * len(req.tbs)
+    todo = list(range(len(req.tbs)))
     failures, first = 0, ""
-    while len(signatures) < len(req.tbs):
+    while todo:
+        made, error = 0, ""
         try:
             if not keys.keys:
                 keys.open()
-            signatures.append(keys.sign_one(req.issuer, req.tbs[len(signatures)]))
-            failures = 0
-        except (pkcs11.exceptions.PKCS11Error, SignerError) as e:
-            error = describe_error(e)
-            keys.close()
-            failures += 1
-            first = error if failures == 1 else first
-            if failures >= retries:
-                uri = next((s.uri for s in keys.specs if s.issuer == req.issuer), "")
-                errors = error if error == first else f"first {first}, last {error}"
-                return Failed(req.batch, f"issuer {req.issuer}: key {uri}: PKCS#11 signing failed {retries} times "
-                                         f"in a row on fresh sessions: {errors}")
-            time.sleep(backoff(failures))
+            results = keys.sign_batch(req.issuer, [req.tbs[i] for i in todo])
+        except errors as e:
+            results, error = [], describe_error(e)
+        left = []
+        for n, i in enumerate(todo):
+            r = results[n] if n < len(results) else None
+            if isinstance(r, bytes):
+                signatures[i] = r
+                made += 1
+            else:
+                left.append(i)
+                error = error or r or ""
+        todo = left
+        if not todo:
+            break
+        error = error or "no live session took the items"
+        keys.close()
+        failures = 1 if made else failures + 1
+        first = error if failures == 1 else first
+        if failures >= retries:
+            uri = next((s.uri or s.key_file for s in keys.specs if s.issuer == req.issuer), "")
+            errors_text = error if error == first else f"first {first}, last {error}"
+            return Failed(req.batch, f"issuer {req.issuer}: key {uri}: PKCS#11 signing failed {retries} times "
+                                     f"in a row on fresh sessions: {errors_text}")
+        time.sleep(backoff(failures))
     return Signed(req.batch, signatures)
 
 
@@ -233,14 +163,21 @@ class SignerPool:
     ``submit()`` a SignBatch when ``has_capacity()``; ``collect()`` yields
     Signed/Failed replies. Raises SignerError on start when a worker cannot
     log in or find its key (the message names the issuer and URI, never
-    the PIN).
+    the PIN). ``backend`` is ``signing.backend`` ("auto", "native",
+    "python"), ``sessions`` the native backend's sessions (threads) per key
+    and worker; ``backends`` maps each issuer to the backend its workers
+    use ("native", "python" or "software-key"), known once started.
     """
 
-    def __init__(self, specs: list[KeySpec], workers: int, retries: int, timeout: float = 60.0) -> None:
+    def __init__(self, specs: list[KeySpec], workers: int, retries: int, timeout: float = 60.0,
+                 backend: str = "auto", sessions: int = 1) -> None:
         self._specs = _encode(specs)
+        self._software = [(s.issuer, s.key_file) for s in specs if s.key_file]
         self._n = workers or os.cpu_count() or 1
         self._retries = retries
         self._timeout = timeout
+        self._backend, self._sessions = backend, sessions
+        self.backends: dict[str, str] = {}
         self._progress: dict[Connection, float] = {}  # last send to an idle worker or reply from it (monotonic)
         self._hung: set[Connection] = set()
         self._ctx = mp.get_context("spawn")
@@ -250,6 +187,10 @@ class SignerPool:
         self.restarts = 0
 
     def __enter__(self) -> SignerPool:
+        if self._software:  # one line per pool start (per run)
+            keys = ", ".join(f"{issuer} ({path})" for issuer, path in self._software)
+            print(f"ocspmint: WARNING: signing with software key files, not for production CA keys: {keys}",
+                  file=sys.stderr, flush=True)
         for _ in range(self._n):
             self._spawn()
         return self
@@ -259,7 +200,8 @@ class SignerPool:
 
     def _spawn(self) -> Connection:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(child, self._specs, self._retries), daemon=True)
+        proc = self._ctx.Process(target=worker_main, daemon=True,
+                                 args=(child, self._specs, self._retries, self._backend, self._sessions))
         proc.start()
         child.close()
         try:
@@ -274,6 +216,8 @@ class SignerPool:
         if isinstance(first, Fatal):
             proc.join(5)
             raise SignerError(first.error)
+        if isinstance(first, Ready):
+            self.backends = first.backends
         self._workers[parent] = proc
         self._inflight[parent] = {}
         return parent

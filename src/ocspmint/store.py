@@ -23,6 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -89,6 +91,8 @@ class FileStore:
         self._tmp = ""
         self._dirs: set[str] = set()
         self._n = 0
+        self._queue: queue.SimpleQueue[tuple[list[PutItem], Future[list[str | None]]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def _tmp_prefix(self) -> str:
         """``.tmp/<pid>-``, made on the first write; temp files left by
@@ -134,20 +138,40 @@ class FileStore:
             raise StoreError(f"{dest}: {e.strerror}") from None
 
     def submit(self, items: list[PutItem]) -> Future[list[str | None]]:
-        """Write every item, then one ``os.sync`` for the batch, so a
-        journal row written after this Future resolves always names an
-        object that survives a power loss. Resolved on return."""
-        errors: list[str | None] = []
-        for item in items:
-            try:
-                self.put(item.key, item.data)
-                errors.append(None)
-            except StoreError as e:
-                errors.append(str(e))
-        os.sync()
+        """Queue ``items`` for the store's writer thread, which writes them
+        and resolves the Future only after an ``os.sync`` that covers them,
+        so a journal row written after it resolves always names an object
+        that survives a power loss. One sync covers every batch queued
+        meanwhile. The writer's system calls run while the caller encodes
+        and verifies the next batch (they release the GIL)."""
         done: Future[list[str | None]] = Future()
-        done.set_result(errors)
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="filestore-writer", daemon=True)
+            self._writer.start()
+        self._queue.put((items, done))
         return done
+
+    def _write_loop(self) -> None:
+        written: list[tuple[Future[list[str | None]], list[str | None]]] = []
+        while True:
+            job = self._queue.get()
+            if job is not None:
+                items, done = job
+                written.append((done, [self._put_item(item) for item in items]))
+            if written and (job is None or self._queue.empty()):
+                os.sync()  # sync(2) reports no error (docs/faults.md)
+                for done, errors in written:
+                    done.set_result(errors)
+                written = []
+            if job is None:
+                return
+
+    def _put_item(self, item: PutItem) -> str | None:
+        try:
+            self.put(item.key, item.data)
+            return None
+        except StoreError as e:
+            return str(e)
 
     def get(self, key: str) -> bytes | None:
         """The object at ``key``, None when there is none; StoreError when
@@ -174,7 +198,11 @@ class FileStore:
             raise StoreError(f"{self._root}/{key}: {e.strerror}") from None
 
     def close(self) -> None:
-        pass
+        """Finish every queued write (and its sync), then stop the writer thread."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
 
     def keys(self) -> Iterator[str]:
         """Every stored key (walks the folder; for verify and audit)."""

@@ -195,7 +195,7 @@ def parse_time(text: object) -> dt.datetime:
     """``YYYY-MM-DDTHH:MM:SSZ`` → aware UTC datetime; ValueError for anything else."""
     if not isinstance(text, str) or not _TIME.fullmatch(text):
         raise ValueError(f"{text!r} is not a UTC time YYYY-MM-DDTHH:MM:SSZ")
-    return dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+    return dt.datetime.fromisoformat(text)  # the regex has checked the shape; "Z" gives UTC (~10x strptime)
 
 
 def connect(db_path: str) -> sqlite3.Connection:
@@ -453,12 +453,19 @@ class SqliteTail:
         self._issuers = issuers
         self._last_id = 0
 
-    def start(self) -> None:
-        """Remember the newest change. Raises LedgerError when the database
-        is missing, unreadable or not of schema version 2."""
+    @property
+    def position(self) -> int:
+        """The last ``changes.id`` seen: a durable cursor (`ocspmint run --incremental`)."""
+        return self._last_id
+
+    def start(self, position: int | None = None) -> None:
+        """Remember the newest change, or resume after ``position`` (a
+        former ``position``). Raises LedgerError when the database is
+        missing, unreadable or not of schema version 2."""
         conn, _ = _open_reader(self._path, (SCHEMA_VERSION,))
         try:
-            self._last_id = conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
+            newest = conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
+            self._last_id = newest if position is None else position
         except sqlite3.Error as e:
             raise LedgerError(self._path, f"cannot read ledger database: {e}") from None
         finally:

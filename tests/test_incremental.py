@@ -1,0 +1,77 @@
+"""`ocspmint run --incremental`: after a complete run, a run plans only the
+ledger's changes since then and the journal's scheduled re-signing; it
+falls back to a full pass, and says why, when it cannot."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from e2e import ocspmint, openssl_check, response_path
+from faultkit import assert_journal_matches_store, file_objects
+from ocspmint.demo import Demo, build_demo, issue, revoke
+
+
+def sqlite_config(demo: Demo, extra: str = "") -> Path:
+    """A copy of the demo config reading the SQLite ledger that ``ingest`` fills."""
+    head, _, _ = demo.config.read_text().partition("[[sources]]")
+    path = demo.root / "incremental.toml"
+    path.write_text(head + extra + '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    return path
+
+
+def ingest(demo: Demo) -> None:
+    p = ocspmint(demo, "ingest", "--into", str(demo.root / "ledger.sqlite"))
+    assert p.returncode == 0, p.stderr
+
+
+def run(demo: Demo, config: Path, *flags: str) -> dict:
+    p = ocspmint(demo, "run", "--json", "--quiet", *flags, config=config)
+    assert p.stdout, p.stderr
+    summary = json.loads(p.stdout)
+    assert p.returncode == (0 if summary["ok"] else 1)
+    return summary
+
+
+def test_incremental_run_plans_only_changes_and_scheduled_resigning(tmp_path):
+    demo = build_demo(tmp_path, certs=12, precerts=4, revoke=2)
+    ingest(demo)
+    config = sqlite_config(demo)
+
+    first = run(demo, config, "--incremental")  # no mark yet: a full pass, saying why
+    assert first["ok"] and first["plan"].startswith("full (no run has published everything"), first["plan"]
+    assert first["published"] == first["ledger_entries"] - first["expired"] > 0
+
+    idle = run(demo, config, "--incremental")
+    assert (idle["plan"], idle["due"], idle["published"], idle["ledger_entries"]) == ("incremental", {}, 0, 0)
+
+    new = issue(demo, precert=True)
+    good = next(s for s in demo.serials["good"] if s not in demo.revoked)
+    revoke(demo, good, "keyCompromise")
+    ingest(demo)
+    changed = run(demo, config, "--incremental")
+    assert changed["plan"] == "incremental" and changed["due"] == {"new": 1, "changed": 1}, changed
+    assert changed["ledger_entries"] == 2 and changed["ok"]
+    assert openssl_check(demo, response_path(demo, new), new).status == "good"
+    assert openssl_check(demo, response_path(demo, good), good).status == "revoked"
+
+    # the journal schedules routine re-signing: make three records due now
+    with sqlite3.connect(demo.root / "state" / "journal.sqlite") as db:
+        keys = db.execute("SELECT issuer, serial FROM published WHERE status='good' ORDER BY serial LIMIT 3").fetchall()
+        db.executemany("UPDATE published SET refresh_at=1 WHERE issuer=? AND serial=?", keys)
+    routine = run(demo, config, "--incremental")
+    assert routine["plan"] == "incremental" and routine["due"] == {"refresh": 3} and routine["published"] == 3
+    assert run(demo, config, "--incremental")["due"] == {}
+    assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == first["published"] + 1
+
+    # a changed refresh_after invalidates the mark: one full pass, then incremental again
+    config = sqlite_config(demo, '[response]\nrefresh_after = "P2D"\n')
+    assert "refresh_after changed" in run(demo, config, "--incremental")["plan"]
+    assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+
+def test_incremental_needs_one_sqlite_source(tmp_path):
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    summary = run(demo, demo.config, "--incremental")
+    assert summary["ok"] and summary["plan"] == "full (--incremental needs exactly one ledger source of type sqlite)"
