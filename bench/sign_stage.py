@@ -164,16 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.markdown:
-        from sign_throughput import machine  # bench/sign_throughput.py
+        from sign_throughput import append_results  # bench/sign_throughput.py
 
-        info = "\n".join(f"- {k}: {v}" for k, v in machine().items())
-        cmdline = " ".join(["bench/sign_stage.py", *(sys.argv[1:] if argv is None else argv)])
-        section = (f"\n### {now.strftime('%Y-%m-%d %H:%M UTC')}: {params}\n\n`{cmdline}`\n\n{info}\n\n"
-                   f"{table(rows)}\n")
-        if not RESULTS.exists():
-            RESULTS.write_text("# Signing throughput results\n\n## Raw results (appended by `--markdown`)\n")
-        with RESULTS.open("a") as f:
-            f.write(section)
+        append_results("bench/sign_stage.py", sys.argv[1:] if argv is None else argv, params, table(rows))
     return 0
 
 

@@ -307,15 +307,17 @@ def main() -> int:
               f"{args.repeat} repetitions, {where}")
     print(f"\n{params}\n{table(rows)}", flush=True)
     if args.markdown:
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        info = "\n".join(f"- {k}: {v}" for k, v in machine().items())
-        cmdline = " ".join(["bench/sign_throughput.py", *sys.argv[1:]])
-        section = f"\n### {now}: {params}\n\n`{cmdline}`\n\n{info}\n\n{table(rows)}\n"
-        if not RESULTS.exists():
-            RESULTS.write_text("# Signing throughput results\n\n## Raw results (appended by `--markdown`)\n")
-        with RESULTS.open("a") as f:
-            f.write(section)
+        append_results("bench/sign_throughput.py", sys.argv[1:], params, table(rows))
     return 0
+
+
+def append_results(script: str, argv: list[str], params: str, body: str) -> None:
+    """Append a dated section (parameters, command line, machine, ``body``) to bench/RESULTS.md."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = "\n".join(f"- {k}: {v}" for k, v in machine().items())
+    cmdline = " ".join([script, *argv])
+    with RESULTS.open("a") as f:
+        f.write(f"\n### {now}: {params}\n\n`{cmdline}`\n\n{info}\n\n{body}\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 # p11-kit: `p11-kit server` + p11-kit-client.so, the simulated network HSM
 # (tests/nethsm.py, bench/nethsm_throughput.py).
 set -euo pipefail
-pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish faketime p11-kit)
+pkgs=(softhsm2 openssl gcc libc6-dev libp11-kit-dev gnutls-bin varnish faketime p11-kit "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
