@@ -140,6 +140,8 @@ class Journal:
                 self._db.execute(f"ALTER TABLE published ADD COLUMN {name} {sql_type}")
         self._db.execute("CREATE INDEX IF NOT EXISTS published_refresh_at ON published(refresh_at) WHERE refresh_at IS NOT NULL")
         self._db.execute("CREATE INDEX IF NOT EXISTS published_active ON published(issuer, this_update) WHERE refresh_at IS NOT NULL")
+        # ``unscheduled``: rows without refresh_at (legacy, or retired after expiry) only, not the whole table
+        self._db.execute("CREATE INDEX IF NOT EXISTS published_unscheduled ON published(issuer, serial) WHERE refresh_at IS NULL")
 
     def __enter__(self) -> Journal:
         return self
