@@ -12,56 +12,23 @@ Raises LoopBuildError (with gcc's stderr) if compilation fails.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
+import importlib.util
 from pathlib import Path
 
+_spec = importlib.util.spec_from_file_location(
+    "p11fault_build", Path(__file__).resolve().parents[2] / "tests" / "p11fault" / "build.py")
+assert _spec is not None and _spec.loader is not None
+_shared = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_shared)
+
 SOURCE = Path(__file__).resolve().with_name("p11_sign_loop.c")
-PKCS11_INCLUDE = "/usr/include/p11-kit-1"
-CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", f"-I{PKCS11_INCLUDE}"]
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", f"-I{_shared.PKCS11_INCLUDE}"]
 LDLIBS = ["-ldl", "-lpthread"]
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "build" / "p11loop"
-
-
-class LoopBuildError(RuntimeError):
-    """gcc failed; the message carries its stderr."""
+LoopBuildError = _shared.ShimBuildError  # gcc failed; the message carries its stderr
 
 
 def build_loop(out_dir: Path = DEFAULT_OUT, cc: str = "gcc", source: Path = SOURCE) -> Path:
     """Compile p11_sign_loop.c into ``out_dir`` (cached by source hash) and
-    return the executable's path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    compiler = shutil.which(cc)
-    if compiler is None:
-        raise FileNotFoundError(f"C compiler {cc!r} not found on PATH")
-    if not Path(PKCS11_INCLUDE, "p11-kit", "pkcs11.h").is_file():
-        raise FileNotFoundError(f"{PKCS11_INCLUDE}/p11-kit/pkcs11.h not found (install libp11-kit-dev)")
-    digest = hashlib.sha256(Path(source).read_bytes())
-    digest.update("\0".join([cc, *CFLAGS, *LDLIBS]).encode())
-    target = out_dir / f"p11_sign_loop-{digest.hexdigest()[:16]}"
-    if target.is_file():
-        return target
-    fd, tmp_name = tempfile.mkstemp(prefix=".p11_sign_loop-", dir=out_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        cmd = [compiler, *CFLAGS, "-o", str(tmp), str(source), *LDLIBS]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LoopBuildError(f"building {Path(source).name} failed (exit {proc.returncode}):\n"
-                                 f"$ {' '.join(cmd)}\n{proc.stderr}")
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use
-    import sys
-
-    print(build_loop(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT))
+    return the executable's path (tests/p11fault/build.py ``compile_cached``)."""
+    return _shared.compile_cached(Path(source), Path(out_dir), "p11_sign_loop", "", CFLAGS, LDLIBS, cc)

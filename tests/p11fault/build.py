@@ -43,38 +43,38 @@ def build_shim(out_dir: Path, cc: str = "gcc", source: Path = SOURCE) -> Path:
     hash, and return the path of the shared library.  Raises ShimBuildError
     with gcc's stderr if compilation fails, FileNotFoundError if gcc or the
     PKCS#11 header is missing."""
-    out_dir = Path(out_dir)
-    source_path = Path(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return compile_cached(Path(source), Path(out_dir), "libp11fault", ".so", CFLAGS, LDLIBS, cc)
 
+
+def compile_cached(source: Path, out_dir: Path, stem: str, suffix: str, cflags: list[str], ldlibs: list[str],
+                   cc: str = "gcc") -> Path:
+    """gcc ``source`` into ``out_dir/<stem>-<hash><suffix>``, the hash taken
+    over the source and the command, and return that path (made at most once
+    per source version; also used by bench/p11loop/build.py). Built under a
+    temporary name and renamed, so a concurrent builder never sees (or
+    loads) a half-written file. Raises ShimBuildError with gcc's stderr,
+    FileNotFoundError when gcc or the PKCS#11 header is missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     compiler = shutil.which(cc)
     if compiler is None:
         raise FileNotFoundError(f"C compiler {cc!r} not found on PATH")
     if not Path(PKCS11_INCLUDE, "p11-kit", "pkcs11.h").is_file():
-        raise FileNotFoundError(
-            f"{PKCS11_INCLUDE}/p11-kit/pkcs11.h not found (install libp11-kit-dev)"
-        )
-
-    digest = hashlib.sha256()
-    digest.update(source_path.read_bytes())
-    digest.update("\0".join([cc, *CFLAGS, *LDLIBS]).encode())
-    target = out_dir / f"libp11fault-{digest.hexdigest()[:16]}.so"
+        raise FileNotFoundError(f"{PKCS11_INCLUDE}/p11-kit/pkcs11.h not found (install libp11-kit-dev)")
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update("\0".join([cc, *cflags, *ldlibs]).encode())
+    target = out_dir / f"{stem}-{digest.hexdigest()[:16]}{suffix}"
     if target.is_file():
         return target
-
-    # Compile to a private temporary name, then rename atomically, so that a
-    # concurrent builder never sees (or loads) a half-written library.
-    fd, tmp_name = tempfile.mkstemp(prefix=".libp11fault-", suffix=".so", dir=out_dir)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}-", suffix=suffix, dir=out_dir)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        cmd = [compiler, *CFLAGS, "-o", str(tmp), str(source_path), *LDLIBS]
+        cmd = [compiler, *cflags, "-o", str(tmp), str(source), *ldlibs]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise ShimBuildError(
-                f"building {source_path.name} failed (exit {proc.returncode}):\n"
-                f"$ {' '.join(cmd)}\n{proc.stderr}"
-            )
+            raise ShimBuildError(f"building {source.name} failed (exit {proc.returncode}):\n"
+                                 f"$ {' '.join(cmd)}\n{proc.stderr}")
+        tmp.chmod(0o755)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
