@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= ocspmint-demo
 
-.PHONY: demo test bench bench-stage bench-nethsm bench-publish bench-peers bench-scale bench-deps fuzz system-deps venv clean
+.PHONY: demo test bench bench-stage bench-nethsm bench-publish bench-s3 bench-peers bench-scale bench-deps fuzz system-deps venv clean
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -55,6 +55,13 @@ bench-nethsm: system-deps venv
 bench-publish: system-deps venv
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/publish_throughput.py
+
+## End to end to S3: `ocspmint run` (SoftHSM2 signing) into SeaweedFS vs the raw obstore PUT loop, bare and
+## with S3Store's headers (bench/s3_end_to_end.py; S3_ARGS e.g. "--serials 2000 --repeat 1 --markdown").
+S3_ARGS ?=
+bench-s3: system-deps venv
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python bench/s3_end_to_end.py $(S3_ARGS)
 
 ## ocspmint against cfssl ocsprefresh, openssl ocsp, a pyca loop and openssl speed
 ## (bench/peers.py; PEERS_ARGS e.g. "--serials 2000 --repeat 1 --key rsa-2048 --markdown").

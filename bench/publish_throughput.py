@@ -250,11 +250,12 @@ RUNNERS: dict[str, Callable[[str, str, int], Callable[[list[str], bytes], None]]
 }
 
 
-def child(what: str, endpoint: str, bucket: str, prefix: str, objects: int, conc: int) -> dict[str, float]:
-    """Measure one runner; returns seconds, cpu (client CPU seconds) of the
-    timed part."""
+def child(what: str, endpoint: str, bucket: str, prefix: str, objects: int, conc: int,
+          body_size: int = BODY_SIZE) -> dict[str, float]:
+    """Measure one runner with random ``body_size``-byte bodies; returns
+    seconds, cpu (client CPU seconds) of the timed part."""
     run = RUNNERS[what](endpoint, bucket, conc)
-    body = os.urandom(BODY_SIZE)
+    body = os.urandom(body_size)
     run(make_keys(prefix + "-warmup", WARMUP), body)
     keys = make_keys(prefix, objects)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -272,10 +273,12 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(what: str, sw: Any, prefix: str, objects: int, conc: int) -> dict[str, float]:
+def measure(what: str, sw: Any, prefix: str, objects: int, conc: int, body_size: int = BODY_SIZE) -> dict[str, float]:
+    """Run ``what`` in a fresh child (credentials in its environment only);
+    the child's result plus server_cpu, SeaweedFS CPU seconds over its life."""
     env = {**os.environ, **sw.env(), "PYTHONPATH": str(ROOT / "src")}
     argv = [sys.executable, __file__, "--child", what, "--endpoint", sw.endpoint, "--bucket", sw.bucket,
-            "--prefix", prefix, "--objects", str(objects), "--concurrency", str(conc)]
+            "--prefix", prefix, "--objects", str(objects), "--concurrency", str(conc), "--body-size", str(body_size)]
     s0 = proc_cpu(sw.pid)
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
     s1 = proc_cpu(sw.pid)
@@ -330,9 +333,10 @@ def main() -> None:
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--bucket", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    ap.add_argument("--body-size", type=int, default=BODY_SIZE, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.endpoint, a.bucket, a.prefix, a.objects, a.concurrency)))
+        print(json.dumps(child(a.child, a.endpoint, a.bucket, a.prefix, a.objects, a.concurrency, a.body_size)))
         return
 
     import importlib.util

@@ -8,11 +8,14 @@
  *          sessions=N)             find the token, log in once, find exactly one
  *                                  private key, open N sessions, each served by
  *                                  its own pthread.
- *   Signer.sign_batch(items, mechanism) -> list
+ *   Signer.sign_batch(items, mechanism, *, der=False) -> list
  *                                  sign every item (GIL released), spreading the
  *                                  items over the sessions; per item: bytes (the
  *                                  signature), int (the CK_RV of a failure) or
  *                                  None (not attempted: no live session took it).
+ *                                  der=True (ECDSA mechanisms): the threads turn
+ *                                  r||s into a DER ECDSA-Sig-Value.
+ *   Signer.supports(mechanism)     C_GetMechanismInfo on the token: CKF_SIGN?
  *   Signer.close(), Module.close() free everything; Module.close() calls
  *                                  C_Finalize (close the signers first).
  *   Error                          init/token/login/key/session failures: .rv (the
@@ -39,6 +42,10 @@
 
 #define SIG_BUF_INITIAL 512 /* RSA-4096 fits; larger keys grow the buffer */
 #define MAX_SESSIONS 256
+/* ECDSA r||s: two halves of at most 66 octets (P-521; P-256 32, P-384 48) */
+#define ECDSA_MAX_HALF 66
+/* its DER ECDSA-Sig-Value: 30 81 len, then per INTEGER 02 len [00] octets */
+#define ECDSA_DER_MAX (3 + 2 * (3 + ECDSA_MAX_HALF))
 
 /* ------------------------------------------------------------------------ */
 /* CK_RV names                                                               */
@@ -413,14 +420,70 @@ typedef struct SignerObject {
     struct item *items;
     size_t n_items, next_item;
     CK_MECHANISM_TYPE mechanism;
+    int der;    /* ECDSA r||s -> DER ECDSA-Sig-Value */
     int active; /* workers still on the current job */
     int busy;   /* a sign_batch call is in progress (GIL-protected) */
 } SignerObject;
 
 static PyTypeObject SignerType;
 
+static int ecdsa_mechanism(CK_MECHANISM_TYPE type)
+{
+    switch (type) {
+    case CKM_ECDSA:
+    case CKM_ECDSA_SHA1:
+    case CKM_ECDSA_SHA224:
+    case CKM_ECDSA_SHA256:
+    case CKM_ECDSA_SHA384:
+    case CKM_ECDSA_SHA512:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* DER INTEGER of the unsigned big-endian n octets at p (1 <= n <= ECDSA_MAX_HALF)
+ * at out (room for n + 3): leading zero octets dropped, a 00 put first when the
+ * high bit is set, 0 as 02 01 00. Returns its length. */
+static size_t der_uint(unsigned char *out, const unsigned char *p, size_t n)
+{
+    while (n > 1 && p[0] == 0) {
+        p++;
+        n--;
+    }
+    size_t pad = p[0] & 0x80 ? 1 : 0;
+    out[0] = 0x02;
+    out[1] = (unsigned char)(pad + n);
+    out[2] = 0x00;
+    memcpy(out + 2 + pad, p, n);
+    return 2 + pad + n;
+}
+
+/* r||s (CKM_ECDSA*: two equal halves) -> DER ECDSA-Sig-Value in it->sig. A
+ * length that is not two halves of 1..ECDSA_MAX_HALF octets is the item's
+ * CKR_SIGNATURE_LEN_RANGE. */
+static CK_RV ecdsa_der(const unsigned char *raw, CK_ULONG len, struct item *it)
+{
+    unsigned char body[ECDSA_DER_MAX - 3];
+    if (len == 0 || len % 2 != 0 || len > 2 * ECDSA_MAX_HALF)
+        return CKR_SIGNATURE_LEN_RANGE;
+    size_t half = len / 2;
+    size_t n = der_uint(body, raw, half);
+    n += der_uint(body + n, raw + half, half);
+    size_t head = n < 0x80 ? 2 : 3; /* n <= 138: one length octet after 81 */
+    it->sig = malloc(head + n);
+    if (!it->sig)
+        return CKR_HOST_MEMORY;
+    it->sig[0] = 0x30;
+    it->sig[1] = 0x81;
+    it->sig[head - 1] = (unsigned char)n;
+    memcpy(it->sig + head, body, n);
+    it->sig_len = head + n;
+    return CKR_OK;
+}
+
 /* One signature on the worker's session; no lock held. */
-static CK_RV sign_item(SignerObject *s, struct worker *w, CK_MECHANISM_TYPE type, struct item *it)
+static CK_RV sign_item(SignerObject *s, struct worker *w, CK_MECHANISM_TYPE type, int der, struct item *it)
 {
     CK_FUNCTION_LIST_PTR f = s->f;
     CK_MECHANISM mech = {type, NULL, 0};
@@ -440,6 +503,8 @@ static CK_RV sign_item(SignerObject *s, struct worker *w, CK_MECHANISM_TYPE type
     }
     if (rv != CKR_OK)
         return rv;
+    if (der)
+        return ecdsa_der(w->buf, len, it);
     it->sig = malloc(len ? len : 1);
     if (!it->sig)
         return CKR_HOST_MEMORY;
@@ -465,8 +530,9 @@ static void *worker_main(void *arg)
         while (!w->dead && !failed && s->next_item < s->n_items) {
             struct item *it = &s->items[s->next_item++];
             CK_MECHANISM_TYPE mech = s->mechanism;
+            int der = s->der;
             pthread_mutex_unlock(&s->mu);
-            CK_RV rv = sign_item(s, w, mech, it);
+            CK_RV rv = sign_item(s, w, mech, der, it);
             pthread_mutex_lock(&s->mu);
             it->rv = rv;
             it->state = rv == CKR_OK ? ITEM_SIGNED : ITEM_FAILED;
@@ -758,13 +824,20 @@ static int Signer_init(SignerObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args)
+static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"items", "mechanism", "der", NULL};
     PyObject *seq;
     unsigned long mechanism;
+    int der = 0;
 
-    if (!PyArg_ParseTuple(args, "Ok", &seq, &mechanism))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Ok|$p", kwlist, &seq, &mechanism, &der))
         return NULL;
+    if (der && !ecdsa_mechanism(mechanism)) {
+        PyErr_Format(PyExc_ValueError, "sign_batch: der=True needs an ECDSA mechanism (CKM_ECDSA, CKM_ECDSA_SHA*), "
+                     "not mechanism %lu", mechanism);
+        return NULL;
+    }
     if (!self->open || !self->module || !self->module->initialized) {
         raise_simple("session", "the signer is closed");
         return NULL;
@@ -803,6 +876,7 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args)
         self->n_items = (size_t)n;
         self->next_item = 0;
         self->mechanism = (CK_MECHANISM_TYPE)mechanism;
+        self->der = der;
         self->active = self->n_workers;
         self->gen++;
         pthread_cond_broadcast(&self->work_cv);
@@ -835,6 +909,25 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args)
     Py_DECREF(tuple);
     Py_DECREF(self);
     return out;
+}
+
+static PyObject *Signer_supports(SignerObject *self, PyObject *arg)
+{
+    unsigned long mechanism = PyLong_AsUnsignedLong(arg);
+    if (mechanism == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (!self->open || !self->module || !self->module->initialized) {
+        raise_simple("session", "the signer is closed");
+        return NULL;
+    }
+    CK_FUNCTION_LIST_PTR f = self->f;
+    CK_SLOT_ID slot = self->slot;
+    CK_MECHANISM_INFO info;
+    CK_RV rv;
+    Py_BEGIN_ALLOW_THREADS
+    rv = f->C_GetMechanismInfo(slot, (CK_MECHANISM_TYPE)mechanism, &info);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rv == CKR_OK && (info.flags & CKF_SIGN));
 }
 
 static void signer_close(SignerObject *self)
@@ -905,11 +998,19 @@ static PyObject *Signer_exit(SignerObject *self, PyObject *Py_UNUSED(args))
 }
 
 static PyMethodDef Signer_methods[] = {
-    {"sign_batch", (PyCFunction)Signer_sign_batch, METH_VARARGS,
-     "sign_batch(items: list[bytes], mechanism: int) -> list[bytes | int | None]\n\n"
+    {"sign_batch", (PyCFunction)(void (*)(void))Signer_sign_batch, METH_VARARGS | METH_KEYWORDS,
+     "sign_batch(items: list[bytes], mechanism: int, *, der: bool = False) -> list[bytes | int | None]\n\n"
      "Sign every item with the key (GIL released), spread over the sessions' threads. Per item: the "
      "signature bytes, the CK_RV (int) of a failure, or None when no live session took the item (every "
-     "session failed). Never raises for a signing error."},
+     "session failed). Never raises for a signing error.\n\n"
+     "der=True, for an ECDSA mechanism only (CKM_ECDSA: the items are digests; CKM_ECDSA_SHA256/384: the "
+     "data): the signing threads turn the token's r||s into a DER ECDSA-Sig-Value (SEQUENCE of two "
+     "minimal INTEGERs), the form X.509 and OCSP carry. An r||s that is not two halves of 1 to 66 octets "
+     "(P-521) comes back as CKR_SIGNATURE_LEN_RANGE. ValueError for der=True with another mechanism."},
+    {"supports", (PyCFunction)Signer_supports, METH_O,
+     "supports(mechanism: int) -> bool\n\n"
+     "Whether the token lists the mechanism with CKF_SIGN (C_GetMechanismInfo on its slot); False when "
+     "that call fails. Says nothing of the key's CKA_ALLOWED_MECHANISMS."},
     {"close", (PyCFunction)Signer_close, METH_NOARGS, "Stop the threads and close the sessions."},
     {"__enter__", (PyCFunction)Signer_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Signer_exit, METH_VARARGS, NULL},
@@ -991,6 +1092,8 @@ PyMODINIT_FUNC PyInit__p11native(void)
         PyModule_AddObjectRef(m, "Module", (PyObject *)&ModuleType) < 0 ||
         PyModule_AddObjectRef(m, "Signer", (PyObject *)&SignerType) < 0 ||
         PyModule_AddIntConstant(m, "CKM_ECDSA", CKM_ECDSA) < 0 ||
+        PyModule_AddIntConstant(m, "CKM_ECDSA_SHA256", CKM_ECDSA_SHA256) < 0 ||
+        PyModule_AddIntConstant(m, "CKM_ECDSA_SHA384", CKM_ECDSA_SHA384) < 0 ||
         PyModule_AddIntConstant(m, "CKM_SHA256_RSA_PKCS", CKM_SHA256_RSA_PKCS) < 0 ||
         PyModule_AddIntConstant(m, "CKM_SHA384_RSA_PKCS", CKM_SHA384_RSA_PKCS) < 0 ||
         PyModule_AddIntConstant(m, "CKM_RSA_PKCS", CKM_RSA_PKCS) < 0 ||

@@ -17,18 +17,20 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.x509 import ocsp
 
 from e2e import ocspmint, openssl_check, response_path, run_json
 from faultkit import SOFTHSM, edit_config, failed_serials, file_objects, journal_rows, use_module, verify_clean
 from ocspmint.demo import Demo, build_demo
+from ocspmint.encoder import ecdsa_signature
 from p11fault.build import build_shim
 
 native = pytest.importorskip("ocspmint._p11native", reason="the C extension is not built (pip install -e .)")
@@ -84,6 +86,7 @@ tbs = [template.tbs(LedgerEntry("issuing-ca", 0x1000 + i, Kind.CERTIFICATE, now 
 keys = _Keys([key_spec(ident)], backend, sessions)
 keys.open()
 out["backends"] = keys.backends()
+out["mechanism"] = int(keys.keys["issuing-ca"].mechanism)
 reply = _sign_with_retry(keys, SignBatch(1, "issuing-ca", tbs), 3)
 keys.close()
 assert isinstance(reply, Signed), reply
@@ -91,10 +94,17 @@ out["responses"] = [template.response(t, s).hex() for t, s in zip(tbs, reply.sig
 """
 
 
-def sign_responses(demo: Demo, backend: str, count: int, now: dt.datetime, sessions: int = 1) -> list[bytes]:
-    out = child(demo, SIGN_RESPONSES, str(demo.config), backend, str(sessions), str(count), now.isoformat())
+def sign_run(demo: Demo, backend: str, count: int, now: dt.datetime, sessions: int = 1, config: Path | None = None,
+             env: dict[str, str] | None = None) -> tuple[int, list[bytes]]:
+    """(the key holder's mechanism, the DER responses)."""
+    out = child(demo, SIGN_RESPONSES, str(config or demo.config), backend, str(sessions), str(count),
+                now.isoformat(), env=env)
     assert out["backends"] == {"issuing-ca": backend}
-    return [bytes.fromhex(r) for r in out["responses"]]
+    return out["mechanism"], [bytes.fromhex(r) for r in out["responses"]]
+
+
+def sign_responses(demo: Demo, backend: str, count: int, now: dt.datetime, sessions: int = 1) -> list[bytes]:
+    return sign_run(demo, backend, count, now, sessions)[1]
 
 
 def responder_key(demo: Demo):
@@ -141,6 +151,27 @@ def test_ecdsa_native_and_python_responses_match_but_for_k_and_both_verify(demos
         assert ra.signature_hash_algorithm.name == ("sha384" if key == "ec-p384" else "sha256")
 
 
+@pytest.mark.parametrize("key", ["ec-p256", "ec-p384"])
+def test_ecdsa_hashes_in_the_token_when_it_offers_the_mechanism_else_in_the_worker(demos, shim, key):
+    """A token without CKM_ECDSA_SHA256/384 (the shim refusing them, as
+    SoftHSM2 2.6 does): the worker hashes and signs the digest (CKM_ECDSA).
+    The shim's P11FAULT_ECDSA_HASH=1 offers them: the worker passes the
+    ResponseData itself. Same ResponseData either way,
+    every response verifies, and both paths get DER from the extension."""
+    demo, now = demos[key], now_utc()
+    hashed = native.CKM_ECDSA_SHA384 if key == "ec-p384" else native.CKM_ECDSA_SHA256
+    config = demo.config.with_name("ocspmint-shim.toml")
+    config.write_text(demo.config.read_text().replace(f'module = "{SOFTHSM}"', f'module = "{shim}"'))
+    here_mech, here = sign_run(demo, "native", 12, now, sessions=2, config=config,
+                               env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_ECDSA_HASH": "0"})
+    token_mech, token = sign_run(demo, "native", 12, now, sessions=2, config=config,
+                                 env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_ECDSA_HASH": "1"})
+    assert (here_mech, token_mech) == (native.CKM_ECDSA, hashed)
+    for a, b in zip(here, token, strict=True):
+        ra, rb = assert_response_verifies(demo, a), assert_response_verifies(demo, b)
+        assert ra.tbs_response_bytes == rb.tbs_response_bytes
+
+
 # --------------------------------------------------------------------------
 # the extension itself: threads, sessions, per-item errors
 
@@ -179,6 +210,56 @@ out["closed"] = [signer.closed, module.closed]
         assert len(raw) == 64
         sig = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
         key.verify(sig, hashlib.sha256(b"item %d" % i).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+DER_SIGNATURES = """
+count, hash_name, mechanism = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+signer = native.Signer(module, token_label=TOKEN_LABEL, pin=pin, key_label=RESPONDER_LABEL, sessions=2)
+out["supports"] = [signer.supports(m) for m in (native.CKM_ECDSA, native.CKM_ECDSA_SHA256, native.CKM_ECDSA_SHA384)]
+data = [b"response %d" % i for i in range(count)]
+if mechanism == native.CKM_ECDSA:
+    data = [hashlib.new(hash_name, d).digest() for d in data]
+out["der"] = [r.hex() if isinstance(r, bytes) else r for r in signer.sign_batch(data, mechanism, der=True)]
+try:
+    signer.sign_batch(data[:1], native.CKM_SHA256_RSA_PKCS, der=True)
+except ValueError as e:
+    out["rsa_der"] = str(e)
+signer.close()
+module.close()
+"""
+
+
+@pytest.mark.parametrize("key", ["ec-p256", "ec-p384"])
+def test_der_ecdsa_signatures_from_the_extension_verify_and_are_minimal(demos, shim, key):
+    """sign_batch(..., der=True) over many signatures, so that r or s has
+    its high bit set (a 00 goes first) and, about once in 128 signatures,
+    a leading zero octet (dropped): each DER ECDSA-Sig-Value verifies, and
+    is byte for byte what ecdsa_signature makes of the same r||s. Both the
+    digest path (CKM_ECDSA, the shim refusing hash-and-sign) and
+    hash-in-token (the shim's CKM_ECDSA_SHA256/384)."""
+    demo, count = demos[key], 2000
+    hash_name, half = ("sha384", 48) if key == "ec-p384" else ("sha256", 32)
+    hashed = native.CKM_ECDSA_SHA384 if key == "ec-p384" else native.CKM_ECDSA_SHA256
+    algorithm = ec.ECDSA(hashes.SHA384() if key == "ec-p384" else hashes.SHA256())
+    public = responder_key(demo)
+    seen: Counter[str] = Counter()
+    for mechanism, offered in ((native.CKM_ECDSA, "0"), (hashed, "1")):
+        env = {"TEST_P11_MODULE": str(shim), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_ECDSA_HASH": offered}
+        out = child(demo, NATIVE + DER_SIGNATURES, str(demo.pin_file), str(count), hash_name, str(mechanism),
+                    env=env)
+        # [CKM_ECDSA, CKM_ECDSA_SHA256, CKM_ECDSA_SHA384] as the shim offers them
+        assert out["supports"] == ([True, True, True] if offered == "1" else [True, False, False])
+        assert "der=True needs an ECDSA mechanism" in out["rsa_der"]
+        assert len(out["der"]) == count and all(isinstance(d, str) for d in out["der"])
+        for i, d in enumerate(out["der"]):
+            sig = bytes.fromhex(d)
+            public.verify(sig, b"response %d" % i, algorithm)
+            r, s = decode_dss_signature(sig)
+            assert sig == ecdsa_signature(r.to_bytes(half, "big") + s.to_bytes(half, "big"))
+            for v in (r, s):
+                seen["high bit"] += v.bit_length() == 8 * half
+                seen["leading zero"] += v.bit_length() <= 8 * (half - 1)
+    assert seen["high bit"] > 0 and seen["leading zero"] > 0, seen
 
 
 def test_sessions_hide_a_slow_hsm_s_latency(demos, shim):

@@ -104,6 +104,12 @@ class Runner:
     """
 
     MAX_UPLOADS = 4  # batches in the store's hands at once
+    # Acknowledged responses journaled together: one transaction rewrites the
+    # journal's b-tree pages it touches, so fewer, larger ones cost less per row
+    # (27 µs per row at 256 a transaction, 17 at 4,096, 50k-row journal). A run
+    # killed before the write re-signs them at its next start, nothing more.
+    JOURNAL_ROWS = 4096
+    JOURNAL_SECONDS = 0.25
 
     def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, store: Store, summary: Summary) -> None:
         self.config, self.issuers, self.journal, self.store, self.summary = config, issuers, journal, store, summary
@@ -111,6 +117,8 @@ class Runner:
         self.templates = {n: ResponseTemplate(i, hashes) for n, i in issuers.items()}
         self.batches: dict[int, _Batch] = {}
         self.uploads: deque[_Upload] = deque()
+        self.acked: list[tuple[LedgerEntry, Record, bool]] = []  # stored, not journaled yet
+        self.journaled_at = time.monotonic()
         self.targets = [t.name for t in config.purge]
         self.sample: Sample | None = None
         self.force: Force | None = None
@@ -179,29 +187,40 @@ class Runner:
         self.settle(self.MAX_UPLOADS)
 
     def settle(self, keep: int) -> None:
-        """Journal every upload the store has acknowledged, oldest first,
-        blocking while more than ``keep`` are outstanding (0: drain)."""
+        """Take every upload the store has acknowledged, oldest first,
+        blocking while more than ``keep`` are outstanding, and journal
+        them (``flush``) once JOURNAL_ROWS wait or JOURNAL_SECONDS passed
+        since the last journal write; ``keep`` 0 drains the store and
+        journals everything."""
         while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
             up = self.uploads.popleft()
             errors = up.done.result()
             if self.observer is not None:
                 self.observer.uploaded(time.monotonic() - up.sent, len(up.entries))
-            kept, purge = [], []
             for entry, record, urgent, error in zip(up.entries, up.records, up.urgent, errors, strict=True):
-                if error is not None:
+                if error is None:
+                    self.acked.append((entry, record, urgent))
+                else:
                     self.fail(entry, "store", error)
-                    continue
-                kept.append(record)
-                self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
-                if self.sample is not None:
-                    self.sample.add(entry, urgent)
-                if urgent:
-                    purge.append((entry.issuer, entry.serial))
-            if self.config.signing.verify:
-                self.summary.verified += len(kept)
-            self.journal.record(kept, purge, self.targets)
-            if self.observer is not None:
-                self.observer.journaled([e for e, err in zip(up.entries, errors) if err is None])
+        if self.acked and (keep == 0 or len(self.acked) >= self.JOURNAL_ROWS
+                           or time.monotonic() - self.journaled_at >= self.JOURNAL_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Journal the acknowledged responses (and queue their purges) in
+        one transaction; only then are they counted as published."""
+        purge = [(entry.issuer, entry.serial) for entry, _, urgent in self.acked if urgent]
+        self.journal.record([record for _, record, _ in self.acked], purge, self.targets)
+        for entry, _, urgent in self.acked:
+            self.summary.count(entry.issuer, entry.status.value, entry.kind.value)
+            if self.sample is not None:
+                self.sample.add(entry, urgent)
+        if self.config.signing.verify:
+            self.summary.verified += len(self.acked)
+        if self.observer is not None:
+            self.observer.journaled([entry for entry, _, _ in self.acked])
+        self.acked = []
+        self.journaled_at = time.monotonic()
 
 
 def probe_keys(pool: SignerPool, runner: Runner) -> None:

@@ -154,25 +154,30 @@ class _PythonKey:
 
 class _NativeKey:
     """One issuer's key through ocspmint._p11native: ``sessions`` sessions,
-    one thread each; ECDSA gets the digest (CKM_ECDSA, r||s → DER), RSA the
-    data (CKM_SHA256_RSA_PKCS)."""
+    one thread each. RSA signs the data (CKM_SHA256_RSA_PKCS). ECDSA signs
+    the data with CKM_ECDSA_SHA256/384 when the token offers the key's hash
+    that way, else the digest made here (CKM_ECDSA); either way the
+    extension hands back the DER ECDSA-Sig-Value (``der=True``)."""
 
     def __init__(self, signer: Any, spec: KeySpec) -> None:
-        from ocspmint import _p11native
+        from ocspmint import _p11native as native
 
         self.signer, self.spec = signer, spec
-        self.mechanism = _p11native.CKM_ECDSA if spec.key_type == "ec" else _p11native.CKM_SHA256_RSA_PKCS
+        self.der = spec.key_type == "ec"
+        self.prehash: Any = None  # hashlib constructor of the digest signed instead of the data
+        if not self.der:
+            self.mechanism = native.CKM_SHA256_RSA_PKCS
+            return
+        in_token = {"sha256": native.CKM_ECDSA_SHA256, "sha384": native.CKM_ECDSA_SHA384}.get(spec.hash_name)
+        if in_token is not None and signer.supports(in_token):
+            self.mechanism = in_token
+        else:
+            self.mechanism, self.prehash = native.CKM_ECDSA, getattr(hashlib, spec.hash_name)
 
     def sign(self, tbs: list[bytes]) -> list[bytes | str | None]:
-        ec_key = self.spec.key_type == "ec"
-        data = [hashlib.new(self.spec.hash_name, t).digest() for t in tbs] if ec_key else tbs
-        out: list[bytes | str | None] = []
-        for r in self.signer.sign_batch(data, self.mechanism):
-            if isinstance(r, bytes):
-                out.append(ecdsa_signature(r) if ec_key else r)
-            else:
-                out.append(None if r is None else describe_rv(r))
-        return out
+        data = [self.prehash(t).digest() for t in tbs] if self.prehash else tbs
+        return [r if isinstance(r, bytes) else None if r is None else describe_rv(r)
+                for r in self.signer.sign_batch(data, self.mechanism, der=self.der)]
 
 
 class _SoftwareKey:

@@ -23,6 +23,10 @@
  *   P11FAULT_LOG=/path             one appended line per injected fault
  *   P11FAULT_OS_LOCKING=1          turn C_Initialize(NULL) into
  *                                  C_Initialize({flags=CKF_OS_LOCKING_OK})
+ *   P11FAULT_ECDSA_HASH=1          offer CKM_ECDSA_SHA256/384 (C_GetMechanismInfo,
+ *                                  single-part C_Sign): the real module digests,
+ *                                  then signs with CKM_ECDSA (SoftHSM2 2.6 has
+ *                                  no hash-and-sign ECDSA)
  *
  * A "signature attempt" is one single-part (C_Sign) or multi-part
  * (C_SignFinal) signature operation.  The usual two-call pattern
@@ -76,6 +80,7 @@ static struct {
     unsigned long back_ms;   /* 0 = a pulled token never comes back */
     char *log_path;
     int os_locking; /* C_Initialize(NULL) -> C_Initialize(CKF_OS_LOCKING_OK) */
+    int ecdsa_hash; /* CKM_ECDSA_SHA256/384: -1 as the real module, 0 refused, 1 emulated */
 } cfg;
 
 static CK_FUNCTION_LIST *real;  /* the real module's list */
@@ -96,6 +101,8 @@ struct sess {
     int dead;       /* faulted: every call answers SESSION_HANDLE_INVALID */
     int plug;       /* dead, and real handle h is a shim-owned placeholder */
     int in_attempt; /* a signature attempt is in progress (length queried) */
+    CK_MECHANISM_TYPE hash; /* ECDSA_HASH: the operation is CKM_ECDSA over this
+                               digest (CKM_SHA256/384); 0: not emulated */
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -549,18 +556,70 @@ static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR p
     return real->C_Login(h, user, pin, pin_len);
 }
 
+/* ECDSA_HASH: the digest of an emulated hash-and-sign mechanism, else 0 */
+static CK_MECHANISM_TYPE emulated_hash(CK_MECHANISM_TYPE type)
+{
+    if (cfg.ecdsa_hash != 1)
+        return 0;
+    return type == CKM_ECDSA_SHA256 ? CKM_SHA256 : type == CKM_ECDSA_SHA384 ? CKM_SHA384 : 0;
+}
+
+static CK_RV w_C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
+{
+    if (cfg.ecdsa_hash == 0 && (type == CKM_ECDSA_SHA256 || type == CKM_ECDSA_SHA384))
+        return CKR_MECHANISM_INVALID;
+    return real->C_GetMechanismInfo(slot, emulated_hash(type) ? CKM_ECDSA : type, info);
+}
+
 static CK_RV w_C_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 {
+    CK_MECHANISM ecdsa = {CKM_ECDSA, NULL, 0};
+    CK_MECHANISM_TYPE hash = mech ? emulated_hash(mech->mechanism) : 0;
     pthread_mutex_lock(&lock);
     struct sess *s = find_sess(h);
     if (s && s->dead) {
         pthread_mutex_unlock(&lock);
         return CKR_SESSION_HANDLE_INVALID;
     }
-    if (s)
+    if (s) {
         s->in_attempt = 0;
+        s->hash = hash;
+    }
     pthread_mutex_unlock(&lock);
-    return real->C_SignInit(h, mech, key);
+    if (hash && !s)
+        return CKR_HOST_MEMORY; /* the session table could not take it at C_OpenSession */
+    return real->C_SignInit(h, hash ? &ecdsa : mech, key);
+}
+
+/*
+ * ECDSA_HASH: for an emulated operation, point data at its digest in md. The
+ * real module makes it in a session of its own: the signing session's
+ * CKM_ECDSA operation is already active (C_SignInit).
+ */
+static CK_RV emulated_digest(CK_SESSION_HANDLE h, CK_BYTE_PTR *data, CK_ULONG *data_len,
+                             CK_BYTE md[64])
+{
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    CK_MECHANISM hash = {s ? s->hash : 0, NULL, 0};
+    CK_SLOT_ID slot = s ? s->slot : 0;
+    pthread_mutex_unlock(&lock);
+    if (!hash.mechanism)
+        return CKR_OK;
+    CK_SESSION_HANDLE dh;
+    CK_ULONG len = 64;
+    CK_RV rv = real->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &dh);
+    if (rv != CKR_OK)
+        return rv;
+    rv = real->C_DigestInit(dh, &hash);
+    if (rv == CKR_OK)
+        rv = real->C_Digest(dh, *data, *data_len, md, &len);
+    real->C_CloseSession(dh);
+    if (rv == CKR_OK) {
+        *data = md;
+        *data_len = len;
+    }
+    return rv;
 }
 
 static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
@@ -577,7 +636,10 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
     case GATE_PASS:
         break;
     }
-    CK_RV rv = real->C_Sign(h, data, data_len, sig, sig_len);
+    CK_BYTE md[64];
+    CK_RV rv = emulated_digest(h, &data, &data_len, md);
+    if (rv == CKR_OK)
+        rv = real->C_Sign(h, data, data_len, sig, sig_len);
     sign_after(h, rv, sig != NULL);
     return rv;
 }
@@ -759,6 +821,7 @@ static int read_config(void)
 
     cfg.sign_rv = CKR_DEVICE_ERROR;
     cfg.session_fatal = -1;
+    cfg.ecdsa_hash = -1;
 
     if ((v = env("P11FAULT_SIGN_FAIL_AT")) && parse_fail_at(v))
         return -1;
@@ -799,6 +862,16 @@ static int read_config(void)
             cfg.os_locking = 1;
         else {
             p11f_warn("P11FAULT_OS_LOCKING: expected 0 or 1, got '%s'", v);
+            return -1;
+        }
+    }
+    if ((v = env("P11FAULT_ECDSA_HASH"))) {
+        if (!strcmp(v, "0"))
+            cfg.ecdsa_hash = 0;
+        else if (!strcmp(v, "1"))
+            cfg.ecdsa_hash = 1;
+        else {
+            p11f_warn("P11FAULT_ECDSA_HASH: expected 0 or 1, got '%s'", v);
             return -1;
         }
     }
@@ -918,6 +991,7 @@ static void do_init(void)
     W(C_GetSlotList);
     W(C_GetSlotInfo);
     W(C_GetTokenInfo);
+    W(C_GetMechanismInfo);
     W(C_InitPIN);
     W(C_SetPIN);
     W(C_OpenSession);
