@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import resource
 import statistics
 import subprocess
@@ -63,7 +62,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 from publish_throughput import WARMUP, measure, proc_cpu  # noqa: E402
 from seaweed import SeaweedS3, seaweed, weed_binary  # noqa: E402
-from sign_throughput import _toml, append_results, ocspmint_run, synthetic_entries, write_config  # noqa: E402
+from sign_throughput import _toml, append_results, checked_summary, ocspmint_run, synthetic_entries, write_config  # noqa: E402
 
 from ocspmint.demo import RESPONDER_KEYS, Demo, build_demo  # noqa: E402
 from ocspmint.ledger.sqlite import write_entries  # noqa: E402
@@ -128,14 +127,7 @@ def s3_run(demo: Demo, config: Path, sw: SeaweedS3, serials: int) -> tuple[float
     p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
     wall = time.perf_counter() - t0
     u1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), proc_cpu(sw.pid)
-    try:
-        summary = json.loads(p.stdout)
-    except json.JSONDecodeError:
-        summary = {}
-    if p.returncode != 0 or not summary.get("ok") or summary.get("published") != serials:
-        raise SystemExit(f"ocspmint run FAILED (exit {p.returncode}, ok={summary.get('ok')}, "
-                         f"published={summary.get('published')} of {serials}; failures: "
-                         f"{summary.get('failures', [])[:3]})\n{p.stderr[-2000:]}")
+    summary = checked_summary(p, serials)
     client = (u1.ru_utime - u0.ru_utime) + (u1.ru_stime - u0.ru_stime)
     return wall, summary, client, s1 - s0
 

@@ -219,8 +219,16 @@ def ocspmint_run(demo: Demo, config: Path, serials: int) -> tuple[float, dict[st
     exe = Path(sys.executable).parent / "ocspmint"
     env = {**os.environ, "SOFTHSM2_CONF": str(demo.softhsm_conf)}
     start = time.perf_counter()
-    p = subprocess.run([str(exe), "run", "--config", str(config), "--json", "--quiet"], env=env, capture_output=True)
+    p = subprocess.run([str(exe), "run", "--config", str(config), "--json", "--quiet"], env=env, capture_output=True,
+                       text=True)
     wall = time.perf_counter() - start
+    return wall, checked_summary(p, serials)
+
+
+def checked_summary(p: subprocess.CompletedProcess[str], serials: int) -> dict[str, Any]:
+    """The JSON summary of a finished ``ocspmint run --json`` (text output);
+    exits with status 1, showing the failures, unless it is ok with
+    published == serials."""
     try:
         summary = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -228,8 +236,8 @@ def ocspmint_run(demo: Demo, config: Path, serials: int) -> tuple[float, dict[st
     if p.returncode != 0 or not summary.get("ok") or summary.get("published") != serials:
         raise SystemExit(f"ocspmint run FAILED (exit {p.returncode}, ok={summary.get('ok')}, "
                          f"published={summary.get('published')} of {serials}; failures: "
-                         f"{summary.get('failures', [])[:3]})\n{p.stderr.decode(errors='replace')[-2000:]}")
-    return wall, summary
+                         f"{summary.get('failures', [])[:3]})\n{p.stderr[-2000:]}")
+    return summary
 
 
 # ---------------------------------------------------------------- report

@@ -772,6 +772,20 @@ static const char *env(const char *name)
     return (v && *v) ? v : NULL;
 }
 
+/* A 0/1 variable into *out (left as it is when unset); -1 (warned) otherwise. */
+static int env_switch(const char *name, int *out)
+{
+    const char *v = env(name);
+    if (!v)
+        return 0;
+    if (strcmp(v, "0") && strcmp(v, "1")) {
+        p11f_warn("%s: expected 0 or 1, got '%s'", name, v);
+        return -1;
+    }
+    *out = v[0] == '1';
+    return 0;
+}
+
 static int cmp_ulong(const void *a, const void *b)
 {
     unsigned long x = *(const unsigned long *)a, y = *(const unsigned long *)b;
@@ -855,26 +869,8 @@ static int read_config(void)
             return -1;
         }
     }
-    if ((v = env("P11FAULT_OS_LOCKING"))) {
-        if (!strcmp(v, "0"))
-            cfg.os_locking = 0;
-        else if (!strcmp(v, "1"))
-            cfg.os_locking = 1;
-        else {
-            p11f_warn("P11FAULT_OS_LOCKING: expected 0 or 1, got '%s'", v);
-            return -1;
-        }
-    }
-    if ((v = env("P11FAULT_ECDSA_HASH"))) {
-        if (!strcmp(v, "0"))
-            cfg.ecdsa_hash = 0;
-        else if (!strcmp(v, "1"))
-            cfg.ecdsa_hash = 1;
-        else {
-            p11f_warn("P11FAULT_ECDSA_HASH: expected 0 or 1, got '%s'", v);
-            return -1;
-        }
-    }
+    if (env_switch("P11FAULT_OS_LOCKING", &cfg.os_locking) || env_switch("P11FAULT_ECDSA_HASH", &cfg.ecdsa_hash))
+        return -1;
     if ((v = env("P11FAULT_SIGN_DELAY_US"))) {
         if (parse_ulong("P11FAULT_SIGN_DELAY_US", v, &n, 10))
             return -1;
