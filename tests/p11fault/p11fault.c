@@ -786,6 +786,23 @@ static int env_switch(const char *name, int *out)
     return 0;
 }
 
+/* A 1-based count into *out (left as it is when unset); -1 (warned) otherwise. */
+static int env_count(const char *name, unsigned long *out)
+{
+    const char *v = env(name);
+    unsigned long n;
+    if (!v)
+        return 0;
+    if (parse_ulong(name, v, &n, 10))
+        return -1;
+    if (n == 0) {
+        p11f_warn("%s: numbers are 1-based, got 0", name);
+        return -1;
+    }
+    *out = n;
+    return 0;
+}
+
 static int cmp_ulong(const void *a, const void *b)
 {
     unsigned long x = *(const unsigned long *)a, y = *(const unsigned long *)b;
@@ -839,15 +856,8 @@ static int read_config(void)
 
     if ((v = env("P11FAULT_SIGN_FAIL_AT")) && parse_fail_at(v))
         return -1;
-    if ((v = env("P11FAULT_SIGN_FAIL_FROM"))) {
-        if (parse_ulong("P11FAULT_SIGN_FAIL_FROM", v, &n, 10))
-            return -1;
-        if (n == 0) {
-            p11f_warn("P11FAULT_SIGN_FAIL_FROM: numbers are 1-based, got 0");
-            return -1;
-        }
-        cfg.fail_from = n;
-    }
+    if (env_count("P11FAULT_SIGN_FAIL_FROM", &cfg.fail_from))
+        return -1;
     if ((v = env("P11FAULT_SIGN_RV"))) {
         if (parse_ulong("P11FAULT_SIGN_RV", v, &n, 0))
             return -1;
@@ -911,15 +921,8 @@ static int read_config(void)
         cfg.login_fault = 1;
         cfg.login_rv = n;
     }
-    if ((v = env("P11FAULT_TOKEN_GONE_FROM"))) {
-        if (parse_ulong("P11FAULT_TOKEN_GONE_FROM", v, &n, 10))
-            return -1;
-        if (n == 0) {
-            p11f_warn("P11FAULT_TOKEN_GONE_FROM: numbers are 1-based, got 0");
-            return -1;
-        }
-        cfg.gone_from = n;
-    }
+    if (env_count("P11FAULT_TOKEN_GONE_FROM", &cfg.gone_from))
+        return -1;
     if ((v = env("P11FAULT_TOKEN_BACK_MS"))) {
         if (parse_ulong("P11FAULT_TOKEN_BACK_MS", v, &n, 10))
             return -1;
