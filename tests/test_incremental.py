@@ -9,8 +9,9 @@ import sqlite3
 from pathlib import Path
 
 from e2e import ocspmint, openssl_check, response_path
-from faultkit import assert_journal_matches_store, file_objects
+from faultkit import SOFTHSM, assert_journal_matches_store, file_objects, use_module
 from ocspmint.demo import Demo, build_demo, issue, revoke
+from p11fault.build import build_shim
 
 
 def sqlite_config(demo: Demo, extra: str = "") -> Path:
@@ -26,8 +27,8 @@ def ingest(demo: Demo) -> None:
     assert p.returncode == 0, p.stderr
 
 
-def run(demo: Demo, config: Path, *flags: str) -> dict:
-    p = ocspmint(demo, "run", "--json", "--quiet", *flags, config=config)
+def run(demo: Demo, config: Path, *flags: str, env: dict[str, str] | None = None) -> dict:
+    p = ocspmint(demo, "run", "--json", "--quiet", *flags, config=config, env=env)
     assert p.stdout, p.stderr
     summary = json.loads(p.stdout)
     assert p.returncode == (0 if summary["ok"] else 1)
@@ -69,6 +70,40 @@ def test_incremental_run_plans_only_changes_and_scheduled_resigning(tmp_path):
     config = sqlite_config(demo, '[response]\nrefresh_after = "P2D"\n')
     assert "refresh_after changed" in run(demo, config, "--incremental")["plan"]
     assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+
+def test_signers_log_in_only_when_a_run_may_sign(tmp_path):
+    """A full pass starts its signers while it reads the ledger; an
+    incremental run starts them only when something is due, so one with
+    nothing due never logs in to the token (every C_Login fails here, and
+    the p11fault log gets a line per attempt)."""
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    ingest(demo)
+    use_module(demo, build_shim(tmp_path / "shim"))
+    config = sqlite_config(demo)
+    log = tmp_path / "logins.log"
+    no_login = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_LOGIN_RV": "0xA0", "P11FAULT_LOG": str(log)}
+
+    def logins() -> int:
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return sum(" login#" in line for line in lines)
+
+    refused = run(demo, config, "--incremental", env=no_login)  # a full pass: everything is due
+    assert not refused["ok"] and refused["published"] == 0 and logins() >= 1
+    assert {f["stage"] for f in refused["failures"]} == {"sign"} and "PinIncorrect" in refused["failures"][0]["message"]
+
+    first = run(demo, config, "--incremental", env={"P11FAULT_MODULE": SOFTHSM})
+    assert first["ok"] and first["plan"].startswith("full") and first["published"] == 4
+    idle = run(demo, config, "--incremental", env=no_login)
+    assert idle["ok"] and (idle["plan"], idle["published"], idle["failures"]) == ("incremental", 0, [])
+    assert logins() == 0
+
+    revoke(demo, next(iter(demo.serials["good"])), "keyCompromise")
+    ingest(demo)
+    due = run(demo, config, "--incremental", env=no_login)
+    assert not due["ok"] and due["plan"] == "incremental" and due["due"] == {"changed": 1}
+    assert "PinIncorrect" in due["failures"][0]["message"] and logins() >= 1
 
 
 def test_incremental_needs_one_sqlite_source(tmp_path):

@@ -23,7 +23,7 @@ from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.served import Sample, check_served
-from ocspmint.signer import SignerError, SignerPool, key_spec
+from ocspmint.signer import PoolStart, SignerError, SignerPool, key_spec
 from ocspmint.store import open_store
 
 Select = Callable[[LedgerEntry], bool]
@@ -113,12 +113,15 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
     specs = [key_spec(i) for i in issuers.values()]
-    with Journal(config.state_dir) as journal, Spool(config.state_dir) as spool:
+    signers = PoolStart(lambda: SignerPool(specs, config.signing.workers, config.signing.retries,
+                                           config.signing.timeout.total_seconds(), config.signing.backend,
+                                           config.signing.sessions))
+    with Journal(config.state_dir) as journal, Spool(config.state_dir) as spool, signers:
         planner = make_planner(config, issuers, journal, force)
         mark = LedgerMark(config, issuers, journal)
         try:
             journal.check_clock(planner.now)
-            conflicts = _plan(config, issuers, planner, summary, spool, select, mark, incremental)
+            conflicts = _plan(config, issuers, planner, summary, spool, select, mark, incremental, signers.start)
         except LedgerStop:
             summary.finish(planner.counts)
             return summary
@@ -136,15 +139,14 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
                 progress = Progress(len(spool), "signing") if show_progress else None
                 due = spool.entries(conflicts)  # conflicts are known only after the whole pass
                 try:
-                    with SignerPool(specs, config.signing.workers, config.signing.retries,
-                                    config.signing.timeout.total_seconds(), config.signing.backend,
-                                    config.signing.sessions) as pool:
-                        summary.signer_backend = pool.backends
-                        probe_keys(pool, runner)
-                        sign_all(pool, runner, due, progress, rate)
+                    pool = signers.pool()
+                    summary.signer_backend = pool.backends
+                    probe_keys(pool, runner)
+                    sign_all(pool, runner, due, progress, rate)
                 except SignerError as e:  # the pool could not start
                     runner.fail_all([entry for entry, _ in due], "sign", str(e))
         finally:
+            signers.close()
             runner.settle(0)
             store.close()
         summary.purges = invalidate(config, issuers, journal)
@@ -160,12 +162,16 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
 
 
 def _plan(config: Config, issuers: dict[str, IssuerIdentity], planner: Planner, summary: Summary, spool: Spool,
-          select: Select | None, mark: LedgerMark, incremental: bool) -> set[tuple[str, int]]:
+          select: Select | None, mark: LedgerMark, incremental: bool,
+          full_pass: Callable[[], None]) -> set[tuple[str, int]]:
     """Put what is due in ``spool``: from a full ledger pass, or, when
     ``incremental`` and the journal's mark allows it, from the ledger
     changes since the mark plus the journal's routine re-signing (module
     ``incremental``). Returns the keys found in conflict (not to publish).
-    Sets ``summary.plan``. Raises LedgerStop."""
+    Sets ``summary.plan``. Raises LedgerStop. ``full_pass`` is called as
+    a full pass begins: the caller starts its signers then, so that they
+    log in while the ledger is read (an incremental plan may find nothing
+    due, and then needs no signer)."""
     conflicts: set[tuple[str, int]] = set()
     why_full = mark.why_full() if incremental else None
     if incremental and why_full is None:
@@ -183,6 +189,7 @@ def _plan(config: Config, issuers: dict[str, IssuerIdentity], planner: Planner, 
             spool.add((entry, "refresh"))
         return conflicts
     summary.plan = f"full ({why_full})" if why_full else "full"
+    full_pass()
     mark.start()
     entries = ledger_entries(config, issuers, summary, conflicts)
     for planned in planner.due(e for e in entries if select is None or select(e)):

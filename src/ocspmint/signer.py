@@ -33,8 +33,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 
 import msgspec
@@ -42,10 +43,13 @@ import msgspec
 from ocspmint.pkcs11uri import UriError
 from ocspmint.signkeys import SOFTWARE, KeySpec, SignerError, _Keys, describe_error, describe_rv, key_spec, resolve_backend
 
-__all__ = ["SOFTWARE", "Failed", "KeySpec", "SignBatch", "Signed", "SignerError", "SignerPool", "backoff",
+__all__ = ["SOFTWARE", "Failed", "KeySpec", "PoolStart", "SignBatch", "Signed", "SignerError", "SignerPool", "backoff",
            "describe_error", "describe_rv", "key_spec", "resolve_backend"]
 
-IN_FLIGHT_PER_WORKER = 2
+# Batches queued per worker: enough that it keeps signing while the parent
+# journals 4,096 rows at once (~40 ms, Runner.JOURNAL_ROWS); 2 left SoftHSM2
+# idle then (bench/RESULTS.md, 2026-11-21 in-flight batches).
+IN_FLIGHT_PER_WORKER = 4
 BACKOFF_BASE = 0.1  # seconds before the first reopen after a PKCS#11 error
 BACKOFF_CAP = 5.0  # seconds, the longest wait between two attempts
 
@@ -290,3 +294,52 @@ class SignerPool:
                 proc.kill()
         self._workers.clear()
         self._inflight.clear()
+
+
+class PoolStart:
+    """A SignerPool started on a background thread, so that its workers
+    spawn and log in while the caller does other work (`ocspmint run`
+    reads the ledger meanwhile). ``start()`` begins (once); ``pool()``
+    starts it if not begun, waits, and returns it entered or raises what
+    ``SignerPool.__enter__`` raised (SignerError); ``close()`` (also on
+    leaving a ``with`` block) waits for the start and closes the pool,
+    started or not."""
+
+    def __init__(self, make: Callable[[], SignerPool]) -> None:
+        self._make = make
+        self._pool: SignerPool | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._pool = self._make()
+            self._thread = threading.Thread(target=self._enter, name="signer-start", daemon=True)
+            self._thread.start()
+
+    def _enter(self) -> None:
+        assert self._pool is not None
+        try:
+            self._pool.__enter__()
+        except BaseException as e:  # re-raised in the caller's thread by pool()
+            self._error = e
+
+    def pool(self) -> SignerPool:
+        self.start()
+        assert self._thread is not None and self._pool is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._pool
+
+    def __enter__(self) -> PoolStart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._thread is not None and self._pool is not None:
+            self._thread.join()
+            self._pool.close()
+        self._thread = None
