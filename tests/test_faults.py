@@ -15,21 +15,16 @@ from pathlib import Path
 import pytest
 
 from e2e import BIN, ocspmint, response_path, run_json
+from faultkit import SOFTHSM, use_module
 from ocspmint.demo import Demo, build_demo
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint.model import Kind, LedgerEntry, Reason, Status, utc_now
 from p11fault.build import build_shim
 
-SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
-
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory) -> Path:
     return build_shim(tmp_path_factory.mktemp("shim"))
-
-
-def with_module(demo: Demo, module: Path) -> None:
-    demo.config.write_text(demo.config.read_text().replace(f'module = "{SOFTHSM}"', f'module = "{module}"'))
 
 
 def store_objects(demo: Demo) -> list[Path]:
@@ -50,7 +45,7 @@ def journal_count(demo: Demo) -> int:
 @pytest.mark.parametrize("rv", ["0x30", "0xb0", "0xb3"])  # DeviceError, SessionClosed, SessionHandleInvalid
 def test_transient_pkcs11_errors_are_retried_on_fresh_sessions(tmp_path, shim, rv):
     demo = build_demo(tmp_path, certs=12, precerts=4, revoke=2)
-    with_module(demo, shim)
+    use_module(demo, shim)
     log = tmp_path / "faults.log"
     env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_AT": "3,7,8", "P11FAULT_SIGN_RV": rv, "P11FAULT_LOG": str(log)}
     code, summary = run_json(demo, env=env)
@@ -64,7 +59,7 @@ def test_permanent_device_error_fails_the_run_and_publishes_nothing_bad(tmp_path
     demo = build_demo(tmp_path, certs=8, precerts=4, revoke=2)
     text = demo.config.read_text().replace("workers = 2", "workers = 1\nbatch_size = 4")
     demo.config.write_text(text)
-    with_module(demo, shim)
+    use_module(demo, shim)
     env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_FROM": "6"}
     code, summary = run_json(demo, env=env)
     assert code == 1 and not summary["ok"]
@@ -81,7 +76,7 @@ def test_permanent_device_error_fails_the_run_and_publishes_nothing_bad(tmp_path
 
 def test_login_failure_is_reported_per_serial(tmp_path, shim):
     demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
-    with_module(demo, shim)
+    use_module(demo, shim)
     code, summary = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_LOGIN_RV": "0xA0"})
     assert code == 1 and len(summary["failures"]) == 3
     assert "PinIncorrect" in summary["failures"][0]["message"]
@@ -219,7 +214,7 @@ def test_killed_signer_process_is_replaced_and_its_batch_resent(tmp_path, shim):
     demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
     synthetic_ledger(demo, 400)
     demo.config.write_text(demo.config.read_text().replace("workers = 2", "workers = 2\nbatch_size = 16"))
-    with_module(demo, shim)
+    use_module(demo, shim)
     env = {**demo.env(), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": "20000"}
     cmd = [str(BIN / "ocspmint"), "run", "--quiet", "--json", "--config", str(demo.config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
