@@ -37,19 +37,22 @@ bench: system-deps venv
 ## (bench/sign_stage.py; STAGE_ARGS e.g. "--repeat 1 --seconds 1 --markdown"); bench/plot_workers.png if matplotlib imports.
 STAGE_ARGS ?=
 bench-stage: system-deps venv
-	mkdir -p build
-	$(BIN)/python bench/sign_stage.py --json build/sign_stage.json $(STAGE_ARGS)
-	if $(BIN)/python -c 'import matplotlib' 2>/dev/null; then $(BIN)/python bench/plots.py --stage build/sign_stage.json; \
-	else echo "no matplotlib: pip install -e '.[bench]' for bench/plot_workers.png"; fi
+	$(call bench_and_plot,sign_stage.py,sign_stage.json,--stage,plot_workers.png,$(STAGE_ARGS))
 
 ## Simulated network HSM: C loop vs ocspmint's native signer by sessions in flight (bench/nethsm_throughput.py;
 ## NETHSM_ARGS e.g. "--seconds 1 --key rsa-2048"); bench/plot_sessions.png if matplotlib imports.
 NETHSM_ARGS ?=
 bench-nethsm: system-deps venv
+	$(call bench_and_plot,nethsm_throughput.py,nethsm.json,--nethsm,plot_sessions.png,$(NETHSM_ARGS))
+
+# $(call bench_and_plot,SCRIPT,JSON,PLOTS_FLAG,PNG,ARGS): run bench/SCRIPT into build/JSON, then draw
+# bench/PNG with bench/plots.py PLOTS_FLAG when matplotlib imports.
+define bench_and_plot
 	mkdir -p build
-	$(BIN)/python bench/nethsm_throughput.py --json build/nethsm.json $(NETHSM_ARGS)
-	if $(BIN)/python -c 'import matplotlib' 2>/dev/null; then $(BIN)/python bench/plots.py --nethsm build/nethsm.json; \
-	else echo "no matplotlib: pip install -e '.[bench]' for bench/plot_sessions.png"; fi
+	$(BIN)/python bench/$(1) --json build/$(2) $(5)
+	if $(BIN)/python -c 'import matplotlib' 2>/dev/null; then $(BIN)/python bench/plots.py $(3) build/$(2); \
+	else echo "no matplotlib: pip install -e '.[bench]' for bench/$(4)"; fi
+endef
 
 ## S3 upload: client libraries and S3Store vs a raw PUT loop on SeaweedFS.
 bench-publish: system-deps venv
