@@ -12,7 +12,7 @@ from cryptography.x509 import ocsp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ocspmint import encoder
+from ocspmint import der, encoder
 from ocspmint.encoder import ResponseTemplate, Times
 from ocspmint.model import Kind, LedgerEntry, Reason, Status
 from pki import NOW, make_pki
@@ -131,3 +131,13 @@ def test_ecdsa_raw_to_der_round_trip():
     r, s = decode_dss_signature(sig)
     raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     assert encoder.ecdsa_signature(raw) == sig
+
+
+@pytest.mark.parametrize("n", [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x123456])
+def test_tlv_length_forms_round_trip(n):
+    """Each DER length form (short, 81, 82, longer) at its edges parses back to the same content."""
+    content = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    blob = der.tlv(0x04, content) + b"tail"
+    tag, start, end = der.read_tlv(blob)
+    assert (tag, blob[start:end], blob[end:]) == (0x04, content, b"tail")
+    assert start == 2 + (0 if n < 0x80 else (n.bit_length() + 7) // 8)

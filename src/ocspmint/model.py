@@ -54,7 +54,7 @@ class LedgerError(Exception):
         self.key = key  # (issuer, serial) when the row names a serial that must then not be published at all
 
 
-class LedgerEntry(msgspec.Struct, frozen=True):
+class LedgerEntry(msgspec.Struct, frozen=True, gc=False):
     """One assigned serial of one issuer.
 
     ``issuer`` is the issuer's name from the config; ``source`` names where
@@ -63,6 +63,9 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     reason of unspecified is stored as None (BR 7.3.2: omit it).
     ``not_before`` is the certificate's notBefore, None when the source does
     not hold it (a version-1 SQLite ledger, a row written without it).
+    ``gc=False``: its fields are scalars, so it can be in no reference
+    cycle; untracked, the entries of a plan cost the cycle collector
+    nothing (0.11 → 0.075 s per 50,000-serial run, bench/RESULTS.md).
     """
 
     issuer: str

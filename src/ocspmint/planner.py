@@ -19,6 +19,7 @@ import hashlib
 import tempfile
 from collections import Counter
 from collections.abc import Container, Iterable, Iterator
+from typing import IO
 
 import msgspec
 
@@ -166,13 +167,21 @@ class Planner:
 
 
 class Spool:
-    """Due (entry, why) pairs in an unlinked temporary file of ``folder``,
-    one JSON line each: a whole-ledger plan takes disk, not memory (about
-    200 bytes per entry). ``add`` them, then iterate once (``entries``); ``len`` counts
-    what was added. Close it (or use ``with``) to free the file."""
+    """Due (entry, why) pairs, in order: held in memory up to
+    ``memory_entries``, past that all in an unlinked temporary file of
+    ``folder``, one JSON line each, so a whole-ledger plan takes disk, not
+    memory (about 200 bytes per entry), while a plan of up to
+    ``memory_entries`` (~250 bytes each in memory) skips the JSON round trip.
+    ``add`` them, then iterate once (``entries``); ``len`` counts what was
+    added. Close it (or use ``with``) to free the file."""
 
-    def __init__(self, folder: str) -> None:
-        self._file = tempfile.TemporaryFile(dir=folder)
+    MEMORY_ENTRIES = 100_000
+
+    def __init__(self, folder: str, memory_entries: int = MEMORY_ENTRIES) -> None:
+        self._folder = folder
+        self._memory_entries = memory_entries
+        self._held: list[tuple[LedgerEntry, str]] = []
+        self._file: IO[bytes] | None = None
         self._encode = msgspec.json.Encoder().encode  # JSON: serials reach 160 bits
         self._count = 0
 
@@ -183,22 +192,43 @@ class Spool:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        self._held = []
+        if self._file is not None:
+            self._file.close()
 
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def spilled(self) -> bool:
+        """True once the entries moved to the temporary file."""
+        return self._file is not None
+
     def add(self, planned: tuple[LedgerEntry, str]) -> None:
-        self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
         self._count += 1
+        if self._file is None:
+            self._held.append(planned)
+            if len(self._held) <= self._memory_entries:
+                return
+            self._file = tempfile.TemporaryFile(dir=self._folder)
+            held, self._held = self._held, []
+            self._file.writelines(self._encode(p) + b"\n" for p in held)
+            return
+        self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
 
     def entries(self, excluded: Container[tuple[str, int]] = ()) -> Iterator[tuple[LedgerEntry, str]]:
         """What was added, in order, but for entries whose (issuer, serial)
         is in ``excluded`` (serials found in conflict after the pass)."""
-        decode = msgspec.json.Decoder(tuple[LedgerEntry, str]).decode
-        self._file.flush()
-        self._file.seek(0)
-        for line in self._file:
-            entry, why = decode(line)
+        if self._file is None:
+            planned = iter(self._held)
+        else:
+            decode = msgspec.json.Decoder(tuple[LedgerEntry, str]).decode
+            self._file.flush()
+            self._file.seek(0)
+            planned = map(decode, self._file)
+        if not excluded:
+            yield from planned
+            return
+        for entry, why in planned:
             if (entry.issuer, entry.serial) not in excluded:
                 yield entry, why
