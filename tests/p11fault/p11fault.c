@@ -316,8 +316,10 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
     }
     pthread_mutex_unlock(&lock);
 
-    if (new_attempt && cfg.delay_us)
+    if (new_attempt && cfg.delay_us) {
         attempt_delay();
+        log_fault("delay", *attempt_no, CKR_OK);
+    }
     return pull ? GATE_PULL : fault ? GATE_FAULT : GATE_PASS;
 }
 
