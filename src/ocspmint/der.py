@@ -8,25 +8,15 @@ from __future__ import annotations
 import datetime as dt
 
 
-def length(n: int) -> bytes:
-    """DER length octets for ``n`` content bytes."""
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
-
-
 def tlv(tag: int, content: bytes) -> bytes:
-    """``tag`` + DER length + ``content`` (the short forms spelled out:
-    this runs ~10 times per response)."""
+    """``tag`` + DER length octets + ``content``: the short form below 128
+    content bytes, else 0x80 | the count of length octets, then the length
+    big-endian (X.690 §8.1.3, §10.1)."""
     n = len(content)
     if n < 0x80:
         return bytes((tag, n)) + content
-    if n < 0x100:
-        return bytes((tag, 0x81, n)) + content
-    if n < 0x10000:
-        return bytes((tag, 0x82, n >> 8, n & 0xFF)) + content
-    return bytes((tag,)) + length(n) + content
+    count = (n.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | count)) + n.to_bytes(count, "big") + content
 
 
 def integer(value: int) -> bytes:

@@ -206,15 +206,14 @@ class Spool:
 
     def add(self, planned: tuple[LedgerEntry, str]) -> None:
         self._count += 1
-        if self._file is None:
-            self._held.append(planned)
-            if len(self._held) <= self._memory_entries:
-                return
-            self._file = tempfile.TemporaryFile(dir=self._folder)
-            held, self._held = self._held, []
-            self._file.writelines(self._encode(p) + b"\n" for p in held)
+        if self._file is not None:
+            self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
             return
-        self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
+        self._held.append(planned)
+        if len(self._held) > self._memory_entries:
+            self._file = tempfile.TemporaryFile(dir=self._folder)
+            self._file.writelines(self._encode(p) + b"\n" for p in self._held)
+            self._held = []
 
     def entries(self, excluded: Container[tuple[str, int]] = ()) -> Iterator[tuple[LedgerEntry, str]]:
         """What was added, in order, but for entries whose (issuer, serial)
@@ -226,9 +225,6 @@ class Spool:
             self._file.flush()
             self._file.seek(0)
             planned = map(decode, self._file)
-        if not excluded:
-            yield from planned
-            return
         for entry, why in planned:
             if (entry.issuer, entry.serial) not in excluded:
                 yield entry, why
