@@ -1,9 +1,10 @@
 """HSM faults during `ocspmint run`, injected by the p11fault shim in front of
 a real SoftHSM2 token: a token pulled out (for good, or back within the
 signer's backoff), a locked PIN, a key or token the URI names but the HSM
-does not hold, and slow signing; and the shim's model of a pulled token
-itself. CKR_DEVICE_ERROR, lost sessions, a wrong PIN and a killed signer
-process are in test_faults.py and test_run.py.
+does not hold, slow signing, and an HSM that returns a corrupted signature
+with CKR_OK; and the shim's model of a pulled token itself.
+CKR_DEVICE_ERROR, lost sessions, a wrong PIN and a killed signer process
+are in test_faults.py and test_run.py.
 
 Each failing case must end with exit status 1, a message naming the issuer,
 the key's PKCS#11 URI and the CK_RV where the module returned one, no
@@ -42,6 +43,15 @@ def faulty_demo(root: Path, shim: Path, **signing: int) -> Demo:
     if signing:
         set_signing(demo, **signing)
     return demo
+
+
+def failing_run(demo: Demo, env: dict[str, str]) -> dict:
+    """``ocspmint run --json`` that must fail cleanly: exit 1, no traceback; its summary."""
+    p = ocspmint(demo, "run", "--quiet", "--json", env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    summary = json.loads(p.stdout)
+    assert p.returncode == 1 and not summary["ok"]
+    return summary
 
 
 def unexpired(demo: Demo) -> set[int]:
@@ -104,10 +114,7 @@ def test_token_pulled_mid_run_fails_the_rest_clearly_and_a_rerun_completes(tmp_p
     demo = faulty_demo(tmp_path, shim, workers=1, batch_size=4, retries=3)
     log = tmp_path / "faults.log"
     env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_TOKEN_GONE_FROM": "6", "P11FAULT_LOG": str(log)}
-    p = ocspmint(demo, "run", "--quiet", "--json", env=env)
-    assert "Traceback" not in p.stderr, p.stderr
-    summary = json.loads(p.stdout)
-    assert p.returncode == 1 and not summary["ok"]
+    summary = failing_run(demo, env)
     # signature 1: the key probe; 2-5: batch 1; 6: the token is pulled in batch 2
     assert summary["published"] == 4
     failed = failed_serials(summary, "sign")
@@ -197,3 +204,42 @@ def test_hung_hsm_is_abandoned_after_the_signing_timeout_with_a_clear_error(tmp_
     assert failed_serials(summary, "sign") == unexpired(demo)
     assert all("signer process hung (no signature for 1 s)" in f["message"] for f in summary["failures"]), summary["failures"][0]
     assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_corrupted_signature_is_never_published_and_a_rerun_publishes_it(tmp_path, shim):
+    """An HSM that answers CKR_OK with a wrong signature (P11FAULT_SIGN_FLIP_AT:
+    one bit flipped): verification, on by default, fails exactly those
+    serials at stage "verify"; nothing of theirs reaches the store or the
+    journal, every other serial is published and verifies, and a run with a
+    sound HSM publishes the rest."""
+    demo = faulty_demo(tmp_path, shim, workers=1, batch_size=4)
+    log = tmp_path / "faults.log"
+    # one worker signs everything: signature 1 is the key probe, 2-5 batch 1,
+    # 6-9 batch 2, 10-13 batch 3; corrupt one response in batches 1 and 3
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FLIP_AT": "3,11", "P11FAULT_LOG": str(log)}
+    summary = failing_run(demo, env)
+    assert [line.split(" ", 1)[1] for line in log.read_text().splitlines()] == ["flip#3 rv=0x0", "flip#11 rv=0x0"]
+    failed = failed_serials(summary, "verify")
+    assert len(failed) == 2 and failed <= unexpired(demo), summary["failures"]
+    assert len(summary["failures"]) == 2, summary["failures"]  # nothing else failed, at any stage
+    for f in summary["failures"]:
+        assert "signature: invalid" in f["message"], f
+    assert summary["published"] == 10
+    # nothing of a failed serial reached the store or the journal
+    rows = assert_journal_matches_store(demo, file_objects(demo).get)
+    assert {s for _, s in rows} == unexpired(demo) - failed
+    assert all(not response_path(demo, s).exists() for s in failed)
+    assert set(file_objects(demo)) == {object_key(issuer_id(demo), s) for s in unexpired(demo) - failed}
+    assert verify_clean(demo) == 10
+    before = file_objects(demo)
+    # a sound HSM: the next run signs exactly the two that are missing
+    code, again = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM})
+    assert code == 0 and again["ok"] and again["failures"] == [], again["failures"]
+    assert again["published"] == 2 and again["due"] == {"new": 2}
+    assert set(journal_rows(demo)) == {("issuing-ca", s) for s in unexpired(demo)}
+    after = file_objects(demo)
+    assert {k: v for k, v in after.items() if k in before} == before  # the 10 already published are untouched
+    assert verify_clean(demo) == 12
+    for serial in sorted(failed):
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified, view.text

@@ -192,6 +192,13 @@ def child(shim: Path, token: Token):
     return run
 
 
+THREE_SIGNATURES = """
+with tok.open(user_pin=PIN) as s:
+    k = ec_key(s)
+    out["results"] = [sign(k, i) for i in range(1, 4)]
+"""  # a child script: three signatures with the EC key, one session
+
+
 def assert_verifies(token: Token, result: dict) -> None:
     """result is a sign() record {"i", "sig"}: check the raw r||s signature
     over digest(i) against the exported public key."""
@@ -394,6 +401,77 @@ def test_session_fatal_override(child, token: Token, rv: str, fatal: str, dead: 
 
 
 # --------------------------------------------------------------------------
+# FLIP_AT: the HSM says CKR_OK but the signature is wrong
+
+
+def flipped(result: dict) -> dict:
+    """result with the lowest bit of its signature's last byte flipped back."""
+    raw = bytearray.fromhex(result["sig"])
+    raw[-1] ^= 0x01
+    return dict(result, sig=raw.hex())
+
+
+def test_flip_at_2_corrupts_only_the_2nd_signature(child, token: Token, tmp_path: Path):
+    """python-pkcs11 makes two C_Sign calls per signature (length query, then
+    the real one): attempt #2 comes back CKR_OK with one bit flipped, the
+    session stays usable, and attempts #1 and #3 verify."""
+    log = tmp_path / "faults.log"
+    res = child(
+        THREE_SIGNATURES,
+        sign_flip_at="2",
+        log=log,
+    )
+    first, second, third = res["results"]
+    assert_verifies(token, first)
+    assert_verifies(token, third)
+    assert "sig" in second, second  # no error: the module answered CKR_OK
+    with pytest.raises(InvalidSignature):
+        assert_verifies(token, second)
+    # exactly the lowest bit of the last byte was flipped
+    assert_verifies(token, flipped(second))
+    assert read_log(log) == [f"{res['pid']} flip#2 rv=0x0"]
+
+
+def test_flip_at_counts_like_fail_at_and_covers_sign_final(child, token: Token, tmp_path: Path):
+    """FLIP_AT and FAIL_AT share one attempt counter; a multi-part signature
+    (C_SignUpdate + C_SignFinal(NULL) + C_SignFinal(buf)) is flipped in the
+    call that returns it.  RSA PKCS#1 v1.5 is deterministic, so the flipped
+    signature is the right one but for its last bit."""
+    log = tmp_path / "faults.log"
+    res = child(
+        """
+        def rsa_sign(s, i):
+            k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="r")
+            parts = iter([b"part-a-%d" % i, b"part-b-%d" % i])
+            try:
+                return {"i": i, "sig": k.sign(parts, mechanism=Mechanism.SHA256_RSA_PKCS).hex()}
+            except PKCS11Error as exc:
+                return {"i": i, **err(exc)}
+        with tok.open(user_pin=PIN) as s:
+            out["results"] = [rsa_sign(s, i) for i in range(1, 5)]
+        """,
+        sign_flip_at="3, 1",
+        sign_fail_at="2",
+        sign_rv="0x06",  # not session-fatal: the session signs on
+        log=log,
+    )
+    r1, r2, r3, r4 = res["results"]
+    assert r2 == {"i": 2, "err": "FunctionFailed"}
+
+    def check(r: dict) -> None:
+        token.rsa_public.verify(bytes.fromhex(r["sig"]), b"part-a-%d" % r["i"] + b"part-b-%d" % r["i"],
+                                padding.PKCS1v15(), hashes.SHA256())
+
+    check(r4)
+    for r in (r1, r3):
+        with pytest.raises(InvalidSignature):
+            check(r)
+        check(flipped(r))
+    pid = res["pid"]
+    assert read_log(log) == [f"{pid} flip#1 rv=0x0", f"{pid} sign#2 rv=0x6", f"{pid} flip#3 rv=0x0"]
+
+
+# --------------------------------------------------------------------------
 # (d) LOGIN_RV
 
 
@@ -499,11 +577,7 @@ def test_forked_child_counts_from_one(child, token: Token, tmp_path: Path):
 def test_sign_delay_applies_once_per_signature(child, token: Token, tmp_path: Path):
     log = tmp_path / "faults.log"
     res = child(
-        """
-        with tok.open(user_pin=PIN) as s:
-            k = ec_key(s)
-            out["results"] = [sign(k, i) for i in range(1, 4)]
-        """,
+        THREE_SIGNATURES,
         sign_delay_us="1000",
         log=log,
     )
@@ -695,6 +769,9 @@ def test_named_sign_slots_are_shared_between_processes(shim: Path, token: Token,
         ({"module": "/nonexistent/libnothing.so"}, "dlopen(/nonexistent/libnothing.so)"),
         ({"sign_fail_at": "3,x"}, "P11FAULT_SIGN_FAIL_AT: invalid number"),
         ({"sign_fail_at": "0"}, "1-based"),
+        ({"sign_flip_at": "2,x"}, "P11FAULT_SIGN_FLIP_AT: invalid number"),
+        ({"sign_flip_at": "0"}, "P11FAULT_SIGN_FLIP_AT: numbers are 1-based"),
+        ({"sign_flip_at": ","}, "P11FAULT_SIGN_FLIP_AT: empty list"),
         ({"sign_fail_from": "-1"}, "P11FAULT_SIGN_FAIL_FROM: invalid number"),
         ({"sign_rv": "0"}, "P11FAULT_SIGN_RV: must not be CKR_OK"),
         ({"session_fatal": "yes"}, "P11FAULT_SESSION_FATAL"),

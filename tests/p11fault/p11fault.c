@@ -11,6 +11,10 @@
  *   P11FAULT_SIGN_FAIL_AT=3,4,10   signature attempts #3, #4, #10 fail
  *   P11FAULT_SIGN_FAIL_FROM=N      every attempt from #N on fails
  *   P11FAULT_SIGN_RV=0x30          rv of a faulted attempt (default 0x30)
+ *   P11FAULT_SIGN_FLIP_AT=3,7      signature attempts #3 and #7 succeed (CKR_OK)
+ *                                  but return a corrupted signature: the
+ *                                  lowest bit of its last byte is flipped
+ *                                  (a faulty HSM); logged as flip#<attempt>
  *   P11FAULT_SESSION_FATAL=auto|0|1  does a faulted attempt kill the session
  *   P11FAULT_SIGN_DELAY_US=N       sleep N us at the start of every attempt
  *   P11FAULT_SIGN_SLOTS=K          at most K attempts sleep that delay at once
@@ -34,7 +38,11 @@
  * CKR_BUFFER_TOO_SMALL) is ONE attempt, counted at its first call, so
  * "FAIL_AT=3" means "the 3rd signature fails" for python-pkcs11 (which does
  * C_SignInit, C_Sign(NULL), C_Sign(buf) per key.sign()) as well as for
- * callers that pass a large enough buffer straight away.
+ * callers that pass a large enough buffer straight away.  FLIP_AT numbers
+ * attempts the same way; the bit is flipped in the call of the attempt that
+ * returns the signature (CKR_OK with a buffer), not in a length query.  An
+ * attempt that FAIL_AT/FAIL_FROM fails or TOKEN_GONE_FROM pulls returns no
+ * signature, so there is nothing to flip.
  *
  * A session killed by a fault is closed in the real module (so token login
  * state behaves like a real HSM that dropped the session) and its handle is
@@ -68,6 +76,8 @@
 static struct {
     unsigned long *fail_at; /* sorted signature-attempt numbers, 1-based */
     size_t n_fail_at;
+    unsigned long *flip_at; /* attempts whose signature comes back corrupted */
+    size_t n_flip_at;
     unsigned long fail_from; /* 0 = disabled */
     CK_RV sign_rv;
     int session_fatal; /* -1 auto, 0 never, 1 always */
@@ -101,6 +111,8 @@ struct sess {
     int dead;       /* faulted: every call answers SESSION_HANDLE_INVALID */
     int plug;       /* dead, and real handle h is a shim-owned placeholder */
     int in_attempt; /* a signature attempt is in progress (length queried) */
+    unsigned long attempt; /* the number of the attempt in progress */
+    int flip;       /* FLIP_AT: corrupt the signature this attempt returns */
     CK_MECHANISM_TYPE hash; /* ECDSA_HASH: the operation is CKM_ECDSA over this
                                digest (CKM_SHA256/384); 0: not emulated */
 };
@@ -231,14 +243,19 @@ static int rv_is_session_fatal(CK_RV rv)
            rv == CKR_TOKEN_NOT_PRESENT;
 }
 
+static int in_list(const unsigned long *list, size_t n_list, unsigned long n)
+{
+    for (size_t i = 0; i < n_list; i++)
+        if (list[i] == n)
+            return 1;
+    return 0;
+}
+
 static int attempt_faulted(unsigned long n)
 {
     if (cfg.fail_from && n >= cfg.fail_from)
         return 1;
-    for (size_t i = 0; i < cfg.n_fail_at; i++)
-        if (cfg.fail_at[i] == n)
-            return 1;
-    return 0;
+    return in_list(cfg.fail_at, cfg.n_fail_at, n);
 }
 
 static void sleep_us(unsigned long us)
@@ -293,11 +310,14 @@ enum gate { GATE_DEAD, GATE_PASS, GATE_FAULT, GATE_PULL };
 /*
  * Called at the start of every C_Sign / C_SignFinal.  Decides whether this
  * call starts a new signature attempt, counts it, sleeps the configured delay
- * and tells whether to inject the fault (*attempt_no receives the number).
+ * and tells whether to inject the fault.  *attempt_no receives the number of
+ * the attempt (new or continued) and *flip whether a signature this call
+ * returns is to be corrupted (FLIP_AT; only ever set with GATE_PASS).
  */
-static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
+static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no, int *flip)
 {
     int new_attempt = 0, fault = 0;
+    *flip = 0;
 
     pthread_mutex_lock(&lock);
     struct sess *s = get_sess(h);
@@ -311,8 +331,17 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
         *attempt_no = ++sign_attempts;
         fault = attempt_faulted(*attempt_no);
         pull = !pulled && cfg.gone_from && *attempt_no >= cfg.gone_from;
-        if (s)
+        *flip = !fault && !pull && in_list(cfg.flip_at, cfg.n_flip_at, *attempt_no);
+        if (s) {
             s->in_attempt = 1;
+            s->attempt = *attempt_no;
+            s->flip = *flip;
+        }
+    } else {
+        /* the real call after a length query, or a retry after
+         * CKR_BUFFER_TOO_SMALL: same attempt, same number */
+        *attempt_no = s->attempt;
+        *flip = s->flip;
     }
     pthread_mutex_unlock(&lock);
 
@@ -321,6 +350,19 @@ static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no)
         log_fault("delay", *attempt_no, CKR_OK);
     }
     return pull ? GATE_PULL : fault ? GATE_FAULT : GATE_PASS;
+}
+
+/*
+ * FLIP_AT: the real call returned rv; when it returned a signature (CKR_OK
+ * with a buffer), flip the lowest bit of its last byte, as a faulty HSM
+ * would, and log "flip#n".  A length query or a failed call flips nothing.
+ */
+static void maybe_flip(int flip, unsigned long n, CK_RV rv, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+    if (!flip || rv != CKR_OK || !sig || !sig_len || *sig_len == 0)
+        return;
+    sig[*sig_len - 1] ^= 0x01;
+    log_fault("flip", n, CKR_OK);
 }
 
 /* after the real call: does the attempt continue (length query etc.)? */
@@ -628,7 +670,8 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
                       CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
 {
     unsigned long n = 0;
-    switch (sign_gate(h, &n)) {
+    int flip;
+    switch (sign_gate(h, &n, &flip)) {
     case GATE_DEAD:
         return CKR_SESSION_HANDLE_INVALID;
     case GATE_FAULT:
@@ -642,6 +685,7 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
     CK_RV rv = emulated_digest(h, &data, &data_len, md);
     if (rv == CKR_OK)
         rv = real->C_Sign(h, data, data_len, sig, sig_len);
+    maybe_flip(flip, n, rv, sig, sig_len);
     sign_after(h, rv, sig != NULL);
     return rv;
 }
@@ -649,7 +693,8 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
 static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
 {
     unsigned long n = 0;
-    switch (sign_gate(h, &n)) {
+    int flip;
+    switch (sign_gate(h, &n, &flip)) {
     case GATE_DEAD:
         return CKR_SESSION_HANDLE_INVALID;
     case GATE_FAULT:
@@ -660,6 +705,7 @@ static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR si
         break;
     }
     CK_RV rv = real->C_SignFinal(h, sig, sig_len);
+    maybe_flip(flip, n, rv, sig, sig_len);
     sign_after(h, rv, sig != NULL);
     return rv;
 }
@@ -811,7 +857,8 @@ static int cmp_ulong(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static int parse_fail_at(const char *v)
+/* A list of 1-based attempt numbers ("3,4, 10") into *list, sorted. */
+static int parse_attempt_list(const char *name, const char *v, unsigned long **list, size_t *n_list)
 {
     char *copy = strdup(v);
     if (!copy)
@@ -819,31 +866,31 @@ static int parse_fail_at(const char *v)
     size_t cap = 1;
     for (const char *p = v; *p; p++)
         cap += (*p == ',');
-    cfg.fail_at = calloc(cap, sizeof(unsigned long));
-    if (!cfg.fail_at) {
+    *list = calloc(cap, sizeof(unsigned long));
+    if (!*list) {
         free(copy);
         return -1;
     }
     char *save = NULL;
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         unsigned long n = 0;
-        if (parse_ulong("P11FAULT_SIGN_FAIL_AT", tok, &n, 10)) {
+        if (parse_ulong(name, tok, &n, 10)) {
             free(copy);
             return -1;
         }
         if (n == 0) {
-            p11f_warn("P11FAULT_SIGN_FAIL_AT: numbers are 1-based, got '%s'", tok);
+            p11f_warn("%s: numbers are 1-based, got '%s'", name, tok);
             free(copy);
             return -1;
         }
-        cfg.fail_at[cfg.n_fail_at++] = n;
+        (*list)[(*n_list)++] = n;
     }
     free(copy);
-    if (cfg.n_fail_at == 0) {
-        p11f_warn("P11FAULT_SIGN_FAIL_AT: empty list '%s'", v);
+    if (*n_list == 0) {
+        p11f_warn("%s: empty list '%s'", name, v);
         return -1;
     }
-    qsort(cfg.fail_at, cfg.n_fail_at, sizeof(unsigned long), cmp_ulong);
+    qsort(*list, *n_list, sizeof(unsigned long), cmp_ulong);
     return 0;
 }
 
@@ -856,7 +903,11 @@ static int read_config(void)
     cfg.session_fatal = -1;
     cfg.ecdsa_hash = -1;
 
-    if ((v = env("P11FAULT_SIGN_FAIL_AT")) && parse_fail_at(v))
+    if ((v = env("P11FAULT_SIGN_FAIL_AT")) &&
+        parse_attempt_list("P11FAULT_SIGN_FAIL_AT", v, &cfg.fail_at, &cfg.n_fail_at))
+        return -1;
+    if ((v = env("P11FAULT_SIGN_FLIP_AT")) &&
+        parse_attempt_list("P11FAULT_SIGN_FLIP_AT", v, &cfg.flip_at, &cfg.n_flip_at))
         return -1;
     if (env_count("P11FAULT_SIGN_FAIL_FROM", &cfg.fail_from))
         return -1;
