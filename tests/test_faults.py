@@ -18,7 +18,15 @@ from e2e import BIN, ocspmint, response_path, run_json
 from faultkit import SOFTHSM, use_module
 from ocspmint.demo import Demo, build_demo
 from ocspmint.ledger.sqlite import write_entries
-from ocspmint.model import Kind, LedgerEntry, Reason, Status, utc_now
+from ocspmint.config import load_config
+from ocspmint.issuer import load_issuers
+from ocspmint.journal import Journal
+from ocspmint.model import Kind, LedgerEntry, Reason, Status, serial_hex, utc_now
+from ocspmint.pipeline import ledger_entries
+from ocspmint.report import Summary
+from ocspmint.runner import Runner, sign_all
+from ocspmint.signer import SignerPool, key_spec
+from ocspmint.store import FileStore
 from p11fault.build import build_shim
 
 
@@ -208,6 +216,28 @@ def test_flipped_signature_bit_is_caught_by_verify(tmp_path):
     p = ocspmint(demo, "verify", str(bad))
     assert p.returncode == 1 and "signature" in p.stdout
     assert ocspmint(demo, "verify", str(response_path(demo, serial))).returncode == 0
+
+
+def test_a_batch_back_without_verification_is_not_published(tmp_path, monkeypatch):
+    """With verify on, only responses a signer process verified are stored:
+    a pool whose workers were given nothing to verify with (a wiring bug)
+    publishes nothing and names every serial at stage "verify"."""
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=1)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(demo.softhsm_conf))  # read by the spawned workers only
+    config = load_config(demo.config)
+    issuers = load_issuers(config)
+    summary = Summary(started=utc_now())
+    planned = [(e, "new") for e in ledger_entries(config, issuers, summary) if e.not_after > utc_now()]
+    assert config.signing.verify and planned
+    with Journal(tmp_path / "state") as journal, SignerPool([key_spec(i) for i in issuers.values()], 1, 3) as pool:
+        store = FileStore(tmp_path / "store")
+        runner = Runner(config, issuers, journal, store, summary)
+        sign_all(pool, runner, planned, None)
+        store.close()
+        assert journal.get(planned[0][0].issuer, planned[0][0].serial) is None
+    assert summary.published == 0 and not list(store.keys())
+    assert sorted((f.stage, f.serial) for f in summary.failures) == sorted(("verify", serial_hex(e.serial)) for e, _ in planned)
+    assert {f.message for f in summary.failures} == {"the signer process returned the batch without verifying it"}
 
 
 def test_killed_signer_process_is_replaced_and_its_batch_resent(tmp_path, shim):

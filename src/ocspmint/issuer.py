@@ -135,11 +135,20 @@ def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> 
 def issuer_identity(issuer: Issuer) -> IssuerIdentity:
     """Load one configured issuer and its signer; raise IdentityError."""
     ca = load_certificate(issuer.cert)
-    bits = key_bits(ca)
-    name_der = ca.subject.public_bytes()
+    responder = None
     if issuer.signer.cert:
         responder = load_certificate(issuer.signer.cert)
         _check_delegate(responder, ca, issuer.signer.cert)
+    return identity(issuer, ca, responder)
+
+
+def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate | None) -> IssuerIdentity:
+    """The identity of ``issuer`` from certificates already read and checked
+    (``responder`` None: the CA's own key signs); raise IdentityError for a
+    signer key type or curve BR 7.1.3.2 does not allow."""
+    bits = key_bits(ca)
+    name_der = ca.subject.public_bytes()
+    if responder is not None:
         signer = _signer_identity(responder, True, issuer.signer.cert)
     else:
         signer = _signer_identity(ca, False, issuer.cert)

@@ -31,7 +31,7 @@ class RefreshMetrics:
                             ["issuer"], registry=r)
         self.ledger_to_published = Histogram("ocspmint_ledger_to_published_seconds",
                                              "Ledger change seen to response published", buckets=LATENCY_BUCKETS, registry=r)
-        self.sign_seconds = Histogram("ocspmint_sign_batch_seconds", "HSM signing latency of one batch",
+        self.sign_seconds = Histogram("ocspmint_sign_batch_seconds", "Signing (and verifying) latency of one batch",
                                       buckets=SIGN_BUCKETS, registry=r)
         self.upload_seconds = Histogram("ocspmint_upload_batch_seconds", "Store latency of one batch",
                                         buckets=SIGN_BUCKETS, registry=r)

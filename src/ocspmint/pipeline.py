@@ -23,7 +23,7 @@ from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.served import Sample, check_served
-from ocspmint.signer import PoolStart, SignerError, SignerPool, key_spec
+from ocspmint.signer import PoolStart, SignerError, signer_pool
 from ocspmint.store import open_store
 
 Select = Callable[[LedgerEntry], bool]
@@ -112,10 +112,8 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
     """
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
-    specs = [key_spec(i) for i in issuers.values()]
-    signers = PoolStart(lambda: SignerPool(specs, config.signing.workers, config.signing.retries,
-                                           config.signing.timeout.total_seconds(), config.signing.backend,
-                                           config.signing.sessions))
+    pool = signer_pool(config, issuers)
+    signers = PoolStart(lambda: pool)
     with Journal(config.state_dir) as journal, Spool(config.state_dir) as spool, signers:
         planner = make_planner(config, issuers, journal, force)
         mark = LedgerMark(config, issuers, journal)

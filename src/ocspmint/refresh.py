@@ -49,7 +49,7 @@ from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
 from ocspmint.report import Failure, Summary
-from ocspmint.signer import SignerError, SignerPool, key_spec
+from ocspmint.signer import SignerError, key_spec, signer_pool
 from ocspmint.store import open_store
 
 ROUTINE_MAX = 50_000  # journal records taken per tick at most
@@ -72,8 +72,7 @@ class Session:
         self.issuers = load_issuers(config)
         self.journal = Journal(config.state_dir)
         self.store = open_store(config.store.url, config.store)
-        self.pool = SignerPool([key_spec(i) for i in self.issuers.values()], config.signing.workers, config.signing.retries,
-                               config.signing.timeout.total_seconds(), config.signing.backend, config.signing.sessions)
+        self.pool = signer_pool(config, self.issuers)
         self.tails = [Tail(s, self.issuers) for s in config.sources]
         self.seen: dict[tuple[str, int], float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
         self.retry: list[LedgerEntry] = []  # ledger changes planned but not published yet: planned again later

@@ -1,10 +1,12 @@
 """Runner: one batch at a time from ResponseData to a journaled response.
 
 ``sign_all`` feeds planned entries through a SignerPool; the Runner
-encodes each batch (byte template), assembles and verifies every signed
-response (never storing one that fails), hands it to the store and
-journals it once the store acknowledged it, queueing CDN purges in the
-same transaction (docs/ocsp-rules.md, docs/purge.md).
+encodes each batch (byte template). With ``signing.verify`` the signer
+workers assemble and verify every response (``signer.Checked``) and the
+Runner stores only those that passed; without it the Runner assembles
+them from the signatures. It hands them to the store and journals them
+once the store acknowledged them, queueing CDN purges in the same
+transaction (docs/ocsp-rules.md, docs/purge.md).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from ocspmint.model import LedgerEntry, serial_hex, utc_now
 from ocspmint.planner import Force, refresh_at
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.served import Sample
-from ocspmint.signer import Failed, SignBatch, SignerError, SignerPool
+from ocspmint.signer import Checked, Failed, SignBatch, Signed, SignerError, SignerPool, expect
 from ocspmint.store import PutItem, Store, object_key
-from ocspmint.verifier import Expectation, signature_valid, verify_response
+from ocspmint.verifier import signature_valid
 
 MIN_INTERVAL = dt.timedelta(hours=8)
 
@@ -58,6 +60,7 @@ class _Batch:
     whys: list[str]
     tbs: list[bytes]
     times: Times
+    checked: bool  # sent with ``expect``: only a ``Checked`` reply may publish it
     sent: float = field(default_factory=time.monotonic)
 
 
@@ -76,7 +79,8 @@ class Observer(Protocol):
     """Timing hooks (`ocspmint refresh` metrics); seconds are monotonic."""
 
     def signed(self, seconds: float, count: int) -> None:
-        """A batch of ``count`` came back from the HSM ``seconds`` after it was sent."""
+        """A batch of ``count`` came back from its signer process ``seconds``
+        after it was sent (signed, and verified with ``signing.verify``)."""
 
     def uploaded(self, seconds: float, count: int) -> None:
         """The store acknowledged a batch ``seconds`` after it was handed over."""
@@ -141,8 +145,12 @@ class Runner:
                 whys.append(why)
             except ValueError as err:
                 self.fail(e, "sign", str(err))
-        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times)
-        return SignBatch(batch_id, issuer, tbs)
+        if not self.config.signing.verify:
+            self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, False)
+            return SignBatch(batch_id, issuer, tbs)
+        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, True)
+        validity = int((times.next_update - times.this_update).total_seconds())
+        return SignBatch(batch_id, issuer, tbs, [expect(e) for e in kept], validity)
 
     def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
         self.summary.failures.append(Failure(stage, message, e.issuer, serial_hex(e.serial), e.source))
@@ -155,21 +163,28 @@ class Runner:
         b = self.batches.pop(reply.batch)
         self.fail_all(b.entries, "sign", reply.error)
 
-    def signed(self, batch_id: int, signatures: list[bytes]) -> None:
-        """Assemble and verify one signed batch, then hand it to the store."""
-        b = self.batches.pop(batch_id)
+    def signed(self, reply: Signed | Checked) -> None:
+        """Hand the responses of one signed batch to the store: those the
+        worker verified (``Checked``; the others are failures of stage
+        "verify"), or, without ``signing.verify``, those assembled from the
+        signatures (``Signed``)."""
+        b = self.batches.pop(reply.batch)
         if self.observer is not None:
             self.observer.signed(time.monotonic() - b.sent, len(b.entries))
-        template = self.templates[b.issuer.name]
-        expect_validity = b.times.next_update - b.times.this_update
+        if isinstance(reply, Checked):
+            responses, findings = reply.responses, reply.findings
+        elif b.checked:  # never publish what no verifier saw
+            self.fail_all(b.entries, "verify", "the signer process returned the batch without verifying it")
+            return
+        else:
+            template = self.templates[b.issuer.name]
+            responses = [template.response(tbs, sig) for tbs, sig in zip(b.tbs, reply.signatures, strict=True)]
+            findings = [""] * len(responses)
         items, entries, records, urgent = [], [], [], []
-        for entry, why, tbs, sig in zip(b.entries, b.whys, b.tbs, signatures, strict=True):
-            response = template.response(tbs, sig)
-            if self.config.signing.verify:
-                findings = verify_response(response, b.issuer, Expectation(entry, template.hashes, expect_validity), utc_now())
-                if findings:
-                    self.fail(entry, "verify", "; ".join(findings))
-                    continue
+        for entry, why, response, found in zip(b.entries, b.whys, responses, findings, strict=True):
+            if found:
+                self.fail(entry, "verify", found)
+                continue
             items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
             entries.append(entry)
             urgent.append(purges_for(why, self.force))
@@ -291,7 +306,7 @@ def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned], progress:
                 if isinstance(reply, Failed):
                     runner.failed(reply)
                 else:
-                    runner.signed(reply.batch, reply.signatures)
+                    runner.signed(reply)
             if not pool.busy() and not exhausted and wait < 1.0:
                 time.sleep(wait)
             runner.settle(runner.MAX_UPLOADS)

@@ -18,7 +18,13 @@ PKCS#11 URI signs with pyca cryptography: not for production CA keys.
 
 Batches cross the process boundary as msgspec MessagePack: ``SignBatch``
 (issuer, list of ResponseData DER) in, ``Signed`` (signature values, DER
-ECDSA-Sig-Value or RSA octets) or ``Failed`` out. A PKCS#11 error
+ECDSA-Sig-Value or RSA octets) or ``Failed`` out. With ``signing.verify``
+(the pool gets an ``IssuerCheck`` per issuer) a batch also carries what
+the ledger says of each serial (``Expect``), and the worker assembles each
+OCSPResponse and verifies it (``verifier.verify_response``) before
+replying ``Checked``: responses that passed, findings for those that did
+not. Verification then runs in every worker process, not in the one
+parent: it scales with ``signing.workers`` (bench/RESULTS.md). A PKCS#11 error
 reopens the worker's sessions, after a bounded backoff (``backoff``), and
 goes on from the failed items (``retries`` consecutive failures end the
 batch); a worker that dies is restarted and its batches re-sent.
@@ -30,6 +36,7 @@ URI and, where the module returned one, the CK_RV (``describe_error``,
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing as mp
 import os
 import sys
@@ -39,12 +46,20 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 
 import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from ocspmint.config import Config, Issuer
+from ocspmint.encoder import ResponseTemplate
+from ocspmint.issuer import IssuerIdentity, identity
+from ocspmint.model import Kind, LedgerEntry, Reason, Status, serial_hex, utc_now
 from ocspmint.pkcs11uri import UriError
+from ocspmint.verifier import Expectation, verify_response
 from ocspmint.signkeys import SOFTWARE, KeySpec, SignerError, _Keys, describe_error, describe_rv, key_spec, resolve_backend
 
-__all__ = ["SOFTWARE", "Failed", "KeySpec", "PoolStart", "SignBatch", "Signed", "SignerError", "SignerPool", "backoff",
-           "describe_error", "describe_rv", "key_spec", "resolve_backend"]
+__all__ = ["SOFTWARE", "Checked", "Expect", "Failed", "IssuerCheck", "KeySpec", "PoolStart", "SignBatch", "Signed",
+           "SignerError", "SignerPool", "backoff", "describe_error", "describe_rv", "expect", "key_spec", "resolve_backend",
+           "signer_pool"]
 
 # Batches queued per worker: enough that it keeps signing while the parent
 # journals 4,096 rows at once (~40 ms, Runner.JOURNAL_ROWS); 2 left SoftHSM2
@@ -54,15 +69,63 @@ BACKOFF_BASE = 0.1  # seconds before the first reopen after a PKCS#11 error
 BACKOFF_CAP = 5.0  # seconds, the longest wait between two attempts
 
 
+class Expect(msgspec.Struct, frozen=True, array_like=True):
+    """What the ledger says of one serial of a batch, for the worker's
+    verification: the LedgerEntry without issuer and source, the serial
+    as 40-digit hex (MessagePack integers stop at 64 bits)."""
+
+    serial: str
+    kind: Kind
+    not_after: dt.datetime
+    status: Status
+    revoked_at: dt.datetime | None
+    reason: Reason | None
+
+
+def expect(entry: LedgerEntry) -> Expect:
+    return Expect(serial_hex(entry.serial), entry.kind, entry.not_after, entry.status, entry.revoked_at, entry.reason)
+
+
 class SignBatch(msgspec.Struct, tag=True):
+    """ResponseData DER to sign for ``issuer``. ``expect`` (one per item,
+    with ``validity``, the configured nextUpdate − thisUpdate in seconds):
+    assemble and verify each response in the worker, reply ``Checked``."""
+
     batch: int
     issuer: str
     tbs: list[bytes]
+    expect: list[Expect] | None = None
+    validity: int = 0
 
 
 class Signed(msgspec.Struct, tag=True):
     batch: int
     signatures: list[bytes]
+
+
+class Checked(msgspec.Struct, tag=True):
+    """Per item of a batch with ``expect``: the OCSPResponse DER and ""
+    when it passed every check, or b"" and the verifier's findings."""
+
+    batch: int
+    responses: list[bytes]
+    findings: list[str]
+
+
+class IssuerCheck(msgspec.Struct, frozen=True):
+    """What a worker needs to assemble and verify an issuer's responses:
+    its config, certificate and delegated responder certificate (DER; b""
+    when the CA's own key signs), and the CertID hash names in order."""
+
+    issuer: Issuer
+    ca: bytes
+    responder: bytes
+    hashes: tuple[str, ...]
+
+
+def issuer_check(issuer: IssuerIdentity, hashes: tuple[str, ...]) -> IssuerCheck:
+    responder = issuer.signer.cert_der if issuer.signer.delegated else b""
+    return IssuerCheck(issuer.config, issuer.cert.public_bytes(serialization.Encoding.DER), responder, hashes)
 
 
 class Failed(msgspec.Struct, tag=True):
@@ -79,7 +142,7 @@ class Fatal(msgspec.Struct, tag=True):
     error: str
 
 
-Reply = Signed | Failed | Ready | Fatal
+Reply = Signed | Checked | Failed | Ready | Fatal
 _encode = msgspec.msgpack.Encoder().encode
 _decode_reply = msgspec.msgpack.Decoder(Reply).decode
 _decode_batch = msgspec.msgpack.Decoder(SignBatch).decode
@@ -93,9 +156,13 @@ def backoff(failures: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
 
 
-def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str = "python", sessions: int = 1) -> None:
+def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str = "python", sessions: int = 1,
+                checks_msg: bytes = b"") -> None:
     """Entry point of a spawned signer process (not for direct use)."""
     import pkcs11
+
+    checks = msgspec.msgpack.decode(checks_msg, type=list[IssuerCheck]) if checks_msg else []
+    checkers = {c.issuer.name: _checker(c) for c in checks}
 
     try:
         used = resolve_backend(backend)
@@ -114,8 +181,32 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str =
             req = _decode_batch(conn.recv_bytes())
         except EOFError:
             break
-        conn.send_bytes(_encode(_sign_with_retry(keys, req, retries)))
+        reply = _sign_with_retry(keys, req, retries)
+        if req.expect is not None and isinstance(reply, Signed) and req.issuer in checkers:
+            reply = _checked(checkers[req.issuer], req, reply)  # else the Runner refuses to publish the batch
+        conn.send_bytes(_encode(reply))
     keys.close()
+
+
+def _checker(check: IssuerCheck) -> tuple[IssuerIdentity, ResponseTemplate]:
+    responder = x509.load_der_x509_certificate(check.responder) if check.responder else None
+    ident = identity(check.issuer, x509.load_der_x509_certificate(check.ca), responder)
+    return ident, ResponseTemplate(ident, check.hashes)
+
+
+def _checked(checker: tuple[IssuerIdentity, ResponseTemplate], req: SignBatch, signed: Signed) -> Checked:
+    """Assemble every response of a signed batch and verify it against
+    its ``Expect`` (RFC 6960 / BR checks of ``verify_response``)."""
+    ident, template = checker
+    now, validity = utc_now(), dt.timedelta(seconds=req.validity)
+    responses, findings = [], []
+    for tbs, signature, e in zip(req.tbs, signed.signatures, req.expect or (), strict=True):
+        response = template.response(tbs, signature)
+        entry = LedgerEntry(req.issuer, int(e.serial, 16), e.kind, e.not_after, e.status, e.revoked_at, e.reason)
+        found = verify_response(response, ident, Expectation(entry, template.hashes, validity), now)
+        responses.append(b"" if found else response)
+        findings.append("; ".join(found))
+    return Checked(req.batch, responses, findings)
 
 
 def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int) -> Signed | Failed:
@@ -174,8 +265,9 @@ class SignerPool:
     """
 
     def __init__(self, specs: list[KeySpec], workers: int, retries: int, timeout: float = 60.0,
-                 backend: str = "auto", sessions: int = 1) -> None:
+                 backend: str = "auto", sessions: int = 1, checks: list[IssuerCheck] | None = None) -> None:
         self._specs = _encode(specs)
+        self._checks = _encode(checks) if checks else b""
         self._software = [(s.issuer, s.key_file) for s in specs if s.key_file]
         self._n = workers or os.cpu_count() or 1
         self._retries = retries
@@ -205,7 +297,7 @@ class SignerPool:
     def _spawn(self) -> Connection:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, daemon=True,
-                                 args=(child, self._specs, self._retries, self._backend, self._sessions))
+                                 args=(child, self._specs, self._retries, self._backend, self._sessions, self._checks))
         proc.start()
         child.close()
         try:
@@ -294,6 +386,17 @@ class SignerPool:
                 proc.kill()
         self._workers.clear()
         self._inflight.clear()
+
+
+def signer_pool(config: Config, issuers: dict[str, IssuerIdentity]) -> SignerPool:
+    """The pool ``config.signing`` describes for ``issuers`` (not started);
+    with ``signing.verify`` its workers verify what they sign. Raises
+    UriError for an unusable signer URI."""
+    hashes = tuple(config.response.certid_hashes)
+    checks = [issuer_check(i, hashes) for i in issuers.values()] if config.signing.verify else None
+    s = config.signing
+    return SignerPool([key_spec(i) for i in issuers.values()], s.workers, s.retries, s.timeout.total_seconds(),
+                      s.backend, s.sessions, checks)
 
 
 class PoolStart:
