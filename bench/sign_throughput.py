@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/sign_throughput.py [--serials 50000] [--workers 1 2]
-        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--markdown]
+        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--resign] [--markdown]
 
 In a temp folder: ``build_demo`` (SoftHSM2 token + openssl CA), a synthetic
 SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
@@ -21,6 +21,14 @@ SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
     worker spawn + login included) and the summary's own ``per_second``.
     State dirs and stores go to the temp folder, or below ``--store-dir``
     (e.g. /dev/shm, to take the disk out of the measurement).
+
+(c) with ``--resign``: after each (b), ``ocspmint run`` again with a fresh
+    state dir over the store (b) just filled: every response is signed
+    again and replaces the file there (the incident case, a population
+    re-signed), which costs the file system more than creating files
+    (docs/store-layout.md). Same two rates as (b). On ext4 without a
+    journal, the (b) runs after a (c) create files just after it freed
+    50,000: keep their numbers from a run without ``--resign``.
 
 (a), (b) off, (b) on are repeated ``--repeat`` times per N; the table gives
 medians, the min–max of the rates, and the median over repetitions of each
@@ -136,8 +144,9 @@ def _toml(d: dict[str, object], prefix: str = "") -> list[str]:
     return lines
 
 
-def write_config(demo: Demo, ledger: Path, run_dir: Path, workers: int, verify: bool) -> Path:
-    """The demo config with one sqlite source, fresh state dir + store, N workers."""
+def write_config(demo: Demo, ledger: Path, run_dir: Path, workers: int, verify: bool, store: Path | None = None) -> Path:
+    """The demo config with one sqlite source, a fresh state dir and store
+    (or ``store``, an existing one), N workers."""
     cfg = tomllib.loads(demo.config.read_text())
     for issuer in cfg["issuers"]:  # absolute paths: the config moves to run_dir
         issuer["cert"] = str(demo.root / issuer["cert"])
@@ -145,7 +154,7 @@ def write_config(demo: Demo, ledger: Path, run_dir: Path, workers: int, verify: 
             if issuer["signer"].get(key):
                 issuer["signer"][key] = str(demo.root / issuer["signer"][key])
     cfg["state_dir"] = str(run_dir / "state")
-    cfg["store"] = {"url": f"file:{run_dir / 'responses'}"}
+    cfg["store"] = {"url": f"file:{store or run_dir / 'responses'}"}
     cfg["signing"] = {**cfg.get("signing", {}), "workers": workers, "verify": verify}
     cfg["sources"] = [{"type": "sqlite", "path": str(ledger)}]
     run_dir.mkdir(parents=True)
@@ -283,6 +292,7 @@ def main() -> int:
     ap.add_argument("--key", choices=RESPONDER_KEYS, default="ec-p256")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of (a)+(b) per worker count; medians reported")
     ap.add_argument("--store-dir", type=Path, help="parent folder of the per-run state dirs and stores (default: the temp folder)")
+    ap.add_argument("--resign", action="store_true", help="(c): after each (b), re-sign everything over its store")
     ap.add_argument("--markdown", action="store_true", help="append a dated section to bench/RESULTS.md")
     args = ap.parse_args()
 
@@ -295,8 +305,10 @@ def main() -> int:
         write_entries(str(ledger), synthetic_entries(args.serials))
         for n in args.workers:
             ceil_row = Row(n, "(a) ceiling: raw python-pkcs11 sign loop")
-            runs_rows = {(v, k): Row(n, f"(b) ocspmint run verify={'on' if v else 'off'}, {k}")
-                         for v in (False, True) for k in ("command wall", "summary per_second")}
+            runs_rows = {(v, k, again): Row(n, f"({'c' if again else 'b'}) ocspmint run verify={'on' if v else 'off'}"
+                                               f"{', re-signing over the same store' if again else ''}, {k}")
+                         for v in (False, True) for again in ((False, True) if args.resign else (False,))
+                         for k in ("command wall", "summary per_second")}
             rows += [ceil_row, *runs_rows.values()]
             for rep in range(args.repeat):
                 ceil = ceiling(demo, args.key, args.serials, n)
@@ -304,11 +316,14 @@ def main() -> int:
                 print(f"workers {n} #{rep + 1}: ceiling {ceil:,.0f}/s", file=sys.stderr)
                 for verify in (False, True):
                     name = f"run-{n}-{'verify' if verify else 'noverify'}-{rep}"
-                    wall, s = ocspmint_run(demo, write_config(demo, ledger, Path(runs) / name, n, verify), args.serials)
-                    runs_rows[verify, "command wall"].add(wall, args.serials / wall, ceil)
-                    runs_rows[verify, "summary per_second"].add(s["seconds"], s["per_second"], ceil)
-                    print(f"workers {n} #{rep + 1}: verify={verify}: wall {wall:.2f}s, summary {s['per_second']}/s",
-                          file=sys.stderr)
+                    for again in (False, True) if args.resign else (False,):
+                        store = Path(runs) / name / "responses" if again else None
+                        config = write_config(demo, ledger, Path(runs) / (name + "-again" * again), n, verify, store)
+                        wall, s = ocspmint_run(demo, config, args.serials)
+                        runs_rows[verify, "command wall", again].add(wall, args.serials / wall, ceil)
+                        runs_rows[verify, "summary per_second", again].add(s["seconds"], s["per_second"], ceil)
+                        print(f"workers {n} #{rep + 1}: verify={verify}{' re-sign' * again}: wall {wall:.2f}s, "
+                              f"summary {s['per_second']}/s", file=sys.stderr)
 
     where = f"stores in {args.store_dir}" if args.store_dir else "stores in the temp folder"
     params = (f"{args.serials:,} serials, key {args.key}, workers {' '.join(map(str, args.workers))}, "

@@ -24,7 +24,9 @@ the ledger says of each serial (``Expect``), and the worker assembles each
 OCSPResponse and verifies it (``verifier.verify_response``) before
 replying ``Checked``: responses that passed, findings for those that did
 not. Verification then runs in every worker process, not in the one
-parent: it scales with ``signing.workers`` (bench/RESULTS.md). A PKCS#11 error
+parent: it scales with ``signing.workers``, and within a worker a second
+thread verifies one batch while the first signs the next (bench/RESULTS.md).
+Only the first thread calls PKCS#11. A PKCS#11 error
 reopens the worker's sessions, after a bounded backoff (``backoff``), and
 goes on from the failed items (``retries`` consecutive failures end the
 batch); a worker that dies is restarted and its batches re-sent.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
@@ -176,16 +179,33 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str =
         conn.send_bytes(_encode(Fatal(str(e) or type(e).__name__)))
         return
     conn.send_bytes(_encode(Ready(os.getpid(), keys.backends())))
-    while True:
+    signed: queue.SimpleQueue[tuple[SignBatch, Signed | Failed] | None] = queue.SimpleQueue()
+    replier = threading.Thread(target=_reply_loop, args=(conn, signed, checkers), name="verify", daemon=True)
+    replier.start()
+    while True:  # this thread alone calls PKCS#11 (python-pkcs11: SoftHSM2 without mutexes)
         try:
             req = _decode_batch(conn.recv_bytes())
         except EOFError:
             break
-        reply = _sign_with_retry(keys, req, retries)
+        signed.put((req, _sign_with_retry(keys, req, retries)))
+    signed.put(None)
+    replier.join()
+    keys.close()
+
+
+def _reply_loop(conn: Connection, signed: queue.SimpleQueue[tuple[SignBatch, Signed | Failed] | None],
+                checkers: dict[str, tuple[IssuerIdentity, ResponseTemplate]]) -> None:
+    """Verify each signed batch that asks for it and send the reply, while
+    the signing thread signs the next batch (the native backend releases
+    the GIL while the token signs)."""
+    while (job := signed.get()) is not None:
+        req, reply = job
         if req.expect is not None and isinstance(reply, Signed) and req.issuer in checkers:
             reply = _checked(checkers[req.issuer], req, reply)  # else the Runner refuses to publish the batch
-        conn.send_bytes(_encode(reply))
-    keys.close()
+        try:
+            conn.send_bytes(_encode(reply))
+        except OSError:  # the parent is gone: the signing thread sees EOF next
+            return
 
 
 def _checker(check: IssuerCheck) -> tuple[IssuerIdentity, ResponseTemplate]:
