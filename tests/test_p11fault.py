@@ -86,6 +86,15 @@ CHILD_PRELUDE = textwrap.dedent(
         except PKCS11Error as exc:
             return {"i": i, **err(exc)}
 
+    def rsa_sign(s, i):
+        """One multi-part RSA signature (C_SignUpdate + C_SignFinal)."""
+        k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="r")
+        parts = iter([b"part-a-%d" % i, b"part-b-%d" % i])
+        try:
+            return {"i": i, "sig": k.sign(parts, mechanism=Mechanism.SHA256_RSA_PKCS).hex()}
+        except PKCS11Error as exc:
+            return {"i": i, **err(exc)}
+
     def call(fn):
         try:
             fn()
@@ -440,13 +449,6 @@ def test_flip_at_counts_like_fail_at_and_covers_sign_final(child, token: Token, 
     log = tmp_path / "faults.log"
     res = child(
         """
-        def rsa_sign(s, i):
-            k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="r")
-            parts = iter([b"part-a-%d" % i, b"part-b-%d" % i])
-            try:
-                return {"i": i, "sig": k.sign(parts, mechanism=Mechanism.SHA256_RSA_PKCS).hex()}
-            except PKCS11Error as exc:
-                return {"i": i, **err(exc)}
         with tok.open(user_pin=PIN) as s:
             out["results"] = [rsa_sign(s, i) for i in range(1, 5)]
         """,
@@ -593,13 +595,6 @@ def test_multipart_sign_counts_once(child, token: Token):
     real call): that is one attempt too."""
     res = child(
         """
-        def rsa_sign(s, i):
-            k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="r")
-            parts = iter([b"part-a-%d" % i, b"part-b-%d" % i])
-            try:
-                return {"i": i, "sig": k.sign(parts, mechanism=Mechanism.SHA256_RSA_PKCS).hex()}
-            except PKCS11Error as exc:
-                return {"i": i, **err(exc)}
         s = tok.open(user_pin=PIN)
         out["results"] = [rsa_sign(s, 1), rsa_sign(s, 2)]
         with tok.open(user_pin=PIN) as s2:
