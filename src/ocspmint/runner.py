@@ -145,10 +145,10 @@ class Runner:
                 whys.append(why)
             except ValueError as err:
                 self.fail(e, "sign", str(err))
-        if not self.config.signing.verify:
-            self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, False)
+        checked = self.config.signing.verify
+        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, checked)
+        if not checked:
             return SignBatch(batch_id, issuer, tbs)
-        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, True)
         validity = int((times.next_update - times.this_update).total_seconds())
         return SignBatch(batch_id, issuer, tbs, [expect(e) for e in kept], validity)
 

@@ -126,7 +126,7 @@ class IssuerCheck(msgspec.Struct, frozen=True):
     hashes: tuple[str, ...]
 
 
-def issuer_check(issuer: IssuerIdentity, hashes: tuple[str, ...]) -> IssuerCheck:
+def _issuer_check(issuer: IssuerIdentity, hashes: tuple[str, ...]) -> IssuerCheck:
     responder = issuer.signer.cert_der if issuer.signer.delegated else b""
     return IssuerCheck(issuer.config, issuer.cert.public_bytes(serialization.Encoding.DER), responder, hashes)
 
@@ -413,7 +413,7 @@ def signer_pool(config: Config, issuers: dict[str, IssuerIdentity]) -> SignerPoo
     with ``signing.verify`` its workers verify what they sign. Raises
     UriError for an unusable signer URI."""
     hashes = tuple(config.response.certid_hashes)
-    checks = [issuer_check(i, hashes) for i in issuers.values()] if config.signing.verify else None
+    checks = [_issuer_check(i, hashes) for i in issuers.values()] if config.signing.verify else None
     s = config.signing
     return SignerPool([key_spec(i) for i in issuers.values()], s.workers, s.retries, s.timeout.total_seconds(),
                       s.backend, s.sessions, checks)
