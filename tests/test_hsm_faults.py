@@ -1,8 +1,9 @@
 """HSM faults during `ocspmint run`, injected by the p11fault shim in front of
 a real SoftHSM2 token: a token pulled out (for good, or back within the
 signer's backoff), a locked PIN, a key or token the URI names but the HSM
-does not hold, slow signing, and an HSM that returns a corrupted signature
-with CKR_OK; and the shim's model of a pulled token itself.
+does not hold, slow signing, an HSM that returns a corrupted signature
+with CKR_OK, and sessions a network HSM drops while they sit idle during the
+plan; and the shim's model of a pulled token itself.
 CKR_DEVICE_ERROR, lost sessions, a wrong PIN and a killed signer process
 are in test_faults.py and test_run.py.
 
@@ -13,7 +14,9 @@ that matches the store."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,8 @@ from e2e import issuer_id, ocspmint, openssl_check, response_path, run_json
 from faultkit import (SOFTHSM, assert_journal_matches_store, edit_config, failed_serials, file_objects, journal_rows,
                       set_signing, use_module, verify_clean)
 from ocspmint.demo import Demo, build_demo
+from ocspmint.ledger.sqlite import write_entries
+from ocspmint.model import Kind, LedgerEntry, Status, utc_now
 from ocspmint.store import object_key
 from p11fault.build import build_shim
 
@@ -243,3 +248,70 @@ def test_corrupted_signature_is_never_published_and_a_rerun_publishes_it(tmp_pat
     for serial in sorted(failed):
         view = openssl_check(demo, response_path(demo, serial), serial)
         assert view.verified, view.text
+
+
+def add_synthetic_ledger(demo: Demo, live: int, expired: int) -> set[int]:
+    """A second ledger source (SQLite) for the demo's issuer: ``live``
+    unexpired certificates and ``expired`` expired ones. Returns the live
+    serials. Expired rows are read and counted by the plan but never
+    signed, so they make the plan long at little cost to the run."""
+    now = utc_now()
+
+    def entries():
+        for i in range(live + expired):
+            not_after = now + dt.timedelta(days=90) if i < live else now - dt.timedelta(days=1)
+            yield LedgerEntry("issuing-ca", (0x5A << 120) + i * 7919, Kind.CERTIFICATE, not_after, Status.GOOD,
+                              source="synthetic")
+
+    write_entries(str(demo.root / "ledger.sqlite"), entries())
+    demo.config.write_text(demo.config.read_text() + '\n[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    return {(0x5A << 120) + i * 7919 for i in range(live)}
+
+
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_sessions_dropped_while_idle_during_the_plan_are_reopened_and_nothing_is_lost(tmp_path, shim, backend):
+    """A network HSM drops a session that saw no call for too long. The
+    signer worker logs in while the parent reads the ledger, so after a long
+    plan its first signature (the key probe) meets a dropped session
+    (P11FAULT_SESSION_IDLE_MS): the worker backs off, reopens its sessions,
+    signs on, and the run publishes every unexpired serial."""
+    demo = faulty_demo(tmp_path, shim, workers=1, batch_size=64)
+    edit_config(demo, "workers = 1", f'workers = 1\nbackend = "{backend}"')
+    # Timings. The worker is spawned as the ledger pass begins and is logged
+    # in ~0.2-0.3 s later; the probe is sent when the plan ends. 150,000
+    # expired rows make the plan ~0.6 s (a few thousand rows plan in well
+    # under the worker's start-up, and then the probe finds a fresh session),
+    # so the sessions sit idle ~0.4 s (0.6-0.7 s on a loaded machine, as
+    # both sides slow down together) before the probe: 4x or more the
+    # 100 ms limit. The limit is in turn far above the gaps between calls
+    # once signing runs (microseconds within a batch, about a millisecond
+    # between batches, a few ms from a reopen to its first signature), so a
+    # reopened session signs at once and a batch can never fail `retries`
+    # times in a row. A stall of the parent (a slow fsync) can still drop a
+    # session between two batches, and the close at the end of the run can
+    # meet an idle session: both are fine, so the log is only checked to
+    # begin with a drop. P11FAULT_SIGN_DELAY_US=1 is there only to log each
+    # signature attempt (delay#n), which shows that drop came before any.
+    live = add_synthetic_ledger(demo, live=500, expired=150_000)
+    log = tmp_path / "faults.log"
+    env = {"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SESSION_IDLE_MS": "100", "P11FAULT_SIGN_DELAY_US": "1",
+           "P11FAULT_LOG": str(log)}
+    p = ocspmint(demo, "run", "--quiet", "--json", env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    summary = json.loads(p.stdout)
+    assert p.returncode == 0 and summary["ok"] and summary["failures"] == [], summary["failures"][:3]
+    assert summary["signer_backend"] == {"issuing-ca": backend}
+    everything = unexpired(demo) | live
+    assert summary["published"] == len(everything) == 512 and summary["due"] == {"new": 512}
+    # every unexpired serial is journaled, and its object is in the store as journaled
+    rows = assert_journal_matches_store(demo, file_objects(demo).get)
+    assert {s for _, s in rows} == everything
+    assert set(file_objects(demo)) == {object_key(issuer_id(demo), s) for s in everything}
+    # the probe met a session dropped while idle (longer than the limit), then
+    # the probe and every serial were signed on reopened sessions
+    lines = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    first = re.fullmatch(r"idle#(\d+) rv=0xb3", lines[0])
+    assert first and int(first.group(1)) > 100, lines[:3]
+    assert lines[1] == "delay#1 rv=0x0", lines[:3]
+    assert sum(line.startswith("delay#") for line in lines) == 1 + 512
+    assert verify_clean(demo) == 512

@@ -508,6 +508,92 @@ def test_login_rv_other_codes(child, rv: str, exc: str):
 
 
 # --------------------------------------------------------------------------
+# SESSION_IDLE_MS: a network HSM drops a session left idle too long
+
+
+def idle_drops(log: Path, pid: int) -> list[int]:
+    """The idle milliseconds of the log's lines, which must all be idle#
+    lines of process ``pid``."""
+    drops = []
+    for line in read_log(log):
+        m = re.fullmatch(r"(\d+) idle#(\d+) rv=0xb3", line)
+        assert m and int(m.group(1)) == pid, line
+        drops.append(int(m.group(2)))
+    return drops
+
+
+def test_session_idle_ms_drops_an_idle_session_for_good(child, token: Token, tmp_path: Path):
+    """SESSION_IDLE_MS=200: a session used at once signs; after 400 ms with
+    no call its next call fails with SessionHandleInvalid, and so does every
+    later one; a freshly opened session (with a login: the dropped session's
+    real one was closed) signs; a session used every 50 ms for 1 s never
+    drops, while one opened next to it and never used does."""
+    log = tmp_path / "faults.log"
+    res = child(
+        """
+        s = tok.open(user_pin=PIN)
+        k = ec_key(s)
+        out["at_once"] = sign(k, 1)
+        time.sleep(0.4)
+        out["after_idle"] = sign(k, 2)
+        out["still_dead"] = [sign(k, 3), call(lambda: ec_key(s)), call(lambda: k[Attribute.LABEL]),
+                             call(s.close)]
+        s2 = tok.open(user_pin=PIN)
+        k2 = ec_key(s2)
+        out["fresh"] = sign(k2, 4)
+        unused = tok.open()  # the rule is per session: this one sees no call
+        busy, end = [], time.monotonic() + 1.0
+        while time.monotonic() < end:
+            time.sleep(0.05)
+            busy.append(sign(k2, 5 + len(busy)))
+        out["busy"] = busy
+        out["unused"] = call(lambda: unused.generate_random(128))
+        out["busy_close"] = call(s2.close)
+        """,
+        session_idle_ms="200",
+        log=log,
+    )
+    assert_verifies(token, res["at_once"])
+    assert res["after_idle"] == {"i": 2, "err": "SessionHandleInvalid"}
+    assert res["still_dead"] == [{"i": 3, "err": "SessionHandleInvalid"}] + ["SessionHandleInvalid"] * 3
+    assert_verifies(token, res["fresh"])
+    assert len(res["busy"]) >= 10
+    for r in res["busy"]:
+        assert_verifies(token, r)
+    assert res["unused"] == "SessionHandleInvalid"
+    assert res["busy_close"] == "ok"
+    # one line per dropped session, when the drop was noticed, with its idle time
+    first, unused = idle_drops(log, res["pid"])
+    assert first >= 400 and unused >= 1000
+
+
+def test_session_idle_ms_clock_starts_at_open_and_a_drop_ends_the_login(child, token: Token, tmp_path: Path):
+    """The idle clock starts at C_OpenSession.  A session gone idle is
+    dropped before the next C_OpenSession or C_Login even if it is never
+    called again, as a network HSM drops it when its timer expires: with it
+    goes the token's login state, so a new login works (with the idle
+    session still open it would raise UserAlreadyLoggedIn)."""
+    log = tmp_path / "faults.log"
+    res = child(
+        """
+        s = tok.open(user_pin=PIN)  # logged in, then left alone
+        time.sleep(0.3)
+        s2 = tok.open(user_pin=PIN)
+        out["fresh"] = sign(ec_key(s2), 1)
+        out["dropped"] = call(lambda: ec_key(s))
+        quiet = tok.open()  # opened, never called
+        time.sleep(0.3)
+        out["quiet"] = call(lambda: quiet.generate_random(128))
+        """,
+        session_idle_ms="200",
+        log=log,
+    )
+    assert_verifies(token, res["fresh"])
+    assert res["dropped"] == res["quiet"] == "SessionHandleInvalid"
+    assert [ms >= 300 for ms in idle_drops(log, res["pid"])] == [True, True]
+
+
+# --------------------------------------------------------------------------
 # (e) the fault log, per process
 
 
@@ -776,6 +862,8 @@ def test_named_sign_slots_are_shared_between_processes(shim: Path, token: Token,
         ({"sign_slots": "2"}, "P11FAULT_SIGN_SLOTS needs P11FAULT_SIGN_DELAY_US"),
         ({"sign_delay_us": "10", "sign_slots_name": "/x"}, "P11FAULT_SIGN_SLOTS_NAME needs P11FAULT_SIGN_SLOTS"),
         ({"sign_delay_us": "10", "sign_slots": "2", "sign_slots_name": "x/y"}, "expected '/name'"),
+        ({"session_idle_ms": "0"}, "P11FAULT_SESSION_IDLE_MS: must be at least 1"),
+        ({"session_idle_ms": "1s"}, "P11FAULT_SESSION_IDLE_MS: invalid number"),
     ],
 )
 def test_bad_configuration_fails_loading(shim: Path, token: Token, faults: dict, message: str):

@@ -24,6 +24,11 @@
  *   P11FAULT_LOGIN_RV=0xA0         every C_Login fails with this rv
  *   P11FAULT_TOKEN_GONE_FROM=N     the token is pulled at signature attempt #N
  *   P11FAULT_TOKEN_BACK_MS=M       ... and is back M ms later (unset: never)
+ *   P11FAULT_SESSION_IDLE_MS=N     a session with no call on it for more than
+ *                                  N ms is dropped, as a network HSM drops an
+ *                                  idle session: the next call on it answers
+ *                                  CKR_SESSION_HANDLE_INVALID and it is dead
+ *                                  from then on; logged as idle#<ms idle>
  *   P11FAULT_LOG=/path             one appended line per injected fault
  *   P11FAULT_OS_LOCKING=1          turn C_Initialize(NULL) into
  *                                  C_Initialize({flags=CKF_OS_LOCKING_OK})
@@ -51,6 +56,17 @@
  * number out again before the application has closed the dead one, the shim
  * keeps that real session for itself ("plug") and opens another one, so a dead
  * handle never aliases a live session.
+ *
+ * SESSION_IDLE_MS kills sessions the same way.  Each live session carries the
+ * CLOCK_MONOTONIC time of its last activity: C_OpenSession starts it, and
+ * every wrapped call taking the session handle restarts it, both when it
+ * begins and when it returns (a long call, such as a delayed signature, is
+ * not idle time).  A call on a session idle for more than N ms is refused
+ * before anything else (before a signature attempt is counted), the session
+ * is killed and "idle#<ms>" logged.  C_OpenSession and C_Login first kill
+ * every session of the process that has gone idle (a network HSM drops it
+ * when its timer expires, whether or not it is used again), so that the
+ * token's login state is that of an HSM that dropped them.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -88,6 +104,7 @@ static struct {
     CK_RV login_rv;
     unsigned long gone_from; /* 0 = the token is never pulled */
     unsigned long back_ms;   /* 0 = a pulled token never comes back */
+    unsigned long idle_ms;   /* 0 = sessions never time out */
     char *log_path;
     int os_locking; /* C_Initialize(NULL) -> C_Initialize(CKF_OS_LOCKING_OK) */
     int ecdsa_hash; /* CKM_ECDSA_SHA256/384: -1 as the real module, 0 refused, 1 emulated */
@@ -115,6 +132,7 @@ struct sess {
     int flip;       /* FLIP_AT: corrupt the signature this attempt returns */
     CK_MECHANISM_TYPE hash; /* ECDSA_HASH: the operation is CKM_ECDSA over this
                                digest (CKM_SHA256/384); 0: not emulated */
+    struct timespec last;   /* SESSION_IDLE_MS: last activity (CLOCK_MONOTONIC) */
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -162,6 +180,7 @@ static struct sess *get_sess(CK_SESSION_HANDLE h)
     s = &sessions[n_sessions++];
     memset(s, 0, sizeof(*s));
     s->h = h;
+    clock_gettime(CLOCK_MONOTONIC, &s->last); /* a handle first seen now is not idle */
     return s;
 }
 
@@ -174,15 +193,6 @@ static void drop_sess(CK_SESSION_HANDLE h)
             return;
         }
     }
-}
-
-static int is_dead(CK_SESSION_HANDLE h)
-{
-    pthread_mutex_lock(&lock);
-    struct sess *s = find_sess(h);
-    int dead = s && s->dead;
-    pthread_mutex_unlock(&lock);
-    return dead;
 }
 
 /*
@@ -229,6 +239,116 @@ static void log_fault(const char *what, unsigned long n, CK_RV rv)
     if (write(fd, line, (size_t)len) != len)
         p11f_warn("short write to P11FAULT_LOG %s", cfg.log_path);
     close(fd);
+}
+
+/* ------------------------------------------------------------------------ */
+/* idle sessions (SESSION_IDLE_MS)                                          */
+
+static double ms_between(const struct timespec *from, const struct timespec *to)
+{
+    return (double)(to->tv_sec - from->tv_sec) * 1e3 + (double)(to->tv_nsec - from->tv_nsec) / 1e6;
+}
+
+/* lock held: kill a session (close the real one, remember the handle as dead) */
+static void kill_locked(struct sess *s)
+{
+    if (s->dead)
+        return;
+    s->dead = 1;
+    s->plug = 0;
+    s->in_attempt = 0;
+    real->C_CloseSession(s->h);
+}
+
+/*
+ * lock held: if live session s has seen no call for more than IDLE_MS at
+ * now, kill it as a network HSM drops an idle session and return 1 with the
+ * whole milliseconds it was idle in *idle_ms (the caller logs "idle#<ms>"
+ * once the lock is released).
+ */
+static int expire_locked(struct sess *s, const struct timespec *now, unsigned long *idle_ms)
+{
+    if (!cfg.idle_ms || s->dead)
+        return 0;
+    double ms = ms_between(&s->last, now);
+    if (ms <= (double)cfg.idle_ms)
+        return 0;
+    kill_locked(s);
+    *idle_ms = (unsigned long)ms;
+    return 1;
+}
+
+/*
+ * Take the lock and find h's session (NULL: never seen), killing it first
+ * if it was idle for too long (*expired 1, *idle_ms how long; the caller
+ * logs "idle#<ms>" once it released the lock).  *now: the time of the call.
+ */
+static struct sess *lock_sess(CK_SESSION_HANDLE h, struct timespec *now, int *expired, unsigned long *idle_ms)
+{
+    if (cfg.idle_ms)
+        clock_gettime(CLOCK_MONOTONIC, now);
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    *expired = s && expire_locked(s, now, idle_ms);
+    return s;
+}
+
+/*
+ * At the start of every wrapped call taking session handle h: is the handle
+ * dead (killed by a fault, or idle for too long just now)?  A live session's
+ * idle clock restarts.  Handles the shim has never seen pass.
+ */
+static int session_enter(CK_SESSION_HANDLE h)
+{
+    struct timespec now = {0, 0};
+    unsigned long idle_ms = 0;
+    int expired;
+    struct sess *s = lock_sess(h, &now, &expired, &idle_ms);
+    int dead = s && s->dead;
+    if (s && !dead && cfg.idle_ms)
+        s->last = now;
+    pthread_mutex_unlock(&lock);
+    if (expired)
+        log_fault("idle", idle_ms, CKR_SESSION_HANDLE_INVALID);
+    return dead;
+}
+
+/* When a call on h returns: the time it took was not idle time. */
+static void session_leave(CK_SESSION_HANDLE h)
+{
+    if (!cfg.idle_ms)
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    pthread_mutex_lock(&lock);
+    struct sess *s = find_sess(h);
+    if (s && !s->dead)
+        s->last = now;
+    pthread_mutex_unlock(&lock);
+}
+
+/*
+ * Before C_OpenSession and C_Login: kill every session idle for too long
+ * (a network HSM drops it when its timer expires, used again or not), so
+ * that the token's login state is that of an HSM that dropped them.
+ */
+static void sweep_idle(void)
+{
+    if (!cfg.idle_ms)
+        return;
+    for (;;) {
+        struct timespec now;
+        unsigned long idle_ms = 0;
+        int expired = 0;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        pthread_mutex_lock(&lock);
+        for (size_t i = 0; i < n_sessions && !expired; i++)
+            expired = expire_locked(&sessions[i], &now, &idle_ms);
+        pthread_mutex_unlock(&lock);
+        if (!expired)
+            return;
+        log_fault("idle", idle_ms, CKR_SESSION_HANDLE_INVALID);
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -317,14 +437,23 @@ enum gate { GATE_DEAD, GATE_PASS, GATE_FAULT, GATE_PULL };
 static enum gate sign_gate(CK_SESSION_HANDLE h, unsigned long *attempt_no, int *flip)
 {
     int new_attempt = 0, fault = 0;
+    struct timespec now = {0, 0};
+    unsigned long idle_ms = 0;
     *flip = 0;
 
+    if (cfg.idle_ms)
+        clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&lock);
     struct sess *s = get_sess(h);
+    int expired = s && expire_locked(s, &now, &idle_ms);
     if (s && s->dead) {
         pthread_mutex_unlock(&lock);
-        return GATE_DEAD;
+        if (expired)
+            log_fault("idle", idle_ms, CKR_SESSION_HANDLE_INVALID);
+        return GATE_DEAD; /* rejected before counting, like any dead handle */
     }
+    if (s && cfg.idle_ms)
+        s->last = now;
     int pull = 0;
     if (!s || !s->in_attempt) {
         new_attempt = 1;
@@ -380,12 +509,8 @@ static void kill_session(CK_SESSION_HANDLE h)
 {
     pthread_mutex_lock(&lock);
     struct sess *s = get_sess(h);
-    if (s && !s->dead) {
-        s->dead = 1;
-        s->plug = 0;
-        s->in_attempt = 0;
-        real->C_CloseSession(h);
-    }
+    if (s)
+        kill_locked(s);
     pthread_mutex_unlock(&lock);
 }
 
@@ -518,6 +643,7 @@ static CK_RV w_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
 {
     if (refuse_absent())
         return CKR_TOKEN_NOT_PRESENT;
+    sweep_idle();
     if (!ph)
         return real->C_OpenSession(slot, flags, app, notify, ph);
     pthread_mutex_lock(&lock);
@@ -543,6 +669,7 @@ static CK_RV w_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
         memset(s, 0, sizeof(*s));
         s->h = *ph;
         s->slot = slot;
+        clock_gettime(CLOCK_MONOTONIC, &s->last); /* SESSION_IDLE_MS: the idle clock starts */
         break;
     }
     pthread_mutex_unlock(&lock);
@@ -551,8 +678,10 @@ static CK_RV w_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
 
 static CK_RV w_C_CloseSession(CK_SESSION_HANDLE h)
 {
-    pthread_mutex_lock(&lock);
-    struct sess *s = find_sess(h);
+    struct timespec now = {0, 0};
+    unsigned long idle_ms = 0;
+    int expired;
+    struct sess *s = lock_sess(h, &now, &expired, &idle_ms);
     if (s && s->dead) {
         /* the application lets go of a dead handle: forget it and free the
          * placeholder, but answer like a device that lost the session */
@@ -560,6 +689,8 @@ static CK_RV w_C_CloseSession(CK_SESSION_HANDLE h)
             real->C_CloseSession(h);
         drop_sess(h);
         pthread_mutex_unlock(&lock);
+        if (expired)
+            log_fault("idle", idle_ms, CKR_SESSION_HANDLE_INVALID);
         return CKR_SESSION_HANDLE_INVALID;
     }
     CK_RV rv = real->C_CloseSession(h);
@@ -588,7 +719,8 @@ static CK_RV w_C_CloseAllSessions(CK_SLOT_ID slot)
 static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
                        CK_ULONG pin_len)
 {
-    if (is_dead(h))
+    sweep_idle(); /* login state as the HSM has it: idle sessions are gone */
+    if (session_enter(h))
         return CKR_SESSION_HANDLE_INVALID;
     if (cfg.login_fault) {
         pthread_mutex_lock(&lock);
@@ -597,7 +729,9 @@ static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR p
         log_fault("login", n, cfg.login_rv);
         return cfg.login_rv;
     }
-    return real->C_Login(h, user, pin, pin_len);
+    CK_RV rv = real->C_Login(h, user, pin, pin_len);
+    session_leave(h);
+    return rv;
 }
 
 /* ECDSA_HASH: the digest of an emulated hash-and-sign mechanism, else 0 */
@@ -619,9 +753,11 @@ static CK_RV w_C_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_
 {
     CK_MECHANISM ecdsa = {CKM_ECDSA, NULL, 0};
     CK_MECHANISM_TYPE hash = mech ? emulated_hash(mech->mechanism) : 0;
+    if (session_enter(h))
+        return CKR_SESSION_HANDLE_INVALID;
     pthread_mutex_lock(&lock);
     struct sess *s = find_sess(h);
-    if (s && s->dead) {
+    if (s && s->dead) { /* killed by another thread meanwhile */
         pthread_mutex_unlock(&lock);
         return CKR_SESSION_HANDLE_INVALID;
     }
@@ -632,7 +768,9 @@ static CK_RV w_C_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_
     pthread_mutex_unlock(&lock);
     if (hash && !s)
         return CKR_HOST_MEMORY; /* the session table could not take it at C_OpenSession */
-    return real->C_SignInit(h, hash ? &ecdsa : mech, key);
+    CK_RV rv = real->C_SignInit(h, hash ? &ecdsa : mech, key);
+    session_leave(h);
+    return rv;
 }
 
 /*
@@ -666,8 +804,8 @@ static CK_RV emulated_digest(CK_SESSION_HANDLE h, CK_BYTE_PTR *data, CK_ULONG *d
     return rv;
 }
 
-static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
-                      CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+static CK_RV sign_call(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
+                       CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
 {
     unsigned long n = 0;
     int flip;
@@ -690,7 +828,7 @@ static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
     return rv;
 }
 
-static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+static CK_RV sign_final_call(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
 {
     unsigned long n = 0;
     int flip;
@@ -710,15 +848,34 @@ static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR si
     return rv;
 }
 
+/* the delay of an attempt and the real call are not idle time */
+static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
+                      CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+    CK_RV rv = sign_call(h, data, data_len, sig, sig_len);
+    session_leave(h);
+    return rv;
+}
+
+static CK_RV w_C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+    CK_RV rv = sign_final_call(h, sig, sig_len);
+    session_leave(h);
+    return rv;
+}
+
 /* ------------------------------------------------------------------------ */
-/* plain guards: a dead handle answers CKR_SESSION_HANDLE_INVALID            */
+/* plain guards: a dead (or too long idle) handle answers                   */
+/* CKR_SESSION_HANDLE_INVALID; a live one's idle clock restarts             */
 
 #define GUARD(fn, params, args)                                   \
     static CK_RV w_##fn params                                    \
     {                                                             \
-        if (is_dead(session))                                     \
+        if (session_enter(session))                               \
             return CKR_SESSION_HANDLE_INVALID;                    \
-        return real->fn args;                                     \
+        CK_RV rv = real->fn args;                                 \
+        session_leave(session);                                   \
+        return rv;                                                \
     }
 
 typedef CK_SESSION_HANDLE SH;
@@ -984,6 +1141,15 @@ static int read_config(void)
             return -1;
         }
         cfg.back_ms = n;
+    }
+    if ((v = env("P11FAULT_SESSION_IDLE_MS"))) {
+        if (parse_ulong("P11FAULT_SESSION_IDLE_MS", v, &n, 10))
+            return -1;
+        if (n == 0) {
+            p11f_warn("P11FAULT_SESSION_IDLE_MS: must be at least 1, got '%s'", v);
+            return -1;
+        }
+        cfg.idle_ms = n;
     }
     if ((v = env("P11FAULT_LOG")) && !(cfg.log_path = strdup(v)))
         return -1;
