@@ -112,8 +112,7 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
     """
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
-    pool = signer_pool(config, issuers)
-    signers = PoolStart(lambda: pool)
+    signers = PoolStart(signer_pool(config, issuers))
     with Journal(config.state_dir) as journal, Spool(config.state_dir) as spool, signers:
         planner = make_planner(config, issuers, journal, force)
         mark = LedgerMark(config, issuers, journal)

@@ -60,7 +60,6 @@ class _Batch:
     whys: list[str]
     tbs: list[bytes]
     times: Times
-    checked: bool  # sent with ``expect``: only a ``Checked`` reply may publish it
     sent: float = field(default_factory=time.monotonic)
 
 
@@ -145,9 +144,8 @@ class Runner:
                 whys.append(why)
             except ValueError as err:
                 self.fail(e, "sign", str(err))
-        checked = self.config.signing.verify
-        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times, checked)
-        if not checked:
+        self.batches[batch_id] = _Batch(ident, kept, whys, tbs, times)
+        if not self.config.signing.verify:
             return SignBatch(batch_id, issuer, tbs)
         validity = int((times.next_update - times.this_update).total_seconds())
         return SignBatch(batch_id, issuer, tbs, [expect(e) for e in kept], validity)
@@ -173,7 +171,7 @@ class Runner:
             self.observer.signed(time.monotonic() - b.sent, len(b.entries))
         if isinstance(reply, Checked):
             responses, findings = reply.responses, reply.findings
-        elif b.checked:  # never publish what no verifier saw
+        elif self.config.signing.verify:  # sent with ``expect``: never publish what no verifier saw
             self.fail_all(b.entries, "verify", "the signer process returned the batch without verifying it")
             return
         else:

@@ -45,7 +45,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 
 import msgspec
@@ -412,36 +412,31 @@ def signer_pool(config: Config, issuers: dict[str, IssuerIdentity]) -> SignerPoo
     """The pool ``config.signing`` describes for ``issuers`` (not started);
     with ``signing.verify`` its workers verify what they sign. Raises
     UriError for an unusable signer URI."""
-    hashes = tuple(config.response.certid_hashes)
-    checks = [_issuer_check(i, hashes) for i in issuers.values()] if config.signing.verify else None
-    s = config.signing
+    s, hashes = config.signing, tuple(config.response.certid_hashes)
+    checks = [_issuer_check(i, hashes) for i in issuers.values()] if s.verify else None
     return SignerPool([key_spec(i) for i in issuers.values()], s.workers, s.retries, s.timeout.total_seconds(),
                       s.backend, s.sessions, checks)
 
 
 class PoolStart:
-    """A SignerPool started on a background thread, so that its workers
-    spawn and log in while the caller does other work (`ocspmint run`
-    reads the ledger meanwhile). ``start()`` begins (once); ``pool()``
-    starts it if not begun, waits, and returns it entered or raises what
+    """``pool`` started on a background thread, so that its workers spawn
+    and log in while the caller does other work (`ocspmint run` reads the
+    ledger meanwhile). ``start()`` begins (once); ``pool()`` starts it if
+    not begun, waits, and returns it entered or raises what
     ``SignerPool.__enter__`` raised (SignerError); ``close()`` (also on
-    leaving a ``with`` block) waits for the start and closes the pool,
-    started or not."""
+    leaving a ``with`` block) waits for a start begun and closes the pool."""
 
-    def __init__(self, make: Callable[[], SignerPool]) -> None:
-        self._make = make
-        self._pool: SignerPool | None = None
+    def __init__(self, pool: SignerPool) -> None:
+        self._pool = pool
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def start(self) -> None:
         if self._thread is None:
-            self._pool = self._make()
             self._thread = threading.Thread(target=self._enter, name="signer-start", daemon=True)
             self._thread.start()
 
     def _enter(self) -> None:
-        assert self._pool is not None
         try:
             self._pool.__enter__()
         except BaseException as e:  # re-raised in the caller's thread by pool()
@@ -449,7 +444,7 @@ class PoolStart:
 
     def pool(self) -> SignerPool:
         self.start()
-        assert self._thread is not None and self._pool is not None
+        assert self._thread is not None
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -462,7 +457,7 @@ class PoolStart:
         self.close()
 
     def close(self) -> None:
-        if self._thread is not None and self._pool is not None:
+        if self._thread is not None:
             self._thread.join()
             self._pool.close()
         self._thread = None
