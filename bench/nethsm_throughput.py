@@ -26,14 +26,16 @@ is ocspmint's C extension, ``_p11native.Signer(sessions=S).sign_batch`` on
 batches of 256 digests, in ``--processes`` fresh interpreters;
 ``ocspmint-pool`` (built in) is a ``SignerPool`` with backend native,
 ``--processes`` workers and ``sessions=S``, kept full with 256-ResponseData
-``SignBatch`` messages (both in bench/stage_load.py). All three run by
-default. Other series plug in by name,
+``SignBatch`` messages (both in bench/stage_load.py); ``ocspmint-run`` (built
+in) is ``ocspmint run`` end to end with ``[signing] sessions = S`` over a
+ledger of capacity x ``--seconds`` new serials, timed by its own summary
+(ledger pass and start-up included). All four run by default. Other series
+plug in by name,
 ``PKG.MODULE:FUNCTION``, or through ``main(argv, series={name: fn})``. A
 series function gets ``(ctx: Context, sessions: int)`` and returns a dict
 with at least ``per_second`` (it may add ``signatures``, ``seconds``...).
 Its ``ctx`` has the demo (token, config), the running HSM (``ctx.hsm.module``
-and ``ctx.hsm.env``), the PIN and the timing flags. An ``ocspmint run`` series
-with ``[signing] sessions = N`` is meant to plug in this way.
+and ``ctx.hsm.env``), the PIN and the timing flags.
 
 For every transport, series and S, the script prints signatures/s, the
 ratio to the capacity slots / latency, and the ratio to the series' best
@@ -54,6 +56,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +71,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # stage_load.py, also when imported thr
 
 from nethsm import NetHsm, available, nethsm  # noqa: E402  (tests/nethsm.py)
 
-from ocspmint.demo import RESPONDER_LABEL, TOKEN_LABEL, Demo, build_demo  # noqa: E402
+from ocspmint.demo import RESPONDER_LABEL, SOFTHSM_MODULE, TOKEN_LABEL, Demo, build_demo  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("p11loop_build", ROOT / "bench" / "p11loop" / "build.py")
 assert _spec is not None and _spec.loader is not None
@@ -134,8 +137,39 @@ def ocspmint_pool(ctx: Context, sessions: int) -> dict[str, Any]:
                     seconds=ctx.seconds, warmup=ctx.warmup, env=ctx.hsm.env)
 
 
-BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop, "ocspmint-native": ocspmint_native, "ocspmint-pool": ocspmint_pool}
-DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool"
+def ocspmint_run(ctx: Context, sessions: int) -> dict[str, Any]:
+    """``ocspmint run`` end to end: a SQLite ledger of capacity x
+    ``ctx.seconds`` new serials (so a run at full speed lasts about
+    ``--seconds``), backend native, ``ctx.processes`` workers with
+    ``sessions=S``, verification on (the default), a fresh file store and
+    state dir. ``per_second`` is the summary's: published / the whole run
+    (ledger pass, worker start-up and login, the last batches' storing and
+    journaling included). Exits 1 unless the run published every serial."""
+    from sign_throughput import checked_summary, synthetic_entries, write_config  # bench/sign_throughput.py
+
+    from ocspmint.ledger.sqlite import write_entries
+
+    assert ctx.hsm.capacity is not None
+    serials = round(ctx.hsm.capacity * ctx.seconds)
+    ledger = ctx.work / f"ledger-{serials}.sqlite"
+    if not ledger.exists():
+        write_entries(str(ledger), synthetic_entries(serials))
+    run_dir = ctx.work / f"run-{ctx.processes}x{sessions}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = write_config(ctx.demo, ledger, run_dir, ctx.processes, True)
+    text = config.read_text().replace(f"module = {json.dumps(SOFTHSM_MODULE)}", f"module = {json.dumps(ctx.hsm.module)}")
+    config.write_text(text.replace("[signing]\n", f'[signing]\nbackend = "native"\nsessions = {sessions}\n', 1))
+    env = ctx.hsm.client_env({**os.environ, "SOFTHSM2_CONF": str(ctx.demo.softhsm_conf)})
+    p = subprocess.run([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json", "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    summary = checked_summary(p, serials)
+    shutil.rmtree(run_dir)
+    return {"per_second": summary["per_second"], "signatures": serials, "seconds": summary["seconds"]}
+
+
+BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop, "ocspmint-native": ocspmint_native, "ocspmint-pool": ocspmint_pool,
+                                "ocspmint-run": ocspmint_run}
+DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool,ocspmint-run"
 
 
 def load_series(spec: str) -> SeriesFn:

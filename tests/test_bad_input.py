@@ -211,6 +211,59 @@ def test_source_of_an_unknown_issuer_is_a_config_error(tmp_path):
     assert file_objects(demo) == {}
 
 
+# --------------------------------------------------------------- found late in a long ledger pass
+
+
+def long_ledger(demo: Demo, name: str, live: list[int], expired: int, *extra: LedgerEntry) -> None:
+    """A SQLite ledger ``name``: ``live`` serials good and unexpired, then
+    ``expired`` expired rows (read by the plan, never signed), then ``extra``."""
+    now = utc_now()
+    later, before = now + dt.timedelta(days=60), now - dt.timedelta(days=1)
+    write_entries(str(demo.root / name), [
+        *(LedgerEntry("issuing-ca", s, Kind.CERTIFICATE, later, Status.GOOD, source="synthetic") for s in live),
+        *(LedgerEntry("issuing-ca", 0x6000_0000 + i, Kind.CERTIFICATE, before, Status.GOOD, source="synthetic")
+          for i in range(expired)),
+        *extra])
+
+
+# The runs below sign what the ledger pass finds due while it reads on: with
+# 150,000 expired rows after the live ones the pass lasts ~0.6 s, and the
+# first batches come back signed well before it ends (the workers log in in
+# ~0.3 s). What the pass finds at its end must still decide what is published.
+
+def test_a_conflict_found_at_the_end_of_a_long_pass_is_not_published(tmp_path):
+    """A serial signed early in the pass, and stated differently by a second
+    source read after it, is in neither the store nor the journal."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    live = [0x7000 + i for i in range(2000)]
+    long_ledger(demo, "ledger.sqlite", live, 150_000)
+    write_entries(str(demo.root / "late.sqlite"), [LedgerEntry(
+        "issuing-ca", live[0], Kind.CERTIFICATE, utc_now() + dt.timedelta(days=60), Status.REVOKED,
+        utc_now() - dt.timedelta(hours=1), None, "synthetic")])
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n'
+                      '[[sources]]\ntype = "sqlite"\npath = "late.sqlite"\n', "quarantine")
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == len(live) - 1
+    [failure] = summary["failures"]
+    assert failure["serial"] == serial_hex(live[0]) and "stated differently" in failure["message"]
+    assert set(journal_rows(demo)) == {("issuing-ca", s) for s in live[1:]}
+    assert not response_path(demo, live[0]).exists() and len(file_objects(demo)) == len(live) - 1
+    assert verify_clean(demo) == len(live) - 1
+
+
+def test_a_bad_row_at_the_end_of_a_long_pass_stops_the_run_with_nothing_published(tmp_path):
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    stray = LedgerEntry("retired-ca", 0x9000, Kind.CERTIFICATE, utc_now() + dt.timedelta(days=60), Status.GOOD,
+                        source="synthetic")
+    long_ledger(demo, "ledger.sqlite", [0x7000 + i for i in range(2000)], 150_000, stray)
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')  # on_error = "stop"
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 0
+    [failure] = summary["failures"]
+    assert failure["stage"] == "ledger" and "issuer 'retired-ca' is not configured" in failure["message"]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
 # --------------------------------------------------------------- delegated responder certificates
 
 

@@ -131,16 +131,17 @@ def _record(row: tuple) -> Record:
 
 
 class Journal:
-    """Open (creating) the journal in ``state_dir``; use as a context manager."""
+    """Open (creating) the journal in ``state_dir``, with a page cache of
+    ``cache_kib`` KiB; use as a context manager."""
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, cache_kib: int = CACHE_KIB) -> None:
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(state_dir) / "journal.sqlite"
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._clock_passed: int | None = None  # the second of the last check_clock that passed
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        self._db.execute(f"PRAGMA cache_size=-{cache_kib}")
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         self._db.executescript(SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(published)")}

@@ -10,6 +10,8 @@ failed verification (docs/ocsp-rules.md).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import threading
 from collections.abc import Callable, Iterator
 
 from ocspmint.config import Config
@@ -27,7 +29,8 @@ from ocspmint.signer import PoolStart, SignerError, signer_pool
 from ocspmint.store import open_store
 
 Select = Callable[[LedgerEntry], bool]
-__all__ = ["Force", "LedgerStop", "Planned", "checked_entries", "ledger_entries", "make_planner", "run"]
+PLAN_CACHE_KIB = 8 * 1024  # the full pass's journal connection: reads only
+__all__ = ["Force", "LedgerStop", "Plan", "Planned", "checked_entries", "ledger_entries", "make_planner", "run"]
 
 
 class LedgerStop(Exception):
@@ -91,10 +94,11 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
             raise LedgerStop(str(e)) from None
 
 
-def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None) -> Planner:
-    """The planner of a run starting now."""
+def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None,
+                 now: dt.datetime | None = None) -> Planner:
+    """The planner of a run starting ``now`` (default: now)."""
     return Planner(journal, {n: i.signer.key_hash.hex() for n, i in issuers.items()},
-                   config.response.refresh_after, utc_now(), force)
+                   config.response.refresh_after, now or utc_now(), force)
 
 
 def run(config: Config, show_progress: bool = True, *, select: Select | None = None, force: Force | None = None,
@@ -107,8 +111,9 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
     (so an interrupted reissue resumes); ``rate`` caps responses/s (0: no
     cap); ``incremental`` plans from the ledger's changes and the
     journal's schedule instead of a full pass when it can (module
-    ``incremental``). Raises IdentityError/UriError for unusable issuer or
-    signer settings.
+    ``incremental``). A full pass runs on its own thread while what it
+    found due is signed (``Plan``). Raises IdentityError/UriError for
+    unusable issuer or signer settings.
     """
     summary = Summary(started=dt.datetime.now(dt.timezone.utc))
     issuers = load_issuers(config)
@@ -118,10 +123,6 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
         mark = LedgerMark(config, issuers, journal)
         try:
             journal.check_clock(planner.now)
-            conflicts = _plan(config, issuers, planner, summary, spool, select, mark, incremental, signers.start)
-        except LedgerStop:
-            summary.finish(planner.counts)
-            return summary
         except ClockError as e:
             summary.failures.append(Failure("clock", str(e)))
             summary.finish(planner.counts)
@@ -131,18 +132,22 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
         runner.force = force
         if config.verify_served.url:
             runner.sample = Sample(config.verify_served.sample)
+        plan = Plan(config, issuers, planner, summary, spool, select, runner)
+        why_full = mark.why_full() if incremental else None
         try:
-            if len(spool):
-                progress = Progress(len(spool), "signing") if show_progress else None
-                due = spool.entries(conflicts)  # conflicts are known only after the whole pass
-                try:
-                    pool = signers.pool()
-                    summary.signer_backend = pool.backends
-                    probe_keys(pool, runner)
-                    sign_all(pool, runner, due, progress, rate)
-                except SignerError as e:  # the pool could not start
-                    runner.fail_all([entry for entry, _ in due], "sign", str(e))
+            if incremental and why_full is None:
+                plan.incremental(mark)
+            else:
+                summary.plan = f"full ({why_full})" if why_full else "full"
+                signers.start()  # the workers log in while the ledger is read
+                plan.start_full(mark)
+            _sign(signers, runner, spool, show_progress, rate)
+        except LedgerStop:  # nothing was published: the Runner holds what it gets until the plan is complete
+            summary.finish(plan.join().counts)
+            return summary
         finally:
+            plan.stop()
+            plan.join()
             signers.close()
             runner.settle(0)
             store.close()
@@ -150,7 +155,7 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
         if config.verify_served.url:
             summary.served_checked, failures = check_served(config, issuers, journal, runner.sample)
             summary.failures.extend(failures)
-        summary.finish(planner.counts)
+        summary.finish(plan.join().counts)
         if summary.ok and select is None and force is None:
             mark.save()
         if summary.published:
@@ -158,39 +163,97 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
     return summary
 
 
-def _plan(config: Config, issuers: dict[str, IssuerIdentity], planner: Planner, summary: Summary, spool: Spool,
-          select: Select | None, mark: LedgerMark, incremental: bool,
-          full_pass: Callable[[], None]) -> set[tuple[str, int]]:
-    """Put what is due in ``spool``: from a full ledger pass, or, when
-    ``incremental`` and the journal's mark allows it, from the ledger
-    changes since the mark plus the journal's routine re-signing (module
-    ``incremental``). Returns the keys found in conflict (not to publish).
-    Sets ``summary.plan``. Raises LedgerStop. ``full_pass`` is called as
-    a full pass begins: the caller starts its signers then, so that they
-    log in while the ledger is read (an incremental plan may find nothing
-    due, and then needs no signer)."""
-    conflicts: set[tuple[str, int]] = set()
-    why_full = mark.why_full() if incremental else None
-    if incremental and why_full is None:
-        summary.plan = "incremental"
+def _sign(signers: PoolStart, runner: Runner, spool: Spool, show_progress: bool, rate: float) -> None:
+    """Sign what ``spool`` gets from the plan, from its first entry on
+    (no signer is used when nothing is due); a pool that cannot start
+    fails them all (stage "sign"). Raises LedgerStop from the plan."""
+    due = spool.entries()
+    first = next((p for p in due if p is not None), None)
+    if first is None:
+        return
+    entries = itertools.chain([first], due)
+    try:
+        pool = signers.pool()
+        runner.summary.signer_backend = pool.backends
+        probe_keys(pool, runner)
+        progress = Progress(lambda: len(spool) if spool.finished else None, "signing") if show_progress else None
+        sign_all(pool, runner, entries, progress, rate)
+    except SignerError as e:  # the pool could not start
+        runner.fail_all([p[0] for p in entries if p is not None], "sign", str(e))
+
+
+class Plan:
+    """What is due, put in ``spool``: from a full ledger pass on a thread
+    of its own (``start_full``), or, when the journal's mark allows it,
+    from the ledger changes since the mark plus the journal's routine
+    re-signing (``incremental``, module ``incremental``, done at once).
+
+    While a full pass runs, ``runner`` holds the responses it gets
+    (``Runner.hold``): a serial two sources state differently is known
+    only at the end of the pass, and must not be published at all
+    (``ledger_entries``). The pass uses a journal connection of its own
+    (SQLite connections stay in their thread; WAL lets it read while the
+    runner writes): it reads only rows of serials not planned yet, which
+    the runner does not write. A LedgerStop ends the spool with it."""
+
+    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], planner: Planner, summary: Summary,
+                 spool: Spool, select: Select | None, runner: Runner) -> None:
+        self.config, self.issuers, self.planner, self.summary = config, issuers, planner, summary
+        self.spool, self.select, self.runner = spool, select, runner
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def incremental(self, mark: LedgerMark) -> None:
+        self.summary.plan = "incremental"
+        conflicts: set[tuple[str, int]] = set()
+        self.runner.excluded = conflicts
         changed = set()
         try:
-            for entry, why in planner.due(checked_entries(config, issuers, mark.changes(), summary, conflicts)):
+            for entry, why in self.planner.due(checked_entries(self.config, self.issuers, mark.changes(), self.summary,
+                                                               conflicts)):
                 changed.add((entry.issuer, entry.serial))
-                spool.add((entry, why))
+                self.spool.add((entry, why))
         except LedgerError as e:  # the database as a whole is unusable
-            summary.failures.append(Failure("ledger", e.message, source=e.source))
+            self.summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None
-        for entry in mark.routine(issuers, planner.now, changed):
-            planner.counts["refresh"] += 1
-            spool.add((entry, "refresh"))
-        return conflicts
-    summary.plan = f"full ({why_full})" if why_full else "full"
-    full_pass()
-    mark.start()
-    entries = ledger_entries(config, issuers, summary, conflicts)
-    for planned in planner.due(e for e in entries if select is None or select(e)):
-        spool.add(planned)
-    planner.complete_records()
-    return conflicts
+        for entry in mark.routine(self.issuers, self.planner.now, changed):
+            self.planner.counts["refresh"] += 1
+            self.spool.add((entry, "refresh"))
+        self.spool.finish()
 
+    def start_full(self, mark: LedgerMark) -> None:
+        self.runner.hold()
+        self._thread = threading.Thread(target=self._full, args=(mark,), name="plan", daemon=True)
+        self._thread.start()
+
+    def _full(self, mark: LedgerMark) -> None:
+        conflicts: set[tuple[str, int]] = set()
+        try:
+            with Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own:
+                planner, main = self.planner, self.planner.journal
+                planner.journal = own
+                try:
+                    mark.start()
+                    entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
+                    for planned in planner.due(e for e in entries if self.select is None or self.select(e)):
+                        if self._stopping:
+                            raise LedgerStop("the run stopped before the ledger pass was complete")
+                        self.spool.add(planned)
+                    planner.complete_records()
+                finally:
+                    planner.journal = main
+        except BaseException as e:  # LedgerStop, or a journal error: the signing side raises it
+            self.spool.fail(e)
+            return
+        self.runner.release(conflicts)
+        self.spool.finish()
+
+    def stop(self) -> None:
+        """End a full pass still running (the run ends early: an error)."""
+        self._stopping = True
+
+    def join(self) -> Planner:
+        """Wait for a full pass; the planner (its ``counts``)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self.planner

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Container, Iterable, Iterator
 from typing import IO
@@ -167,15 +169,17 @@ class Planner:
 
 
 class Spool:
-    """Due (entry, why) pairs, in order: held in memory up to
-    ``memory_entries``, past that all in an unlinked temporary file of
-    ``folder``, one JSON line each, so a whole-ledger plan takes disk, not
-    memory (about 200 bytes per entry), while a plan of up to
-    ``memory_entries`` (~250 bytes each in memory) skips the JSON round trip.
-    ``add`` them, then iterate once (``entries``); ``len`` counts what was
-    added. Close it (or use ``with``) to free the file."""
+    """Due (entry, why) pairs, in order, from one planning thread to one
+    signing thread while the plan still runs: the first ``memory_entries``
+    held in memory (~250 bytes each), the rest in an unlinked temporary
+    file of ``folder``, one JSON line each (~200 bytes), so a whole-ledger
+    plan takes disk, not memory. The planner ``add``s them, then calls
+    ``finish`` (or ``fail`` with the exception that ended the plan);
+    ``entries`` reads them as they come. ``len`` counts what was added.
+    Close it (or use ``with``) to free the file."""
 
     MEMORY_ENTRIES = 100_000
+    NOTIFY_EVERY = 256  # entries added between wake-ups of a waiting reader (and file flushes)
 
     def __init__(self, folder: str, memory_entries: int = MEMORY_ENTRIES) -> None:
         self._folder = folder
@@ -184,6 +188,11 @@ class Spool:
         self._file: IO[bytes] | None = None
         self._encode = msgspec.json.Encoder().encode  # JSON: serials reach 160 bits
         self._count = 0
+        self._readable = 0  # entries a reader may take: held ones and lines flushed to the file
+        self._flushed = 0  # bytes of the file flushed
+        self._ended = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
 
     def __enter__(self) -> Spool:
         return self
@@ -201,30 +210,69 @@ class Spool:
 
     @property
     def spilled(self) -> bool:
-        """True once the entries moved to the temporary file."""
+        """True once entries go to the temporary file."""
         return self._file is not None
+
+    @property
+    def finished(self) -> bool:
+        """True once ``finish`` was called: ``len`` is the plan's total."""
+        return self._ended and self._error is None
 
     def add(self, planned: tuple[LedgerEntry, str]) -> None:
         self._count += 1
-        if self._file is not None:
-            self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
-            return
-        self._held.append(planned)
-        if len(self._held) > self._memory_entries:
-            self._file = tempfile.TemporaryFile(dir=self._folder)
-            self._file.writelines(self._encode(p) + b"\n" for p in self._held)
-            self._held = []
-
-    def entries(self, excluded: Container[tuple[str, int]] = ()) -> Iterator[tuple[LedgerEntry, str]]:
-        """What was added, in order, but for entries whose (issuer, serial)
-        is in ``excluded`` (serials found in conflict after the pass)."""
-        if self._file is None:
-            planned = iter(self._held)
+        if self._file is None and len(self._held) < self._memory_entries:
+            self._held.append(planned)
         else:
-            decode = msgspec.json.Decoder(tuple[LedgerEntry, str]).decode
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._folder)
+            self._file.write(self._encode(planned) + b"\n")  # JSON escapes every newline in a string
+        if self._count % self.NOTIFY_EVERY == 0:
+            self._publish()
+
+    def _publish(self, error: BaseException | None = None, ended: bool = False) -> None:
+        if self._file is not None:
             self._file.flush()
-            self._file.seek(0)
-            planned = map(decode, self._file)
-        for entry, why in planned:
-            if (entry.issuer, entry.serial) not in excluded:
-                yield entry, why
+        with self._changed:
+            self._readable = self._count
+            self._flushed = self._file.tell() if self._file is not None else 0
+            self._ended, self._error = ended, error
+            self._changed.notify_all()
+
+    def finish(self) -> None:
+        """The plan is complete: ``entries`` ends after the last one."""
+        self._publish(ended=True)
+
+    def fail(self, error: BaseException) -> None:
+        """The plan ended with ``error``: ``entries`` raises it."""
+        self._publish(error, ended=True)
+
+    def entries(self, wait: float = 0.02) -> Iterator[tuple[LedgerEntry, str] | None]:
+        """What was added, in order, as it comes: yields None after
+        ``wait`` seconds with nothing new (so the reader can tend to other
+        work), ends after the last entry once ``finish`` was called,
+        raises the exception given to ``fail``."""
+        taken, offset, rest = 0, 0, b""
+        decode = msgspec.json.Decoder(tuple[LedgerEntry, str]).decode
+        while True:
+            with self._changed:
+                if self._readable == taken and not self._ended:
+                    self._changed.wait(wait)
+                readable, flushed, ended, error = self._readable, self._flushed, self._ended, self._error
+            if error is not None:
+                raise error
+            if readable == taken:
+                if ended:
+                    return
+                yield None
+                continue
+            while taken < min(readable, len(self._held)):
+                taken += 1
+                yield self._held[taken - 1]
+            if taken < readable:
+                assert self._file is not None
+                chunk = rest + os.pread(self._file.fileno(), flushed - offset, offset)
+                offset = flushed
+                *lines, rest = chunk.split(b"\n")
+                for line in lines:
+                    taken += 1
+                    yield decode(line)

@@ -134,6 +134,7 @@ class Session:
             except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
                 pass
             planner.complete_records()
+            spool.finish()
             self._sign(spool.entries(), summary, planner.counts)
         return summary
 
@@ -193,7 +194,7 @@ class Session:
             self.journal.retire(expired)
         return entries
 
-    def _sign(self, planned: Iterable[Planned], summary: Summary, counts: Counter[str]) -> set[tuple[str, int]]:
+    def _sign(self, planned: Iterable[Planned | None], summary: Summary, counts: Counter[str]) -> set[tuple[str, int]]:
         """Sign ``planned``, send queued purges, finish ``summary`` with the
         planner's ``counts`` and update metrics; return the keys published."""
         runner = self._runner(summary)

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import msgspec
 
@@ -112,8 +113,10 @@ class Summary(msgspec.Struct):
 class Progress:
     """Reports (done, total) with rate and ETA; call ``update`` often."""
 
-    def __init__(self, total: int, label: str, interval: float = 5.0) -> None:
-        self.total, self.label, self.interval = total, label, interval
+    def __init__(self, total: int | Callable[[], int | None], label: str, interval: float = 5.0) -> None:
+        """``total``: the count, or a function giving it (None while it is
+        not known yet: a plan still running; no ETA then)."""
+        self._total, self.label, self.interval = total, label, interval
         self.start = self._last = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
@@ -122,18 +125,23 @@ class Progress:
             self._bar = Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                             TaskProgressColumn(), TimeRemainingColumn(), transient=True)
             self._bar.start()
-            self._task = self._bar.add_task(label, total=total)
+            self._task = self._bar.add_task(label, total=self.total)
+
+    @property
+    def total(self) -> int | None:
+        return self._total() if callable(self._total) else self._total
 
     def update(self, done: int) -> None:
+        total = self.total
         if self._bar is not None:
-            self._bar.update(self._task, completed=done)
+            self._bar.update(self._task, completed=done, total=total)
             return
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
             rate = done / (now - self.start)
-            eta = (self.total - done) / rate if rate else None
-            line = {"event": "progress", "stage": self.label, "done": done, "total": self.total,
+            eta = (total - done) / rate if rate and total is not None else None
+            line = {"event": "progress", "stage": self.label, "done": done, "total": total,
                     "per_second": round(rate, 1), "eta_seconds": None if eta is None else round(eta)}
             print(json.dumps(line), file=sys.stderr, flush=True)
 

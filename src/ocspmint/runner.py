@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ocspmint.store import PutItem, Store, object_key
 from ocspmint.verifier import signature_valid
 
 MIN_INTERVAL = dt.timedelta(hours=8)
+_END = ("", [])  # sign_all: ``due`` is exhausted
 
 
 Planned = tuple[LedgerEntry, str]  # (entry, why it is due)
@@ -107,6 +109,7 @@ class Runner:
     """
 
     MAX_UPLOADS = 4  # batches in the store's hands at once
+    MAX_HELD = 32_768  # signed responses held while the plan runs (``hold``): ~32 MB with a delegate's certificate
     # Acknowledged responses journaled together: one transaction rewrites the
     # journal's b-tree pages it touches, so fewer, larger ones cost less per row
     # (27 µs per row at 256 a transaction, 17 at 4,096, 50k-row journal). A run
@@ -126,6 +129,28 @@ class Runner:
         self.sample: Sample | None = None
         self.force: Force | None = None
         self.observer: Observer | None = None
+        self.excluded: Container[tuple[str, int]] = ()  # (issuer, serial) never to publish: ledger conflicts
+        self.held: list[Signed | Checked] = []
+        self._released = threading.Event()
+        self._released.set()
+
+    def hold(self) -> None:
+        """Keep the batches that come back signed unpublished until
+        ``release``: while the plan runs, a serial it will find in conflict
+        may already be signed (``MAX_HELD`` responses at most)."""
+        self._released.clear()
+
+    def release(self, excluded: Container[tuple[str, int]]) -> None:
+        """Publish what was held (at the next ``settle``) and what comes
+        next, but for entries whose (issuer, serial) is in ``excluded``.
+        Called from the planning thread once the plan is complete."""
+        self.excluded = excluded
+        self._released.set()
+
+    def held_full(self) -> bool:
+        """Whether no more batches should be sent before ``release``."""
+        return not self._released.is_set() and sum(len(r.responses if isinstance(r, Checked) else r.signatures)
+                                                    for r in self.held) >= self.MAX_HELD
 
     def make_batch(self, batch_id: int, issuer: str, planned: list[Planned]) -> SignBatch | None:
         """Encode one batch's ResponseData (None: all of it failed)."""
@@ -165,7 +190,14 @@ class Runner:
         """Hand the responses of one signed batch to the store: those the
         worker verified (``Checked``; the others are failures of stage
         "verify"), or, without ``signing.verify``, those assembled from the
-        signatures (``Signed``)."""
+        signatures (``Signed``); held while ``hold`` is in force."""
+        if not self._released.is_set():
+            self.held.append(reply)
+            return
+        self._store(reply)
+        self.settle(self.MAX_UPLOADS)
+
+    def _store(self, reply: Signed | Checked) -> None:
         b = self.batches.pop(reply.batch)
         if self.observer is not None:
             self.observer.signed(time.monotonic() - b.sent, len(b.entries))
@@ -180,6 +212,8 @@ class Runner:
             findings = [""] * len(responses)
         items, entries, records, urgent = [], [], [], []
         for entry, why, response, found in zip(b.entries, b.whys, responses, findings, strict=True):
+            if (entry.issuer, entry.serial) in self.excluded:  # the ledger stage reported it
+                continue
             if found:
                 self.fail(entry, "verify", found)
                 continue
@@ -197,14 +231,17 @@ class Runner:
                                   b.times.produced_at))
         if items:
             self.uploads.append(_Upload(self.store.submit(items), entries, records, urgent))
-        self.settle(self.MAX_UPLOADS)
 
     def settle(self, keep: int) -> None:
         """Take every upload the store has acknowledged, oldest first,
         blocking while more than ``keep`` are outstanding, and journal
         them (``flush``) once JOURNAL_ROWS wait or JOURNAL_SECONDS passed
         since the last journal write; ``keep`` 0 drains the store and
-        journals everything."""
+        journals everything. Held batches go first once released."""
+        if self.held and self._released.is_set():
+            held, self.held = self.held, []
+            for reply in held:
+                self._store(reply)
         while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
             up = self.uploads.popleft()
             errors = up.done.result()
@@ -256,11 +293,15 @@ def probe_keys(pool: SignerPool, runner: Runner) -> None:
                               f"the signer certificate {ident.config.signer.cert or ident.config.cert}")
 
 
-def _chunks(due: Iterable[Planned], size: int) -> Iterator[tuple[str, list[Planned]]]:
+def _chunks(due: Iterable[Planned | None], size: int) -> Iterator[tuple[str, list[Planned]] | None]:
     """Batches of up to ``size`` entries of one issuer, as ``due`` streams
-    by (memory: one partial batch per issuer)."""
+    by (memory: one partial batch per issuer); a None in ``due`` (nothing
+    more for now) is passed on."""
     by_issuer: dict[str, list[Planned]] = {}
     for p in due:
+        if p is None:
+            yield None
+            continue
         batch = by_issuer.setdefault(p[0].issuer, [])
         batch.append(p)
         if len(batch) >= size:
@@ -268,10 +309,12 @@ def _chunks(due: Iterable[Planned], size: int) -> Iterator[tuple[str, list[Plann
     yield from by_issuer.items()
 
 
-def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned], progress: Progress | None, rate: float = 0.0,
-             stopping: Callable[[], bool] = lambda: False) -> list[Planned]:
+def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned | None], progress: Progress | None,
+             rate: float = 0.0, stopping: Callable[[], bool] = lambda: False) -> list[Planned]:
     """Sign, verify, store and journal ``due`` through ``pool``, at most
-    ``rate`` responses/s (0: as fast as the pool goes). Every entry ends
+    ``rate`` responses/s (0: as fast as the pool goes); a None in ``due``
+    means nothing more is due for now (a plan still running, see
+    ``Spool.entries``), so replies are collected meanwhile. Every entry ends
     published or in ``runner.summary.failures``, except those not yet
     dispatched when ``stopping()`` turned True, which are returned (handed
     back). Ends with the store drained (``runner.settle(0)``)."""
@@ -284,15 +327,21 @@ def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned], progress:
         while not exhausted or pool.busy():
             wait = 1.0
             if not exhausted and stopping():
-                handed_back = [p for _, planned in chunks for p in planned]
+                handed_back = [p for chunk in chunks if chunk for p in chunk[1]]
                 exhausted = True
             while not exhausted and pool.has_capacity():
                 if rate and (ahead := start + dispatched / rate - time.monotonic()) > 0:
                     wait = min(wait, ahead)
                     break
+                if runner.held_full():  # until the plan is complete
+                    wait = min(wait, 0.05)
+                    break
                 runner.journal.check_clock(utc_now())  # ClockError: sign nothing more
-                chunk = next(chunks, None)
-                if chunk is None:
+                chunk = next(chunks, _END)
+                if chunk is None:  # ``due`` waited already
+                    wait = 0
+                    break
+                if chunk is _END:
                     exhausted = True
                     break
                 batch = runner.make_batch(next_id, *chunk)
@@ -316,8 +365,9 @@ def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned], progress:
         for batch in runner.batches.values():
             runner.fail_all(batch.entries, stage, str(e))
         runner.batches.clear()
-        for _, planned in chunks:
-            runner.fail_all([entry for entry, _ in planned], stage, str(e))
+        for chunk in chunks:
+            if chunk:
+                runner.fail_all([entry for entry, _ in chunk[1]], stage, str(e))
     finally:
         runner.settle(0)
         if progress:
