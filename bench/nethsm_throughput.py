@@ -29,8 +29,10 @@ batches of 256 digests, in ``--processes`` fresh interpreters;
 ``SignBatch`` messages (both in bench/stage_load.py); ``ocspmint-run`` (built
 in) is ``ocspmint run`` end to end with ``[signing] sessions = S`` over a
 ledger of capacity x ``--seconds`` new serials, timed by its own summary
-(ledger pass and start-up included). All four run by default. Other series
-plug in by name,
+(ledger pass and start-up included); ``ocspmint-refresh`` (built in) is the
+same over a ledger published beforehand, 3.2 times as large, of which 5/16
+is due for refresh (a daily full run: the ledger pass reads 3.2 rows per
+response it signs). All five run by default. Other series plug in by name,
 ``PKG.MODULE:FUNCTION``, or through ``main(argv, series={name: fn})``. A
 series function gets ``(ctx: Context, sessions: int)`` and returns a dict
 with at least ``per_second`` (it may add ``signatures``, ``seconds``...).
@@ -95,6 +97,7 @@ class Context:
     warmup: float
     work: Path  # a scratch folder for this transport
     loop: Path  # the p11_sign_loop executable
+    store_dir: Path | None = None  # ocspmint-run: state dir and file store below it (default: ``work``)
 
 
 SeriesFn = Callable[[Context, int], dict[str, Any]]
@@ -142,10 +145,11 @@ def ocspmint_run(ctx: Context, sessions: int) -> dict[str, Any]:
     ``ctx.seconds`` new serials (so a run at full speed lasts about
     ``--seconds``), backend native, ``ctx.processes`` workers with
     ``sessions=S``, verification on (the default), a fresh file store and
-    state dir. ``per_second`` is the summary's: published / the whole run
-    (ledger pass, worker start-up and login, the last batches' storing and
-    journaling included). Exits 1 unless the run published every serial."""
-    from sign_throughput import checked_summary, synthetic_entries, write_config  # bench/sign_throughput.py
+    state dir (below ``--store-dir`` when given). ``per_second`` is the
+    summary's: published / the whole run (ledger pass, worker start-up and
+    login, the last batches' storing and journaling included). Exits 1
+    unless the run published every serial."""
+    from sign_throughput import synthetic_entries  # bench/sign_throughput.py
 
     from ocspmint.ledger.sqlite import write_entries
 
@@ -154,22 +158,80 @@ def ocspmint_run(ctx: Context, sessions: int) -> dict[str, Any]:
     ledger = ctx.work / f"ledger-{serials}.sqlite"
     if not ledger.exists():
         write_entries(str(ledger), synthetic_entries(serials))
-    run_dir = ctx.work / f"run-{ctx.processes}x{sessions}"
+    return _timed_run(ctx, sessions, ledger, "ocspmint-run", serials)
+
+
+def _published_ledger(ctx: Context, rows: int) -> tuple[Path, Path, int]:
+    """A SQLite ledger of ``rows`` serials, published once (untimed, straight
+    to SoftHSM2, no latency) and its journal then aged: rows whose serial
+    ends in hex 0-4 (5/16) get thisUpdate and nextUpdate 6 days earlier,
+    past their refresh point. Returns (ledger, aged journal, rows due);
+    made once per transport."""
+    import sqlite3
+
+    from sign_throughput import checked_summary, synthetic_entries, write_config  # bench/sign_throughput.py
+
+    from ocspmint.ledger.sqlite import write_entries
+
+    ledger, journal = ctx.work / f"refresh-{rows}.sqlite", ctx.work / f"refresh-{rows}-journal.sqlite"
+    if not journal.exists():
+        write_entries(str(ledger), synthetic_entries(rows))
+        run_dir = (ctx.store_dir or ctx.work) / f"ocspmint-refresh-{os.getpid()}-first"
+        config = write_config(ctx.demo, ledger, run_dir, 1, False)
+        p = subprocess.run([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json",
+                            "--quiet"], env={**os.environ, "SOFTHSM2_CONF": str(ctx.demo.softhsm_conf)},
+                           capture_output=True, text=True, timeout=3600)
+        checked_summary(p, rows)
+        db = sqlite3.connect(run_dir / "state" / "journal.sqlite")
+        db.execute("UPDATE published SET this_update = this_update - 518400, next_update = next_update - 518400 "
+                   "WHERE substr(serial, -1) IN ('0', '1', '2', '3', '4')")
+        db.commit()
+        db.execute("VACUUM INTO ?", (str(journal),))
+        db.close()
+        shutil.rmtree(run_dir)
+    db = sqlite3.connect(journal)
+    due = db.execute("SELECT count(*) FROM published WHERE substr(serial, -1) IN ('0', '1', '2', '3', '4')").fetchone()[0]
+    db.close()
+    return ledger, journal, due
+
+
+def _timed_run(ctx: Context, sessions: int, ledger: Path, name: str, expected: int,
+               journal: Path | None = None) -> dict[str, Any]:
+    """One ``ocspmint run`` (backend native, ``sessions``, verification on)
+    in a fresh state dir (a copy of ``journal`` when given) and file store;
+    its summary's rate. Exits 1 unless it published ``expected``."""
+    from sign_throughput import checked_summary, write_config  # bench/sign_throughput.py
+
+    run_dir = (ctx.store_dir or ctx.work) / f"{name}-{os.getpid()}-{ctx.processes}x{sessions}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = write_config(ctx.demo, ledger, run_dir, ctx.processes, True)
+    if journal is not None:
+        (run_dir / "state").mkdir()
+        shutil.copy(journal, run_dir / "state" / "journal.sqlite")
     text = config.read_text().replace(f"module = {json.dumps(SOFTHSM_MODULE)}", f"module = {json.dumps(ctx.hsm.module)}")
     config.write_text(text.replace("[signing]\n", f'[signing]\nbackend = "native"\nsessions = {sessions}\n', 1))
     env = ctx.hsm.client_env({**os.environ, "SOFTHSM2_CONF": str(ctx.demo.softhsm_conf)})
     p = subprocess.run([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json", "--quiet"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    summary = checked_summary(p, serials)
+                       env=env, capture_output=True, text=True, timeout=3600)
+    summary = checked_summary(p, expected)
     shutil.rmtree(run_dir)
-    return {"per_second": summary["per_second"], "signatures": serials, "seconds": summary["seconds"]}
+    return {"per_second": summary["per_second"], "signatures": expected, "seconds": summary["seconds"]}
+
+
+def ocspmint_refresh(ctx: Context, sessions: int) -> dict[str, Any]:
+    """``ocspmint run`` when 5/16 of a published ledger is due for refresh,
+    spread through it (a daily full run): the ledger has capacity x
+    ``ctx.seconds`` x 16/5 serials, so the signing lasts about ``--seconds``
+    and the ledger pass reads 3.2 rows per response (``_published_ledger``).
+    Otherwise as ``ocspmint-run``."""
+    assert ctx.hsm.capacity is not None
+    ledger, journal, due = _published_ledger(ctx, round(ctx.hsm.capacity * ctx.seconds * 16 / 5))
+    return _timed_run(ctx, sessions, ledger, "ocspmint-refresh", due, journal)
 
 
 BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop, "ocspmint-native": ocspmint_native, "ocspmint-pool": ocspmint_pool,
-                                "ocspmint-run": ocspmint_run}
-DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool,ocspmint-run"
+                                "ocspmint-run": ocspmint_run, "ocspmint-refresh": ocspmint_refresh}
+DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool,ocspmint-run,ocspmint-refresh"
 
 
 def load_series(spec: str) -> SeriesFn:
@@ -202,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--series", default=DEFAULT_SERIES,
                     help=f"comma-separated: {', '.join(BUILTIN)}, PKG.MODULE:FUNCTION (default {DEFAULT_SERIES})")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--store-dir", type=Path,
+                    help="ocspmint-run: put its state dir and file store below this folder (e.g. /dev/shm, "
+                         "to take the disk out of the measurement; default: the temp folder)")
     args = ap.parse_args(argv)
     args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
     if not args.transports or any(t not in ("p11kit", "shim") for t in args.transports):
@@ -249,7 +314,7 @@ def main(argv: list[str] | None = None, series: dict[str, SeriesFn] | None = Non
             with nethsm(work, demo.softhsm_conf, token=TOKEN_LABEL, latency_us=latency_us, slots=args.slots,
                         transport=transport, shim_dir=ROOT / "build" / "p11fault") as hsm:
                 ctx = Context(demo, hsm, pin, MECHANISM[args.key], args.processes, args.seconds, args.warmup,
-                              work, loop)
+                              work, loop, args.store_dir)
                 for name, fn in chosen.items():
                     result["series"].append(run_series(name, fn, ctx, args.sessions, capacity))
     if args.json:

@@ -46,9 +46,11 @@ def _entry(n: int) -> tuple[LedgerEntry, str]:
 def test_a_reader_gets_every_entry_in_order_while_the_plan_still_adds(tmp_path, memory) -> None:
     """A planning thread adds 5,000 entries (pausing, so the reader catches
     up and is told "nothing for now" with None); the reader gets them all,
-    once each, in order, spilled past ``memory`` or not."""
+    once each, in order, spilled past ``memory`` or not, reading the
+    temporary file a little at a time."""
     items = [_entry(n) for n in range(5000)]
     with Spool(str(tmp_path), memory_entries=memory) as spool:
+        spool.READ_BYTES = 997  # lines split across reads of the temporary file
         pause = threading.Event()
 
         def plan() -> None:

@@ -180,6 +180,7 @@ class Spool:
 
     MEMORY_ENTRIES = 100_000
     NOTIFY_EVERY = 256  # entries added between wake-ups of a waiting reader (and file flushes)
+    READ_BYTES = 1 << 20
 
     def __init__(self, folder: str, memory_entries: int = MEMORY_ENTRIES) -> None:
         self._folder = folder
@@ -268,10 +269,13 @@ class Spool:
             while taken < min(readable, len(self._held)):
                 taken += 1
                 yield self._held[taken - 1]
-            if taken < readable:
+            while taken < readable:  # READ_BYTES at a time: memory stays flat however far behind the reader is
                 assert self._file is not None
-                chunk = rest + os.pread(self._file.fileno(), flushed - offset, offset)
-                offset = flushed
+                data = os.pread(self._file.fileno(), min(flushed - offset, self.READ_BYTES), offset)
+                if not data:
+                    raise OSError(f"spool file ends at byte {offset}, before its line {taken + 1 - len(self._held)}")
+                offset += len(data)
+                chunk = rest + data
                 *lines, rest = chunk.split(b"\n")
                 for line in lines:
                     taken += 1
