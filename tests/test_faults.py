@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from e2e import BIN, ocspmint, response_path, run_json
@@ -25,7 +26,7 @@ from ocspmint.model import Kind, LedgerEntry, Reason, Status, serial_hex, utc_no
 from ocspmint.pipeline import ledger_entries
 from ocspmint.report import Summary
 from ocspmint.runner import Runner, sign_all
-from ocspmint.signer import SignerPool, key_spec
+from ocspmint.signer import Failed, SignerPool, key_spec, signer_pool
 from ocspmint.store import FileStore
 from p11fault.build import build_shim
 
@@ -238,6 +239,40 @@ def test_a_batch_back_without_verification_is_not_published(tmp_path, monkeypatc
     assert summary.published == 0 and not list(store.keys())
     assert sorted((f.stage, f.serial) for f in summary.failures) == sorted(("verify", serial_hex(e.serial)) for e, _ in planned)
     assert {f.message for f in summary.failures} == {"the signer process returned the batch without verifying it"}
+
+
+def test_a_batch_the_signer_cannot_verify_fails_at_once_naming_the_error(tmp_path, monkeypatch):
+    """A batch whose verification raises in the signer process (here: a
+    serial that is not hex, as a wiring bug would send) comes back Failed
+    with the error, well before the pool's hang timeout; the next batch
+    verifies and is published."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(demo.softhsm_conf))
+    config = load_config(demo.config)
+    issuers = load_issuers(config)
+    summary = Summary(started=utc_now())
+    planned = [(e, "new") for e in ledger_entries(config, issuers, summary) if e.not_after > utc_now()]
+    with Journal(tmp_path / "state") as journal, signer_pool(config, issuers) as pool:
+        store = FileStore(tmp_path / "store")
+        runner = Runner(config, issuers, journal, store, summary)
+        bad = runner.make_batch(0, planned[0][0].issuer, planned[:1])
+        assert bad is not None and bad.expect
+        bad.expect[0] = msgspec.structs.replace(bad.expect[0], serial="not hex")
+        pool.submit(bad)
+        started = time.monotonic()
+        replies = []
+        while not replies and time.monotonic() - started < 30:
+            replies = list(pool.collect(1))
+        [reply] = replies
+        assert isinstance(reply, Failed) and time.monotonic() - started < config.signing.timeout.total_seconds()
+        runner.failed(reply)
+        sign_all(pool, runner, planned[1:], None)
+        store.close()
+    [failure] = summary.failures
+    assert failure.serial == serial_hex(planned[0][0].serial) and failure.message == (
+        f"issuer {planned[0][0].issuer}: the signer process could not verify the batch: "
+        "ValueError: invalid literal for int() with base 16: 'not hex'")
+    assert summary.published == len(planned) - 1 == len(list(store.keys()))
 
 
 def test_killed_signer_process_is_replaced_and_its_batch_resent(tmp_path, shim):

@@ -201,7 +201,11 @@ def _reply_loop(conn: Connection, signed: queue.SimpleQueue[tuple[SignBatch, Sig
     while (job := signed.get()) is not None:
         req, reply = job
         if req.expect is not None and isinstance(reply, Signed) and req.issuer in checkers:
-            reply = _checked(checkers[req.issuer], req, reply)  # else the Runner refuses to publish the batch
+            try:
+                reply = _checked(checkers[req.issuer], req, reply)  # else the Runner refuses to publish the batch
+            except Exception as e:  # a batch it cannot verify fails now, named, instead of never coming back
+                reply = Failed(req.batch, f"issuer {req.issuer}: the signer process could not verify the batch: "
+                                          f"{type(e).__name__}: {e}")
         try:
             conn.send_bytes(_encode(reply))
         except OSError:  # the parent is gone: the signing thread sees EOF next
