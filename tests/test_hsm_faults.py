@@ -1,7 +1,7 @@
 """HSM faults during `ocspmint run`, injected by the p11fault shim in front of
 a real SoftHSM2 token: a token pulled out (for good, or back within the
 signer's backoff), a locked PIN, a key or token the URI names but the HSM
-does not hold, slow signing, an HSM that returns a corrupted signature
+does not hold, a key whose policy forbids the mechanism, slow signing, an HSM that returns a corrupted signature
 with CKR_OK, and sessions a network HSM drops while they sit idle during the
 plan; and the shim's model of a pulled token itself.
 CKR_DEVICE_ERROR, lost sessions, a wrong PIN and a killed signer process
@@ -26,7 +26,7 @@ import pytest
 from e2e import issuer_id, ocspmint, openssl_check, response_path, run_json
 from faultkit import (SOFTHSM, assert_journal_matches_store, edit_config, failed_serials, file_objects, journal_rows,
                       set_signing, use_module, verify_clean)
-from ocspmint.demo import Demo, build_demo
+from ocspmint.demo import SOFTHSM_MODULE, TOKEN_LABEL, Demo, build_demo, certify_responder
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint.model import Kind, LedgerEntry, Status, utc_now
 from ocspmint.store import object_key
@@ -316,3 +316,26 @@ def test_sessions_dropped_while_idle_during_the_plan_are_reopened_and_nothing_is
     assert lines[0] == "delay#1 rv=0x0" and lines[drops[-1] + 1].startswith("delay#"), lines
     assert sum(line.startswith("delay#") for line in lines) == 1 + 512
     assert verify_clean(demo) == 512
+
+
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_a_key_whose_policy_forbids_the_mechanism_stops_the_run_naming_the_ck_rv(tmp_path, backend):
+    """An HSM key policy (CKA_ALLOWED_MECHANISMS) that allows only
+    CKM_ECDSA_SHA384, while ocspmint signs P-256 with CKM_ECDSA over its own
+    SHA-256: the key probe fails with the token's CKR_MECHANISM_INVALID and
+    nothing is published."""
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    request = {"module": SOFTHSM_MODULE, "token": TOKEN_LABEL, "pin_file": str(demo.pin_file), "label": "policy",
+               "allowed": ["ECDSA_SHA384"]}
+    p = subprocess.run([sys.executable, str(Path(__file__).parent / "p11policy.py")], input=json.dumps(request),
+                       env=demo.env(), capture_output=True, text=True, check=True)
+    cert = certify_responder(demo, "policy", bytes.fromhex(p.stdout))
+    edit_config(demo, "object=ocsp-responder", "object=policy")
+    edit_config(demo, 'cert = "ca/responder.pem"', f'cert = "{cert}"')
+    edit_config(demo, "workers = 2", f'workers = 1\nbackend = "{backend}"\nretries = 2')
+    summary = failing_run(demo, {})
+    assert summary["published"] == 0 and file_objects(demo) == {} and journal_rows(demo) == {}
+    messages = {f["message"] for f in summary["failures"]}
+    assert messages == {"issuer issuing-ca: probe signature failed: key pkcs11:token=ocspmint;object=policy;type=private: "
+                        "PKCS#11 signing failed 2 times in a row on fresh sessions: CKR_MECHANISM_INVALID (MechanismInvalid)"}
+

@@ -456,17 +456,25 @@ def new_responder(demo: Demo, label: str, days: int = 30) -> Path:
     certificate's path, ``ca/<label>.pem``; point the config's signer at
     both to switch (then `ocspmint reissue`). Raises RuntimeError if the
     token or openssl fails."""
-    ca = demo.root / "ca"
     env = {**demo.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     request = json.dumps({"module": SOFTHSM_MODULE, "pin_file": str(demo.pin_file), "label": label}).encode()
     p = subprocess.run([sys.executable, "-c", "from ocspmint.demo import _new_key_child; _new_key_child()"],
                        input=request, env=env, capture_output=True)
     if p.returncode:
         raise RuntimeError(f"new responder key failed: {p.stderr.decode(errors='replace').strip()}")
+    return certify_responder(demo, label, bytes.fromhex(json.loads(p.stdout)["spki"]), days)
+
+
+def certify_responder(demo: Demo, label: str, spki: bytes, days: int = 30) -> Path:
+    """Have the demo's issuing CA certify the public key ``spki`` (DER
+    SubjectPublicKeyInfo) as a delegated OCSP responder (id-kp-OCSPSigning)
+    named after ``label``; returns ``ca/<label>.pem``. RuntimeError if
+    openssl fails."""
     from cryptography.hazmat.primitives import serialization
 
+    ca = demo.root / "ca"
     pub_pem, cert = ca / f"{label}.pub.pem", ca / f"{label}.pem"
-    pub_pem.write_bytes(serialization.load_der_public_key(bytes.fromhex(json.loads(p.stdout)["spki"])).public_bytes(
+    pub_pem.write_bytes(serialization.load_der_public_key(spki).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     _openssl(ca, "x509", "-new", "-subj", f"{SUBJECT_PREFIX}/CN=ocspmint Demo OCSP Responder {label}",
              "-force_pubkey", str(pub_pem), "-CA", str(demo.issuing_ca), "-CAkey", str(demo.issuing_key),

@@ -285,7 +285,8 @@ def probe_keys(pool: SignerPool, runner: Runner) -> None:
             replies = list(pool.collect(30))
         reply = replies[0]
         if isinstance(reply, Failed):
-            raise SignerError(f"issuer {ident.name}: probe signature failed: {reply.error}")
+            raise SignerError(f"issuer {ident.name}: probe signature failed: "
+                              f"{reply.error.removeprefix(f'issuer {ident.name}: ')}")
         if not signature_valid(ident.signer, tbs, reply.signatures[0]):
             key = f"token key {ident.config.signer.uri}" if ident.config.signer.uri else \
                 f"key file {ident.config.signer.key_file}"
