@@ -19,8 +19,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509 import ocsp as x509_ocsp
 
-from e2e import ocspmint, openssl_check, response_path, run_json
+from e2e import BIN, ocspmint, openssl_check, response_path, run_json
 from faultkit import assert_journal_matches_store, file_objects, journal_rows, verify_clean
 from ocspmint.demo import Demo, build_demo
 from ocspmint.ledger import openssl_hex
@@ -261,6 +263,22 @@ def test_a_bad_row_at_the_end_of_a_long_pass_stops_the_run_with_nothing_publishe
     assert code == 1 and summary["published"] == 0
     [failure] = summary["failures"]
     assert failure["stage"] == "ledger" and "issuer 'retired-ca' is not configured" in failure["message"]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_a_run_interrupted_during_a_long_pass_publishes_nothing_and_exits_cleanly(tmp_path):
+    """Ctrl-C (SIGINT) while the pass is still reading: exit 130, nothing
+    published though the first serials may be signed, and no error about
+    the ledger's connections (they are closed by the pass's own thread)."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    long_ledger(demo, "ledger.sqlite", [0x7000 + i for i in range(500)], 400_000)
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    p = subprocess.Popen([str(BIN / "ocspmint"), "run", "--quiet", "--json", "--config", str(demo.config)],
+                         env=demo.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # the pass of 400,500 rows takes well over a second
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err
     assert file_objects(demo) == {} and journal_rows(demo) == {}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import threading
+from contextlib import closing
 from collections.abc import Callable, Iterator
 
 from ocspmint.config import Config
@@ -228,25 +229,30 @@ class Plan:
 
     def _full(self, mark: LedgerMark) -> None:
         conflicts: set[tuple[str, int]] = set()
+        entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
         try:
-            with Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own:
+            with Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own, closing(entries):
                 planner, main = self.planner, self.planner.journal
                 planner.journal = own
                 try:
                     mark.start()
-                    entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
-                    for planned in planner.due(e for e in entries if self.select is None or self.select(e)):
-                        if self._stopping:
-                            raise LedgerStop("the run stopped before the ledger pass was complete")
+                    for planned in planner.due(self._selected(entries)):
                         self.spool.add(planned)
                     planner.complete_records()
-                finally:
+                finally:  # the ledger's connections close here, in the thread that opened them
                     planner.journal = main
         except BaseException as e:  # LedgerStop, or a journal error: the signing side raises it
             self.spool.fail(e)
             return
         self.runner.release(conflicts)
         self.spool.finish()
+
+    def _selected(self, entries: Iterator[LedgerEntry]) -> Iterator[LedgerEntry]:
+        for e in entries:
+            if self._stopping:  # checked on every row: most rows of a ledger are not due
+                raise LedgerStop("the run stopped before the ledger pass was complete")
+            if self.select is None or self.select(e):
+                yield e
 
     def stop(self) -> None:
         """End a full pass still running (the run ends early: an error)."""
