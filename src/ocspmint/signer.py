@@ -67,7 +67,7 @@ __all__ = ["SOFTWARE", "Checked", "Expect", "Failed", "IssuerCheck", "KeySpec", 
 # Batches queued per worker: enough that it keeps signing while the parent
 # journals 4,096 rows at once (~45 ms, Runner.JOURNAL_ROWS) and stores what
 # the ledger pass held back; 2 left SoftHSM2 idle then, 8 signs ~4 % faster
-# than 4 (bench/RESULTS.md: 2026-11-21 in-flight batches, 2026-11-22 04:15).
+# than 4 (bench/RESULTS.md: 2026-11-21 in-flight batches, 2026-11-22 03:50).
 IN_FLIGHT_PER_WORKER = 8
 BACKOFF_BASE = 0.1  # seconds before the first reopen after a PKCS#11 error
 BACKOFF_CAP = 5.0  # seconds, the longest wait between two attempts
