@@ -10,6 +10,11 @@ end to end. A bad row is named (file, line or ledger key) in the summary,
 the run exits 1 (2 when the config or an issuer is unusable), and with
 on_error = "quarantine" every other serial is still published.
 
+Signing starts while the ledger pass still reads, so the long-pass tests
+check that what the pass finds at its end (a conflict, a bad row, a Ctrl-C)
+still decides what is published, and that the Runner holds at most
+MAX_HELD signed responses meanwhile.
+
 Tests marked xfail(strict=True) state wanted behaviour that the current
 code lacks; each reason says what goes wrong today.
 """
@@ -33,11 +38,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509 import ocsp as x509_ocsp
 
 from e2e import BIN, ocspmint, openssl_check, response_path, run_json
-from faultkit import assert_journal_matches_store, file_objects, journal_rows, verify_clean
+from faultkit import assert_journal_matches_store, file_objects, journal_rows, set_signing, verify_clean
 from ocspmint.demo import Demo, build_demo
 from ocspmint.ledger import openssl_hex
 from ocspmint.ledger.sqlite import write_entries
+from ocspmint import pipeline
+from ocspmint.config import load_config
 from ocspmint.model import Kind, LedgerEntry, Status, serial_hex, utc_now
+from ocspmint.runner import Runner
+from ocspmint.signer import IN_FLIGHT_PER_WORKER
 
 UTC = dt.timezone.utc
 
@@ -213,7 +222,7 @@ def test_source_of_an_unknown_issuer_is_a_config_error(tmp_path):
     assert file_objects(demo) == {}
 
 
-# --------------------------------------------------------------- found late in a long ledger pass
+# --------------------------------------------------------------- a long ledger pass: what it finds late, holding, Ctrl-C
 
 
 def long_ledger(demo: Demo, name: str, live: list[int], expired: int, *extra: LedgerEntry) -> None:
@@ -264,6 +273,31 @@ def test_a_bad_row_at_the_end_of_a_long_pass_stops_the_run_with_nothing_publishe
     [failure] = summary["failures"]
     assert failure["stage"] == "ledger" and "issuer 'retired-ca' is not configured" in failure["message"]
     assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_signing_waits_for_a_long_pass_when_the_runner_holds_its_limit(tmp_path, monkeypatch):
+    """The Runner holds at most MAX_HELD signed responses (memory) while the
+    pass runs: signing pauses there and resumes when the pass is complete,
+    and every serial is published once."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    live = [0x7000 + i for i in range(3000)]
+    long_ledger(demo, "ledger.sqlite", live, 150_000)
+    set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    set_signing(demo, workers=1, batch_size=16)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(demo.softhsm_conf))  # read by the spawned workers only
+    monkeypatch.setattr(Runner, "MAX_HELD", 64)
+    most: list[int] = [0]
+    signed = Runner.signed
+
+    def counting(self: Runner, reply: object) -> None:
+        signed(self, reply)
+        most[0] = max(most[0], sum(len(r.responses) for r in self.held))
+
+    monkeypatch.setattr(Runner, "signed", counting)
+    summary = pipeline.run(load_config(demo.config), show_progress=False)
+    assert summary.ok and summary.published == len(live), summary.failures[:3]
+    assert 64 <= most[0] <= 64 + IN_FLIGHT_PER_WORKER * 16  # the limit, and what was in flight when it was reached
+    assert {s for _, s in assert_journal_matches_store(demo, file_objects(demo).get)} == set(live)
 
 
 def test_a_run_interrupted_during_a_long_pass_publishes_nothing_and_exits_cleanly(tmp_path):
