@@ -95,11 +95,10 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
             raise LedgerStop(str(e)) from None
 
 
-def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None,
-                 now: dt.datetime | None = None) -> Planner:
-    """The planner of a run starting ``now`` (default: now)."""
+def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None) -> Planner:
+    """The planner of a run starting now."""
     return Planner(journal, {n: i.signer.key_hash.hex() for n, i in issuers.items()},
-                   config.response.refresh_after, now or utc_now(), force)
+                   config.response.refresh_after, utc_now(), force)
 
 
 def run(config: Config, show_progress: bool = True, *, select: Select | None = None, force: Force | None = None,
@@ -231,6 +230,7 @@ class Plan:
         conflicts: set[tuple[str, int]] = set()
         entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
         try:
+            # closing: the ledger's connections close in this thread, which opened them
             with Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own, closing(entries):
                 planner, main = self.planner, self.planner.journal
                 planner.journal = own
@@ -239,7 +239,7 @@ class Plan:
                     for planned in planner.due(self._selected(entries)):
                         self.spool.add(planned)
                     planner.complete_records()
-                finally:  # the ledger's connections close here, in the thread that opened them
+                finally:
                     planner.journal = main
         except BaseException as e:  # LedgerStop, or a journal error: the signing side raises it
             self.spool.fail(e)
