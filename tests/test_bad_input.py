@@ -309,7 +309,11 @@ def test_a_run_interrupted_during_a_long_pass_publishes_nothing_and_exits_cleanl
     set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
     p = subprocess.Popen([str(BIN / "ocspmint"), "run", "--quiet", "--json", "--config", str(demo.config)],
                          env=demo.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.8)  # the pass of 400,500 rows takes well over a second
+    journal = demo.root / "state" / "journal.sqlite"  # made as the run opens its journal, just before the pass
+    deadline = time.monotonic() + 60
+    while not journal.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the pass of 400,500 rows, which takes over a second
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err
