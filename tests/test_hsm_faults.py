@@ -313,7 +313,8 @@ def test_sessions_dropped_while_idle_during_the_plan_are_reopened_and_nothing_is
     lines = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
     drops = [n for n, line in enumerate(lines) if (m := re.fullmatch(r"idle#(\d+) rv=0xb3", line)) and int(m[1]) > 100]
     assert drops, lines
-    assert lines[0] == "delay#1 rv=0x0" and lines[drops[-1] + 1].startswith("delay#"), lines
+    assert lines[0] == "delay#1 rv=0x0", lines  # the probe, on a fresh session
+    assert any(lines[n + 1].startswith("delay#") for n in drops if n + 1 < len(lines)), lines  # signing went on
     assert sum(line.startswith("delay#") for line in lines) == 1 + 512
     assert verify_clean(demo) == 512
 
