@@ -201,6 +201,7 @@ class Plan:
         self.config, self.issuers, self.planner, self.summary = config, issuers, planner, summary
         self.spool, self.select, self.runner = spool, select, runner
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # not Thread.join: see signer.PoolStart
         self._stopping = False
 
     def incremental(self, mark: LedgerMark) -> None:
@@ -227,6 +228,12 @@ class Plan:
         self._thread.start()
 
     def _full(self, mark: LedgerMark) -> None:
+        try:
+            self._pass(mark)
+        finally:
+            self._done.set()
+
+    def _pass(self, mark: LedgerMark) -> None:
         conflicts: set[tuple[str, int]] = set()
         entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
         try:
@@ -261,5 +268,5 @@ class Plan:
     def join(self) -> Planner:
         """Wait for a full pass; the planner (its ``counts``)."""
         if self._thread is not None:
-            self._thread.join()
+            self._done.wait()
         return self.planner

@@ -186,7 +186,7 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str =
     while True:  # this thread alone calls PKCS#11 (python-pkcs11: SoftHSM2 without mutexes)
         try:
             req = _decode_batch(conn.recv_bytes())
-        except EOFError:
+        except (EOFError, OSError):  # the parent closed the pipe, or it broke as the parent went (Ctrl-C)
             break
         signed.put((req, _sign_with_retry(keys, req, retries)))
     signed.put(None)
@@ -429,11 +429,15 @@ class PoolStart:
     ledger meanwhile). ``start()`` begins (once); ``pool()`` starts it if
     not begun, waits, and returns it entered or raises what
     ``SignerPool.__enter__`` raised (SignerError); ``close()`` (also on
-    leaving a ``with`` block) waits for a start begun and closes the pool."""
+    leaving a ``with`` block) waits for a start begun and closes the pool.
+    The waits are on an Event, not ``Thread.join``: a join interrupted by
+    Ctrl-C may return at once the next time (CPython 3.11), and ``close``
+    would then meet workers still being added."""
 
     def __init__(self, pool: SignerPool) -> None:
         self._pool = pool
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
         self._error: BaseException | None = None
 
     def start(self) -> None:
@@ -446,11 +450,12 @@ class PoolStart:
             self._pool.__enter__()
         except BaseException as e:  # re-raised in the caller's thread by pool()
             self._error = e
+        finally:
+            self._started.set()
 
     def pool(self) -> SignerPool:
         self.start()
-        assert self._thread is not None
-        self._thread.join()
+        self._started.wait()
         if self._error is not None:
             raise self._error
         return self._pool
@@ -463,6 +468,6 @@ class PoolStart:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._started.wait()
             self._pool.close()
         self._thread = None
