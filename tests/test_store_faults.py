@@ -12,6 +12,7 @@ fault gone publishes exactly what is left."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,6 +88,54 @@ def test_disk_full_reports_serials_keeps_journal_consistent_and_resumes(tmp_path
     assert code == 0 and again["published"] == len(failed) and again["due"] == {"new": len(failed)}, again["failures"][:3]
     assert verify_clean(demo) == 24
     assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == 24
+
+
+def run_cmd(*cmd: str) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(cmd)}: {p.stdout}{p.stderr}"
+
+
+def test_write_back_error_on_a_thin_disk_fails_the_batch_and_a_later_run_publishes_it(tmp_path, tmpfs):
+    """A thin-provisioned disk: an ext4 of 256 MB whose image lives on a
+    tmpfs with no page to spare, so every write() succeeds into the page
+    cache and the blocks fail only at write-back (EIO, then ext4 aborts its
+    journal: read-only). The store's durability step (syncfs) must report
+    it: the run fails every response, journals none, and once the disk has
+    room again (fsck, mount) a second run publishes them all."""
+    demo = build_demo(tmp_path, certs=20, precerts=4, revoke=2)
+    backing, image, store = tmp_path / "backing", tmp_path / "backing" / "ext4.img", demo.root / "responses"
+    tmpfs(backing, "size=64m")
+    run_cmd("truncate", "-s", "256M", str(image))
+    run_cmd("mkfs.ext4", "-q", "-F", str(image))
+    store.mkdir()
+    p = subprocess.run(["mount", "-o", "loop", str(image), str(store)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot loop-mount an image here: {p.stderr.strip()}")
+    try:
+        used = sum(f.stat().st_blocks for f in backing.iterdir()) * 512
+        mount_options(backing, f"size={used}")  # the image may not grow by one page
+
+        p = ocspmint(demo, "run", "--quiet", "--json")
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        summary = json.loads(p.stdout)
+        assert p.returncode == 1 and not summary["ok"] and summary["published"] == 0, summary
+        assert len(failed_serials(summary, "store")) == len(summary["failures"]) == 24
+        written_back = {f["message"] for f in summary["failures"] if "write-back" in f["message"]}
+        assert len(written_back) == 1, summary["failures"]  # the loop device passes ENOSPC up, or EIO on older kernels
+        assert re.fullmatch(f"{store}: write-back failed, responses not durable: (No space left on device|Input/output error)",
+                            written_back.pop())
+        assert journal_rows(demo) == {}
+
+        run_cmd("umount", str(store))
+        mount_options(backing, "size=64m")
+        subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)  # exit 1: errors corrected
+        run_cmd("mount", "-o", "loop", str(image), str(store))
+        code, again = run_json(demo)
+        assert code == 0 and again["published"] == 24 and again["due"] == {"new": 24}, again["failures"][:3]
+        assert verify_clean(demo) == 24
+        assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == 24
+    finally:
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
 
 
 # --------------------------------------------------------------- S3: resets and PUTs that never return

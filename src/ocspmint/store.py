@@ -13,13 +13,14 @@ response and a killed run leaves no torn object.
 
 Every store offers the same interface (``Store``): ``submit`` a batch of
 ``PutItem`` and get a Future of per-item errors, resolved once every
-successful item is durable (file store: after ``os.sync``; S3: after the
+successful item is durable (file store: after ``syncfs(2)``; S3: after the
 server acknowledged each PUT); ``get``/``fetch`` (async) one object;
 ``keys`` to walk the store; ``delete`` one object; ``close``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import hashlib
 import os
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ocspmint import config
 
 CONTENT_TYPE = "application/ocsp-response"
+_libc = ctypes.CDLL(None, use_errno=True)  # syncfs(2): Python's os module has no binding
 
 
 class StoreError(Exception):
@@ -89,6 +91,7 @@ class FileStore:
         self.root = Path(root)
         self._root = str(self.root)
         self._tmp = ""
+        self._root_fd = -1  # opened before the first write: syncfs reports write-back errors since then
         self._dirs: set[str] = set()
         self._n = 0
         self._queue: queue.SimpleQueue[tuple[list[PutItem], Future[list[str | None]]] | None] = queue.SimpleQueue()
@@ -101,6 +104,7 @@ class FileStore:
         if not self._tmp:
             tmp = self.root / ".tmp"
             tmp.mkdir(parents=True, exist_ok=True)
+            self._root_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
             for stale in tmp.iterdir():
                 if not pid_alive(stale.name.partition("-")[0]):
                     stale.unlink(missing_ok=True)
@@ -139,10 +143,11 @@ class FileStore:
 
     def submit(self, items: list[PutItem]) -> Future[list[str | None]]:
         """Queue ``items`` for the store's writer thread, which writes them
-        and resolves the Future only after an ``os.sync`` that covers them,
+        and resolves the Future only after a ``syncfs(2)`` that covers them,
         so a journal row written after it resolves always names an object
         that survives a power loss. One sync covers every batch queued
-        meanwhile. The writer's system calls run while the caller encodes
+        meanwhile; a write-back error it reports (Linux ≥ 5.8) fails every
+        item of those batches. The writer's system calls run while the caller encodes
         and verifies the next batch (they release the GIL)."""
         done: Future[list[str | None]] = Future()
         if self._writer is None:
@@ -159,12 +164,21 @@ class FileStore:
                 items, done = job
                 written.append((done, [self._put_item(item) for item in items]))
             if written and (job is None or self._queue.empty()):
-                os.sync()  # sync(2) reports no error (docs/faults.md)
+                failure = self._sync()
                 for done, errors in written:
-                    done.set_result(errors)
+                    done.set_result(errors if failure is None else [e or failure for e in errors])
                 written = []
             if job is None:
                 return
+
+    def _sync(self) -> str | None:
+        """syncfs(2) the store's file system: None when everything written
+        since the last call is durable, else the error (a write-back error
+        such as EIO or ENOSPC on a thin-provisioned or network disk)."""
+        if self._root_fd < 0 or _libc.syncfs(self._root_fd) == 0:  # < 0: nothing was written
+            return None
+        err = ctypes.get_errno()
+        return f"{self._root}: write-back failed, responses not durable: {os.strerror(err)}"
 
     def _put_item(self, item: PutItem) -> str | None:
         try:
@@ -203,6 +217,9 @@ class FileStore:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd, self._tmp = -1, ""  # a later write opens it again
 
     def keys(self) -> Iterator[str]:
         """Every stored key (walks the folder; for verify and audit)."""
