@@ -15,10 +15,16 @@ Usage::
    ``FileStore.put`` (temp file, rename): µs per file, wall and system CPU.
 2. **Journal size.** A journal holding ``--small-rows`` or
    ``--large-rows`` records (filled by SQLite itself, serials spread over
-   the key space) takes ``--count`` new records at random serials with
-   ``Journal.record``, ``Runner.JOURNAL_ROWS`` a transaction, as a run
-   journals them: µs per record, wall and CPU. The page cache of the file
-   is warm (it was just written), as in a run.
+   the key space) takes ``--count`` new records with ``Journal.record``,
+   ``Runner.JOURNAL_ROWS`` a transaction, as a run journals them: µs per
+   record, wall and CPU, in two orders. *Ledger order*: serials ascending
+   and above every journaled one, as a first run from the SQLite ledger
+   journals them (it reads the ledger in (issuer, serial) order, the
+   journal's key). *Random*: serials at random places, as a refresh (due
+   by ``refresh_at``) or an ``index.txt`` ledger (issuance order) does.
+   Either way ``refresh_at`` (the journal's second b-tree) is random, as
+   ``planner.refresh_at`` spreads it by a hash of the serial. The page
+   cache of the file is warm (it was just written), as in a run.
 
 Everything is made below ``--dir`` (default: a temp folder on the root file
 system) and removed at the end; nothing is deleted before a measurement
@@ -97,17 +103,22 @@ def fill_journal(state: Path, rows: int) -> None:
     db.close()
 
 
-def new_records(rows: int, count: int, rng: random.Random) -> list[Record]:
+def new_records(rows: int, count: int, rng: random.Random, ledger_order: bool) -> list[Record]:
+    """``count`` records for serials not journaled yet: ascending above the
+    ``rows`` filled ones (``ledger_order``) or at random places among them."""
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    return [Record(ISSUER, (rng.randrange(rows) << 128) | rng.getrandbits(128), now, now + dt.timedelta(seconds=604799),
+    tops = range(rows, rows + count) if ledger_order else [rng.randrange(rows) for _ in range(count)]
+    return [Record(ISSUER, (top << 128) | rng.getrandbits(128), now, now + dt.timedelta(seconds=604799),
                    "good", None, None, "ab" * 20, rng.randbytes(32), "new", "certificate", now + dt.timedelta(days=90),
-                   now + dt.timedelta(days=3, seconds=rng.randrange(86400)), now) for _ in range(count)]
+                   now + dt.timedelta(days=3, seconds=rng.randrange(86400)), now) for top in tops]
 
 
-def journal_case(state: Path, rows: int, count: int, rng: random.Random) -> tuple[float, float, float]:
-    """Fill a journal with ``rows`` records, then time journaling ``count`` new ones."""
-    fill_journal(state, rows)
-    records = new_records(rows, count, rng)
+def journal_case(state: Path, rows: int, count: int, rng: random.Random, ledger_order: bool) -> tuple[float, float, float]:
+    """Fill a journal with ``rows`` records (once per ``state``), then time
+    journaling ``count`` new ones."""
+    if not state.exists():
+        fill_journal(state, rows)
+    records = new_records(rows, count, rng, ledger_order)
     with Journal(state) as journal:
         def record_all() -> None:
             for i in range(0, count, Runner.JOURNAL_ROWS):
@@ -132,14 +143,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ocspmint-scale-causes-", dir=args.dir) as tmp:
         cases = [("store folder", f"{n:,} files per folder", lambda n=n: store_case(Path(tmp, f"store-{n}"), n, args.count, rng))
                  for n in (args.small_files, args.large_files)]
-        cases += [("journal", f"{n:,} rows", lambda n=n: journal_case(Path(tmp, f"journal-{n}"), n, args.count, rng))
-                  for n in (args.small_rows, args.large_rows)]
-        base = 0.0
-        for i, (suspect, size, case) in enumerate(cases):
+        for ledger_order, suspect in ((True, "journal, ledger order (first run)"), (False, "journal, random serials (refresh)")):
+            cases += [(suspect, f"{n:,} rows", lambda n=n, o=ledger_order: journal_case(Path(tmp, f"journal-{n}"), n, args.count, rng, o))
+                      for n in (args.small_rows, args.large_rows)]
+        base: dict[str, float] = {}
+        for suspect, size, case in cases:
             wall, user, system = case()
             per = [1e6 * x / args.count for x in (wall, user, system)]
-            base = per[0] if i % 2 == 0 else base
-            lines.append(f"| {suspect} | {size} | {per[0]:.1f} | {per[1]:.1f} | {per[2]:.1f} | {per[0] / base:.2f} |")
+            base.setdefault(suspect, per[0])
+            lines.append(f"| {suspect} | {size} | {per[0]:.1f} | {per[1]:.1f} | {per[2]:.1f} | {per[0] / base[suspect]:.2f} |")
             print(lines[-1], file=sys.stderr, flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
     where = f"in {args.dir}" if args.dir else "in the temp folder"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -39,6 +40,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 def demo_softhsm_env(demo: Demo) -> dict[str, str]:
     """softhsm_env(demo) for the session demo."""
     return softhsm_env(demo)
+
+
+# --- ocspmint.signer faults: the fault-injecting PKCS#11 module (tests/p11fault/) --
+
+
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The p11fault shim, built once per session: ``faultkit.use_module``
+    points a demo at it, ``P11FAULT_*`` variables choose the faults."""
+    from p11fault.build import build_shim
+
+    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 # --- ocspmint.s3store: a real SeaweedFS S3 server (tests/seaweed.py) ---------

@@ -38,7 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509 import ocsp as x509_ocsp
 
 from e2e import BIN, ocspmint, openssl_check, response_path, run_json
-from faultkit import assert_journal_matches_store, file_objects, journal_rows, set_signing, verify_clean
+from faultkit import SOFTHSM, assert_journal_matches_store, file_objects, journal_rows, set_signing, use_module, verify_clean
 from ocspmint.demo import Demo, build_demo
 from ocspmint.ledger import openssl_hex
 from ocspmint.ledger.sqlite import write_entries
@@ -242,17 +242,24 @@ def long_ledger(demo: Demo, name: str, live: list[int], expired: int, *extra: Le
 # first batches come back signed well before it ends (the workers log in in
 # ~0.3 s). What the pass finds at its end must still decide what is published.
 
-def test_a_conflict_found_at_the_end_of_a_long_pass_is_not_published(tmp_path):
-    """A serial signed early in the pass, and stated differently by a second
-    source read after it, is in neither the store nor the journal."""
-    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
-    live = [0x7000 + i for i in range(2000)]
+def conflict_at_the_end(demo: Demo, live: list[int]) -> None:
+    """Sources: a long ledger (``live``, then 150,000 expired rows) and, read
+    after it, a second one stating ``live[0]`` revoked (``on_error =
+    "quarantine"``)."""
     long_ledger(demo, "ledger.sqlite", live, 150_000)
     write_entries(str(demo.root / "late.sqlite"), [LedgerEntry(
         "issuing-ca", live[0], Kind.CERTIFICATE, utc_now() + dt.timedelta(days=60), Status.REVOKED,
         utc_now() - dt.timedelta(hours=1), None, "synthetic")])
     set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n'
                       '[[sources]]\ntype = "sqlite"\npath = "late.sqlite"\n', "quarantine")
+
+
+def test_a_conflict_found_at_the_end_of_a_long_pass_is_not_published(tmp_path):
+    """A serial signed early in the pass, and stated differently by a second
+    source read after it, is in neither the store nor the journal."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    live = [0x7000 + i for i in range(2000)]
+    conflict_at_the_end(demo, live)
     code, summary = run_json(demo)
     assert code == 1 and summary["published"] == len(live) - 1
     [failure] = summary["failures"]
@@ -260,6 +267,24 @@ def test_a_conflict_found_at_the_end_of_a_long_pass_is_not_published(tmp_path):
     assert set(journal_rows(demo)) == {("issuing-ca", s) for s in live[1:]}
     assert not response_path(demo, live[0]).exists() and len(file_objects(demo)) == len(live) - 1
     assert verify_clean(demo) == len(live) - 1
+
+
+def test_a_conflicting_serial_whose_batch_fails_signing_is_reported_once(tmp_path, shim):
+    """Every signature fails (the HSM), and one serial is also stated
+    differently by a second source read at the end of the pass: that serial
+    is one failure (stage ledger), the others one each (stage sign)."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    live = [0x7000 + i for i in range(40)]
+    conflict_at_the_end(demo, live)
+    set_signing(demo, workers=1, batch_size=8, retries=2)
+    use_module(demo, shim)
+    code, summary = run_json(demo, env={"P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_FROM": "2"})  # 1: the key probe
+    assert code == 1 and summary["published"] == 0
+    stages = {(f["serial"], f["stage"]) for f in summary["failures"]}
+    assert len(summary["failures"]) == len(stages) == len(live), sorted(stages)[:4]
+    assert (serial_hex(live[0]), "ledger") in stages
+    assert {serial for serial, stage in stages if stage == "sign"} == {serial_hex(s) for s in live[1:]}
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
 
 
 def test_a_bad_row_at_the_end_of_a_long_pass_stops_the_run_with_nothing_published(tmp_path):

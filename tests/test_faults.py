@@ -28,12 +28,7 @@ from ocspmint.report import Summary
 from ocspmint.runner import Runner, sign_all
 from ocspmint.signer import Failed, SignerPool, key_spec, signer_pool
 from ocspmint.store import FileStore
-from p11fault.build import build_shim
 
-
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory) -> Path:
-    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 def store_objects(demo: Demo) -> list[Path]:

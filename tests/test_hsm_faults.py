@@ -30,14 +30,9 @@ from ocspmint.demo import SOFTHSM_MODULE, TOKEN_LABEL, Demo, build_demo, certify
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint.model import Kind, LedgerEntry, Status, utc_now
 from ocspmint.store import object_key
-from p11fault.build import build_shim
 
 URI = "pkcs11:token=ocspmint;object=ocsp-responder;type=private"
 
-
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 def faulty_demo(root: Path, shim: Path, **signing: int) -> Demo:

@@ -130,14 +130,15 @@ class Runner:
         self.force: Force | None = None
         self.observer: Observer | None = None
         self.excluded: Container[tuple[str, int]] = ()  # (issuer, serial) never to publish: ledger conflicts
-        self.held: list[Signed | Checked] = []
+        self.held: list[Signed | Checked | Failed] = []
         self._released = threading.Event()
         self._released.set()
 
     def hold(self) -> None:
-        """Keep the batches that come back signed unpublished until
-        ``release``: while the plan runs, a serial it will find in conflict
-        may already be signed (``MAX_HELD`` responses at most)."""
+        """Keep the batches that come back (signed or failed) unpublished
+        and unreported until ``release``: while the plan runs, a serial it
+        will find in conflict may already be signed (``MAX_HELD`` responses
+        at most), or its batch may have failed (reported once, by the ledger)."""
         self._released.clear()
 
     def release(self, excluded: Container[tuple[str, int]]) -> None:
@@ -149,7 +150,8 @@ class Runner:
 
     def held_full(self) -> bool:
         """Whether no more batches should be sent before ``release``."""
-        return not self._released.is_set() and sum(len(r.responses if isinstance(r, Checked) else r.signatures)
+        return not self._released.is_set() and sum(len(r.responses) if isinstance(r, Checked) else
+                                                    len(r.signatures) if isinstance(r, Signed) else 0
                                                     for r in self.held) >= self.MAX_HELD
 
     def make_batch(self, batch_id: int, issuer: str, planned: list[Planned]) -> SignBatch | None:
@@ -183,8 +185,16 @@ class Runner:
             self.fail(e, stage, message)
 
     def failed(self, reply: Failed) -> None:
+        """Report a batch that failed signing, serial by serial (held while
+        ``hold`` is in force; a serial in ``excluded`` is not reported again)."""
+        if not self._released.is_set():
+            self.held.append(reply)
+            return
         b = self.batches.pop(reply.batch)
-        self.fail_all(b.entries, "sign", reply.error)
+        self.fail_all([e for e in b.entries if not self._excluded(e)], "sign", reply.error)
+
+    def _excluded(self, e: LedgerEntry) -> bool:
+        return bool(self.excluded) and (e.issuer, e.serial) in self.excluded
 
     def signed(self, reply: Signed | Checked) -> None:
         """Hand the responses of one signed batch to the store: those the
@@ -212,7 +222,7 @@ class Runner:
             findings = [""] * len(responses)
         items, entries, records, urgent = [], [], [], []
         for entry, why, response, found in zip(b.entries, b.whys, responses, findings, strict=True):
-            if self.excluded and (entry.issuer, entry.serial) in self.excluded:  # the ledger stage reported it
+            if self._excluded(entry):  # the ledger stage reported it
                 continue
             if found:
                 self.fail(entry, "verify", found)
@@ -241,7 +251,7 @@ class Runner:
         if self.held and self._released.is_set():
             held, self.held = self.held, []
             for reply in held:
-                self._store(reply)
+                self.failed(reply) if isinstance(reply, Failed) else self._store(reply)
         while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
             up = self.uploads.popleft()
             errors = up.done.result()
@@ -366,6 +376,7 @@ def sign_all(pool: SignerPool, runner: Runner, due: Iterable[Planned | None], pr
         for batch in runner.batches.values():
             runner.fail_all(batch.entries, stage, str(e))
         runner.batches.clear()
+        runner.held.clear()  # their batches were just failed
         for chunk in chunks:
             if chunk:
                 runner.fail_all([entry for entry, _ in chunk[1]], stage, str(e))
