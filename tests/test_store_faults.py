@@ -35,9 +35,13 @@ from seaweed import SeaweedS3
 Mount = Callable[[Path, str], None]
 
 
+def run_cmd(*cmd: str) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(cmd)}: {p.stdout}{p.stderr}"
+
+
 def mount_options(path: Path, options: str) -> None:
-    p = subprocess.run(["mount", "-o", f"remount,{options}", str(path)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    run_cmd("mount", "-o", f"remount,{options}", str(path))
 
 
 @pytest.fixture
@@ -88,11 +92,6 @@ def test_disk_full_reports_serials_keeps_journal_consistent_and_resumes(tmp_path
     assert code == 0 and again["published"] == len(failed) and again["due"] == {"new": len(failed)}, again["failures"][:3]
     assert verify_clean(demo) == 24
     assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == 24
-
-
-def run_cmd(*cmd: str) -> None:
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    assert p.returncode == 0, f"{' '.join(cmd)}: {p.stdout}{p.stderr}"
 
 
 def test_write_back_error_on_a_thin_disk_fails_the_batch_and_a_later_run_publishes_it(tmp_path, tmpfs):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import threading
-from contextlib import closing
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 from ocspmint.config import Config
 from ocspmint.incremental import LedgerMark

@@ -251,7 +251,10 @@ class Runner:
         if self.held and self._released.is_set():
             held, self.held = self.held, []
             for reply in held:
-                self.failed(reply) if isinstance(reply, Failed) else self._store(reply)
+                if isinstance(reply, Failed):
+                    self.failed(reply)
+                else:
+                    self._store(reply)
         while self.uploads and (len(self.uploads) > keep or self.uploads[0].done.done()):
             up = self.uploads.popleft()
             errors = up.done.result()

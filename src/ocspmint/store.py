@@ -99,8 +99,9 @@ class FileStore:
 
     def _tmp_prefix(self) -> str:
         """``.tmp/<pid>-``, made on the first write; temp files left by
-        processes that no longer run (a killed run) are removed then. A
-        reader (``ocspmint serve``) never touches ``.tmp``."""
+        processes that no longer run (a killed run) are removed then, and
+        the root's fd for ``_sync`` is opened. A reader (``ocspmint
+        serve``) never touches ``.tmp``."""
         if not self._tmp:
             tmp = self.root / ".tmp"
             tmp.mkdir(parents=True, exist_ok=True)
