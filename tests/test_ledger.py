@@ -124,18 +124,21 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("ledger")
     ca, twin = make_ca(root, "ca"), make_ca(root, "twin")
-    end = (dt.datetime.now(UTC) + dt.timedelta(days=90)).replace(microsecond=0)
-    enddate = ["-enddate", end.strftime("%Y%m%d%H%M%SZ")]
+    start = dt.datetime.now(UTC).replace(microsecond=0)
+    end = start + dt.timedelta(days=90)
+    # one explicit validity for all: a precertificate and its final certificate share it (RFC 6962 §3.1),
+    # so they must not straddle a second boundary between two `openssl ca` calls
+    validity = ["-startdate", start.strftime("%Y%m%d%H%M%SZ"), "-enddate", end.strftime("%Y%m%d%H%M%SZ")]
     db = ca.db("db")
     for cn, serial in SERIALS.items():
         if cn == "pre":
-            ca.issue(db, serial, cn, *enddate, ext="precert")
+            ca.issue(db, serial, cn, *validity, ext="precert")
         elif cn == "expired":
             ca.issue(db, serial, cn, "-startdate", "20200101000000Z", "-enddate", "20210101000000Z")
         elif cn == "far":
             ca.issue(db, serial, cn, "-enddate", "20600101000000Z")
         else:
-            ca.issue(db, serial, cn, *enddate)
+            ca.issue(db, serial, cn, *validity)
     ca.ca(db, "-updatedb")
     ca.ca(db, "-revoke", db / "one.pem", "-crl_reason", "keyCompromise")
     ca.ca(db, "-revoke", db / "lead0.pem")
@@ -144,10 +147,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     ca.ca(db, "-revoke", db / "pre.pem", "-crl_reason", "superseded")
     ca.ca(db, "-gencrl", "-out", db / "crl.pem")
     final_db = ca.db("final")
-    ca.issue(final_db, "1234", "final", *enddate)  # the final certificate of the precertificate
-    ca.issue(final_db, "0A1B", "clash", *enddate)  # a different certificate reusing serial 0A1B
+    ca.issue(final_db, "1234", "final", *validity)  # the final certificate of the precertificate
+    ca.issue(final_db, "0A1B", "clash", *validity)  # a different certificate reusing serial 0A1B
     twin_db = twin.db("db")
-    twin.issue(twin_db, "01", "twin-one", *enddate)
+    twin.issue(twin_db, "01", "twin-one", *validity)
     twin.ca(twin_db, "-gencrl", "-out", twin_db / "crl.pem")
     issuers = {"ca": ca.identity(), "twin": twin.identity()}
     return World(ca, twin, db, final_db, twin_db, end, issuers)
