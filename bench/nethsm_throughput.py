@@ -29,10 +29,12 @@ batches of 256 digests, in ``--processes`` fresh interpreters;
 ``SignBatch`` messages (both in bench/stage_load.py); ``ocspmint-run`` (built
 in) is ``ocspmint run`` end to end with ``[signing] sessions = S`` over a
 ledger of capacity x ``--seconds`` new serials, timed by its own summary
-(ledger pass and start-up included); ``ocspmint-refresh`` (built in) is the
-same over a ledger published beforehand, 3.2 times as large, of which 5/16
-is due for refresh (a daily full run: the ledger pass reads 3.2 rows per
-response it signs). All five run by default. Other series plug in by name,
+(ledger pass and start-up included), verification on;
+``ocspmint-run-verify-off`` (built in) is the same with ``verify = false``;
+``ocspmint-refresh`` (built in) is the same over a ledger published
+beforehand, 3.2 times as large, of which 5/16 is due for refresh (a daily
+full run: the ledger pass reads 3.2 rows per response it signs). All but
+``ocspmint-run-verify-off`` run by default. Other series plug in by name,
 ``PKG.MODULE:FUNCTION``, or through ``main(argv, series={name: fn})``. A
 series function gets ``(ctx: Context, sessions: int)`` and returns a dict
 with at least ``per_second`` (it may add ``signatures``, ``seconds``...).
@@ -40,8 +42,12 @@ Its ``ctx`` has the demo (token, config), the running HSM (``ctx.hsm.module``
 and ``ctx.hsm.env``), the PIN and the timing flags.
 
 For every transport, series and S, the script prints signatures/s, the
-ratio to the capacity slots / latency, and the ratio to the series' best
-point. ``--json FILE`` writes all of it: top-level settings and
+ratio to the capacity slots / latency, the ratio to the series' best
+point and, for the series that run a command (``c-loop``, ``ocspmint-run*``,
+``ocspmint-refresh``), the CPU cores that command kept busy on average
+(user + system CPU of it and its children over its wall time). The
+simulated HSM signs with SoftHSM2 on this machine's own CPUs, which a real
+network HSM does not: ``c-loop``'s cores are what the HSM itself costs. ``--json FILE`` writes all of it: top-level settings and
 ``series: [{name, transport, best_per_second, points: [{sessions,
 processes, per_second, ratio_capacity, ratio_best, ...}]}]``, ready for a
 plot of throughput against sessions. The demo, the server and its socket
@@ -59,10 +65,13 @@ import json
 import os
 import platform
 import shutil
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +118,21 @@ def c_loop(ctx: Context, sessions: int) -> dict[str, Any]:
     cmd = [str(ctx.loop), ctx.hsm.module, TOKEN_LABEL, RESPONDER_LABEL, ctx.mechanism, "--pin-env", PIN_VAR,
            "--processes", str(ctx.processes), "--sessions", str(sessions), "--seconds", str(ctx.seconds),
            "--warmup", str(ctx.warmup)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.seconds + ctx.warmup + 120)
+    p, cores = run_child(cmd, env, ctx.seconds + ctx.warmup + 120)
     if p.returncode != 0:
         raise RuntimeError(f"p11_sign_loop failed (exit {p.returncode}): {p.stderr.strip()}")
-    return json.loads(p.stdout)
+    return {**json.loads(p.stdout), "cores": cores}
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``cmd`` to its end; also returns the CPU cores it and its
+    descendants kept busy on average (user + system CPU seconds over wall
+    seconds, from ``getrusage(RUSAGE_CHILDREN)``)."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return p, cpu / wall
 
 
 def ocspmint_native(ctx: Context, sessions: int) -> dict[str, Any]:
@@ -140,11 +160,12 @@ def ocspmint_pool(ctx: Context, sessions: int) -> dict[str, Any]:
                     seconds=ctx.seconds, warmup=ctx.warmup, env=ctx.hsm.env)
 
 
-def ocspmint_run(ctx: Context, sessions: int) -> dict[str, Any]:
+def ocspmint_run(ctx: Context, sessions: int, verify: bool = True) -> dict[str, Any]:
     """``ocspmint run`` end to end: a SQLite ledger of capacity x
     ``ctx.seconds`` new serials (so a run at full speed lasts about
     ``--seconds``), backend native, ``ctx.processes`` workers with
-    ``sessions=S``, verification on (the default), a fresh file store and
+    ``sessions=S``, verification on (the default; off in the series
+    ``ocspmint-run-verify-off``), a fresh file store and
     state dir (below ``--store-dir`` when given). ``per_second`` is the
     summary's: published / the whole run (ledger pass, worker start-up and
     login, the last batches' storing and journaling included). Exits 1
@@ -158,7 +179,7 @@ def ocspmint_run(ctx: Context, sessions: int) -> dict[str, Any]:
     ledger = ctx.work / f"ledger-{serials}.sqlite"
     if not ledger.exists():
         write_entries(str(ledger), synthetic_entries(serials))
-    return _timed_run(ctx, sessions, ledger, "ocspmint-run", serials)
+    return _timed_run(ctx, sessions, ledger, "ocspmint-run", serials, verify=verify)
 
 
 def _published_ledger(ctx: Context, rows: int) -> tuple[Path, Path, int]:
@@ -196,26 +217,27 @@ def _published_ledger(ctx: Context, rows: int) -> tuple[Path, Path, int]:
 
 
 def _timed_run(ctx: Context, sessions: int, ledger: Path, name: str, expected: int,
-               journal: Path | None = None) -> dict[str, Any]:
-    """One ``ocspmint run`` (backend native, ``sessions``, verification on)
+               journal: Path | None = None, verify: bool = True) -> dict[str, Any]:
+    """One ``ocspmint run`` (backend native, ``sessions``, ``verify``)
     in a fresh state dir (a copy of ``journal`` when given) and file store;
-    its summary's rate. Exits 1 unless it published ``expected``."""
+    its summary's rate and the cores it kept busy. Exits 1 unless it
+    published ``expected``."""
     from sign_throughput import checked_summary, write_config  # bench/sign_throughput.py
 
     run_dir = (ctx.store_dir or ctx.work) / f"{name}-{os.getpid()}-{ctx.processes}x{sessions}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = write_config(ctx.demo, ledger, run_dir, ctx.processes, True)
+    config = write_config(ctx.demo, ledger, run_dir, ctx.processes, verify)
     if journal is not None:
         (run_dir / "state").mkdir()
         shutil.copy(journal, run_dir / "state" / "journal.sqlite")
     text = config.read_text().replace(f"module = {json.dumps(SOFTHSM_MODULE)}", f"module = {json.dumps(ctx.hsm.module)}")
     config.write_text(text.replace("[signing]\n", f'[signing]\nbackend = "native"\nsessions = {sessions}\n', 1))
     env = ctx.hsm.client_env({**os.environ, "SOFTHSM2_CONF": str(ctx.demo.softhsm_conf)})
-    p = subprocess.run([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json", "--quiet"],
-                       env=env, capture_output=True, text=True, timeout=3600)
+    p, cores = run_child([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json",
+                          "--quiet"], env, 3600)
     summary = checked_summary(p, expected)
     shutil.rmtree(run_dir)
-    return {"per_second": summary["per_second"], "signatures": expected, "seconds": summary["seconds"]}
+    return {"per_second": summary["per_second"], "signatures": expected, "seconds": summary["seconds"], "cores": cores}
 
 
 def ocspmint_refresh(ctx: Context, sessions: int) -> dict[str, Any]:
@@ -230,7 +252,8 @@ def ocspmint_refresh(ctx: Context, sessions: int) -> dict[str, Any]:
 
 
 BUILTIN: dict[str, SeriesFn] = {"c-loop": c_loop, "ocspmint-native": ocspmint_native, "ocspmint-pool": ocspmint_pool,
-                                "ocspmint-run": ocspmint_run, "ocspmint-refresh": ocspmint_refresh}
+                                "ocspmint-run": ocspmint_run, "ocspmint-run-verify-off": partial(ocspmint_run, verify=False),
+                                "ocspmint-refresh": ocspmint_refresh}
 DEFAULT_SERIES = "c-loop,ocspmint-native,ocspmint-pool,ocspmint-run,ocspmint-refresh"
 
 
@@ -324,14 +347,16 @@ def main(argv: list[str] | None = None, series: dict[str, SeriesFn] | None = Non
 
 
 def run_series(name: str, fn: SeriesFn, ctx: Context, sessions: list[int], capacity: float) -> dict[str, Any]:
-    print(f"\n{name} via {ctx.hsm.transport}:\n{'sessions':>8} {'procs':>5} {'sig/s':>10} {'/capacity':>9}", flush=True)
+    print(f"\n{name} via {ctx.hsm.transport}:\n{'sessions':>8} {'procs':>5} {'sig/s':>10} {'/capacity':>9} {'cores':>5}",
+          flush=True)
     points = []
     for s in sessions:
         point = {"sessions": s, "processes": ctx.processes, **fn(ctx, s)}
         point["sessions"], point["processes"] = s, point.get("processes", ctx.processes)
         point["ratio_capacity"] = point["per_second"] / capacity
         points.append(point)
-        print(f"{s:>8} {point['processes']:>5} {point['per_second']:>10,.0f} {point['ratio_capacity']:>9.2f}",
+        cores = f"{point['cores']:5.2f}" if "cores" in point else f"{'-':>5}"
+        print(f"{s:>8} {point['processes']:>5} {point['per_second']:>10,.0f} {point['ratio_capacity']:>9.2f} {cores}",
               flush=True)
     best = max(p["per_second"] for p in points)
     for p in points:
