@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python bench/nethsm_throughput.py [--latency-ms 2] [--slots 16]
         [--sessions 1,2,4,8,16,32] [--processes 1] [--seconds 2] [--warmup 0.3]
         [--transport p11kit,shim] [--key ec-p256|rsa-2048]
-        [--series c-loop,ocspmint-native,ocspmint-pool,PKG.MODULE:FUNCTION] [--json FILE]
+        [--series c-loop,ocspmint-native,ocspmint-pool,ocspmint-run,PKG.MODULE:FUNCTION]
+        [--batch-size 256] [--store-dir DIR] [--json FILE]
 
 The HSM (tests/nethsm.py) is SoftHSM2 with the p11fault shim in front: each
 signature waits ``--latency-ms`` inside one of ``--slots`` slots shared by
@@ -107,6 +108,7 @@ class Context:
     work: Path  # a scratch folder for this transport
     loop: Path  # the p11_sign_loop executable
     store_dir: Path | None = None  # ocspmint-run: state dir and file store below it (default: ``work``)
+    batch_size: int = 256  # ocspmint-run*, ocspmint-refresh: ``[signing] batch_size``
 
 
 SeriesFn = Callable[[Context, int], dict[str, Any]]
@@ -231,7 +233,8 @@ def _timed_run(ctx: Context, sessions: int, ledger: Path, name: str, expected: i
         (run_dir / "state").mkdir()
         shutil.copy(journal, run_dir / "state" / "journal.sqlite")
     text = config.read_text().replace(f"module = {json.dumps(SOFTHSM_MODULE)}", f"module = {json.dumps(ctx.hsm.module)}")
-    config.write_text(text.replace("[signing]\n", f'[signing]\nbackend = "native"\nsessions = {sessions}\n', 1))
+    config.write_text(text.replace("[signing]\n", f'[signing]\nbackend = "native"\nsessions = {sessions}\n'
+                                                 f'batch_size = {ctx.batch_size}\n', 1))
     env = ctx.hsm.client_env({**os.environ, "SOFTHSM2_CONF": str(ctx.demo.softhsm_conf)})
     p, cores = run_child([str(Path(sys.executable).parent / "ocspmint"), "run", "--config", str(config), "--json",
                           "--quiet"], env, 3600)
@@ -287,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--series", default=DEFAULT_SERIES,
                     help=f"comma-separated: {', '.join(BUILTIN)}, PKG.MODULE:FUNCTION (default {DEFAULT_SERIES})")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--batch-size", type=int, default=256,
+                    help="ocspmint-run*, ocspmint-refresh: [signing] batch_size (default 256, the config's)")
     ap.add_argument("--store-dir", type=Path,
                     help="ocspmint-run: put its state dir and file store below this folder (e.g. /dev/shm, "
                          "to take the disk out of the measurement; default: the temp folder)")
@@ -294,8 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
     if not args.transports or any(t not in ("p11kit", "shim") for t in args.transports):
         ap.error("--transport takes p11kit, shim or p11kit,shim")
-    if args.latency_ms <= 0 or args.slots < 1 or args.processes < 1 or args.seconds <= 0:
-        ap.error("--latency-ms, --seconds must be > 0; --slots, --processes >= 1")
+    if args.latency_ms <= 0 or args.slots < 1 or args.processes < 1 or args.seconds <= 0 or args.batch_size < 1:
+        ap.error("--latency-ms, --seconds must be > 0; --slots, --processes, --batch-size >= 1")
     return args
 
 
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None, series: dict[str, SeriesFn] | None = Non
         "processes": args.processes,
         "seconds_per_point": args.seconds,
         "warmup_seconds": args.warmup,
+        "batch_size": args.batch_size,
         "series": [],
     }
     print(f"simulated HSM: latency {latency_us / 1000:g} ms, {args.slots} slots -> capacity {capacity:,.0f}/s; "
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None, series: dict[str, SeriesFn] | None = Non
             with nethsm(work, demo.softhsm_conf, token=TOKEN_LABEL, latency_us=latency_us, slots=args.slots,
                         transport=transport, shim_dir=ROOT / "build" / "p11fault") as hsm:
                 ctx = Context(demo, hsm, pin, MECHANISM[args.key], args.processes, args.seconds, args.warmup,
-                              work, loop, args.store_dir)
+                              work, loop, args.store_dir, args.batch_size)
                 for name, fn in chosen.items():
                     result["series"].append(run_series(name, fn, ctx, args.sessions, capacity))
     if args.json:
