@@ -48,10 +48,11 @@ point and, for the series that run a command (``c-loop``, ``ocspmint-run*``,
 ``ocspmint-refresh``), the CPU cores that command kept busy on average
 (user + system CPU of it and its children over its wall time). The
 simulated HSM signs with SoftHSM2 on this machine's own CPUs, which a real
-network HSM does not: ``c-loop``'s cores are what the HSM itself costs. ``--json FILE`` writes all of it: top-level settings and
-``series: [{name, transport, best_per_second, points: [{sessions,
-processes, per_second, ratio_capacity, ratio_best, ...}]}]``, ready for a
-plot of throughput against sessions. The demo, the server and its socket
+network HSM does not: ``c-loop``'s cores are what the HSM itself costs.
+``--json FILE`` writes all of it: top-level settings and ``series: [{name,
+transport, best_per_second, points: [{sessions, processes, per_second,
+ratio_capacity, ratio_best, ...}]}]``, ready for a plot of throughput
+against sessions. The demo, the server and its socket
 live in a temp folder; SOFTHSM2_CONF and the PIN are passed to child
 processes only (the PIN through an environment variable, never in argv).
 """
@@ -65,15 +66,15 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
