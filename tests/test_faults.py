@@ -30,7 +30,6 @@ from ocspmint.signer import Failed, SignerPool, key_spec, signer_pool
 from ocspmint.store import FileStore
 
 
-
 def store_objects(demo: Demo) -> list[Path]:
     return [p for p in (demo.root / "responses").rglob("*") if p.is_file() and ".tmp" not in p.parts]
 

@@ -34,7 +34,6 @@ from ocspmint.store import object_key
 URI = "pkcs11:token=ocspmint;object=ocsp-responder;type=private"
 
 
-
 def faulty_demo(root: Path, shim: Path, **signing: int) -> Demo:
     """12 unexpired serials (8 certificates, 4 precertificates, 3 revoked),
     signed through the shim."""

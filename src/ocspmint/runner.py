@@ -98,6 +98,13 @@ def purges_for(why: str, force: Force | None) -> bool:
     return why in PURGE_REASONS or (why == "forced" and force is not None and force.purge)
 
 
+def _responses(reply: Signed | Checked | Failed) -> int:
+    """How many responses a held reply carries (a failed batch: none)."""
+    if isinstance(reply, Checked):
+        return len(reply.responses)
+    return len(reply.signatures) if isinstance(reply, Signed) else 0
+
+
 class Runner:
     """One run: holds the open journal, store and templates.
 
@@ -150,9 +157,7 @@ class Runner:
 
     def held_full(self) -> bool:
         """Whether no more batches should be sent before ``release``."""
-        return not self._released.is_set() and sum(len(r.responses) if isinstance(r, Checked) else
-                                                    len(r.signatures) if isinstance(r, Signed) else 0
-                                                    for r in self.held) >= self.MAX_HELD
+        return not self._released.is_set() and sum(map(_responses, self.held)) >= self.MAX_HELD
 
     def make_batch(self, batch_id: int, issuer: str, planned: list[Planned]) -> SignBatch | None:
         """Encode one batch's ResponseData (None: all of it failed)."""
