@@ -27,6 +27,12 @@
  * The library is never dlclose()d: unloading a PKCS#11 module (and the crypto
  * libraries it pulls in) under a running process is not safe, and a re-opened
  * Module must reach the same module state (a test fault shim counts calls).
+ *
+ * fork(): a child inherits a Module and its Signers but not their threads, and
+ * their sessions belong to the parent (PKCS#11, "Applications and processes": a
+ * child calls C_Initialize itself). In a child, using them raises RuntimeError,
+ * and closing them (or the child's exit) only forgets them: no thread is
+ * joined, no session closed, no C_Finalize called.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
 
@@ -228,8 +235,23 @@ typedef struct {
     int initialized; /* C_Initialize succeeded (or the module already was) */
     int owns_init;   /* we initialised it, so C_Finalize is ours to call */
     int open_signers;
+    pid_t pid; /* the process that opened it; a forked child must not use it */
     PyObject *path;
 } ModuleObject;
+
+/* Raise RuntimeError when the object was opened in another process (this one
+ * is a fork() child of it); 0 when it is this process's own. */
+static int refuse_inherited(const char *what, pid_t pid)
+{
+    if (pid == getpid())
+        return 0;
+    PyErr_Format(PyExc_RuntimeError,
+                 "this %s was opened in process %ld and inherited across fork() by process %ld: PKCS#11 sessions "
+                 "and signer threads do not survive fork(); open a new Module and Signer in this process "
+                 "(a spawned process, as the signer pool uses, never inherits them)",
+                 what, (long)pid, (long)getpid());
+    return -1;
+}
 
 static PyTypeObject ModuleType;
 
@@ -290,6 +312,7 @@ static int Module_init(ModuleObject *self, PyObject *args, PyObject *kwds)
     }
     self->f = f;
     self->initialized = 1;
+    self->pid = getpid();
     Py_XSETREF(self->path, PyUnicode_DecodeFSDefault(path));
     Py_DECREF(path_obj);
     return self->path ? 0 : -1;
@@ -297,7 +320,7 @@ static int Module_init(ModuleObject *self, PyObject *args, PyObject *kwds)
 
 static int module_finalize(ModuleObject *self)
 {
-    if (self->initialized && self->owns_init) {
+    if (self->initialized && self->owns_init && self->pid == getpid()) { /* a fork child's is the parent's */
         CK_FUNCTION_LIST_PTR f = self->f;
         Py_BEGIN_ALLOW_THREADS
         f->C_Finalize(NULL);
@@ -409,6 +432,7 @@ typedef struct SignerObject {
     CK_OBJECT_HANDLE key;
     char token[33];
     int open; /* counted in module->open_signers */
+    pid_t pid;  /* the process whose threads and sessions these are */
     int n_workers;
     struct worker *workers;
     int sync_ready;
@@ -804,10 +828,13 @@ static int Signer_init(SignerObject *self, PyObject *args, PyObject *kwds)
         raise_simple("init", "the PKCS#11 module is closed");
         return -1;
     }
+    if (refuse_inherited("Module", m->pid) < 0)
+        return -1;
     self->module = (ModuleObject *)Py_NewRef(module);
     self->f = m->f;
     m->open_signers++;
     self->open = 1;
+    self->pid = m->pid;
 
     Py_BEGIN_ALLOW_THREADS
     signer_open(self, &a, &e);
@@ -842,6 +869,8 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject 
         raise_simple("session", "the signer is closed");
         return NULL;
     }
+    if (refuse_inherited("Signer", self->pid) < 0)
+        return NULL;
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "sign_batch is already running on this signer");
         return NULL;
@@ -920,6 +949,8 @@ static PyObject *Signer_supports(SignerObject *self, PyObject *arg)
         raise_simple("session", "the signer is closed");
         return NULL;
     }
+    if (refuse_inherited("Signer", self->pid) < 0)
+        return NULL;
     CK_FUNCTION_LIST_PTR f = self->f;
     CK_SLOT_ID slot = self->slot;
     CK_MECHANISM_INFO info;
@@ -934,10 +965,12 @@ static void signer_close(SignerObject *self)
 {
     if (!self->open)
         return;
-    int close_sessions = self->module && self->module->initialized;
-    Py_BEGIN_ALLOW_THREADS
-    signer_teardown(self, close_sessions);
-    Py_END_ALLOW_THREADS
+    if (self->pid == getpid()) {
+        int close_sessions = self->module && self->module->initialized;
+        Py_BEGIN_ALLOW_THREADS
+        signer_teardown(self, close_sessions);
+        Py_END_ALLOW_THREADS
+    } /* else a fork child: the threads are not here and the sessions are the parent's; forget them */
     self->open = 0;
     if (self->module)
         self->module->open_signers--;
@@ -968,7 +1001,7 @@ static PyObject *Signer_get_sessions(SignerObject *self, void *Py_UNUSED(closure
 static PyObject *Signer_get_live_sessions(SignerObject *self, void *Py_UNUSED(closure))
 {
     long live = 0;
-    if (self->open && self->sync_ready) {
+    if (self->open && self->sync_ready && self->pid == getpid()) { /* a fork child may find mu held */
         pthread_mutex_lock(&self->mu);
         for (int i = 0; i < self->n_workers; i++)
             live += !self->workers[i].dead;

@@ -308,6 +308,59 @@ a.close(); b.close(); module.close()
     assert "still open" in out["close_with_signers"]
 
 
+def test_a_forked_child_is_refused_the_inherited_signer_and_leaves_the_parent_s_sessions_alone(demos):
+    """fork() copies a Signer but not its threads, and its sessions are the
+    parent's: in the child, signing or opening a Signer on the inherited
+    Module raises RuntimeError naming both processes, and the child's close
+    and exit neither hang (no thread to join) nor end the parent's sessions
+    (no C_CloseSession, no C_Finalize). Before the guard, a child that
+    merely exited hung for ever."""
+    demo = demos["ec-p256"]
+    out = child(demo, NATIVE + """
+import time
+signer = native.Signer(module, token_label=TOKEN_LABEL, pin=pin, key_label=RESPONDER_LABEL, sessions=2)
+signer.sign_batch([digest(i) for i in range(4)], native.CKM_ECDSA)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    seen = {"pid": os.getpid()}
+    for name, call in (("sign", lambda: signer.sign_batch([digest(0)], native.CKM_ECDSA)),
+                       ("new_signer", lambda: native.Signer(module, token_label=TOKEN_LABEL, pin=pin,
+                                                            key_label=RESPONDER_LABEL))):
+        try:
+            call()
+            seen[name] = "no error"
+        except RuntimeError as e:
+            seen[name] = str(e)
+    seen["live"] = signer.live_sessions
+    signer.close()
+    module.close()
+    os.write(w, json.dumps(seen).encode())
+    sys.exit(0)  # interpreter exit: the inherited objects are freed
+os.close(w)
+deadline = time.monotonic() + 20
+while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+if done[0] == 0:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+out["child_exited"] = done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+out["child"] = json.loads(os.read(r, 65536) or b"{}")
+out["parent_pid"] = os.getpid()
+after = signer.sign_batch([digest(i) for i in range(8)], native.CKM_ECDSA)
+out["parent_signed"] = sum(isinstance(s, bytes) and len(s) == 64 for s in after)
+out["parent_live"] = signer.live_sessions
+signer.close(); module.close()
+""", str(demo.pin_file))
+    kid = out["child"]
+    assert out["child_exited"], "the forked child hung or failed on exit"
+    for name, what in (("sign", "Signer"), ("new_signer", "Module")):
+        assert kid[name].startswith(f"this {what} was opened in process {out['parent_pid']} "), kid[name]
+        assert f"by process {kid['pid']}" in kid[name]
+    assert kid["live"] == 0
+    assert out["parent_signed"] == 8 and out["parent_live"] == 2
+
 @pytest.mark.parametrize("rv,fatal", [("0x30", True), ("0x5", False)])
 def test_a_failed_item_comes_back_as_its_ckr_and_the_rest_untried(demos, shim, rv, fatal):
     """sessions=1, FAIL_AT=3: items 1-2 signed, item 3 is the int CK_RV,
