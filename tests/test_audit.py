@@ -17,6 +17,7 @@ import datetime as dt
 import http.server
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -37,6 +38,7 @@ from ocspmint.config import load_config
 from ocspmint.demo import Demo, build_demo, revoke
 from ocspmint.encoder import UNAUTHORIZED, ResponseTemplate, Times
 from ocspmint.issuer import IssuerIdentity, load_issuers
+from ocspmint.ledger import openssl_hex
 from ocspmint.model import Kind, LedgerEntry, Status, utc_now
 from ocspmint.store import PutItem, object_key
 from ocspmint.verifier import FINDING_CLASSES, Expectation, finding_class, verify_response
@@ -419,3 +421,159 @@ def test_s3_store_audit_and_fix(seaweed, tmp_path: Path, monkeypatch: pytest.Mon
         assert store.get(object_key(ident.id, UNASSIGNED)) is None and store.get(object_key(ident.id, gone)) is not None
     finally:
         store.close()
+
+
+# --- ledger rows in error, sources that disagree -----------------------------
+
+
+def _index_line(demo: Demo, serial: int) -> str:
+    return next(line for line in demo.index.read_text().splitlines() if line.split("\t")[3] == openssl_hex(serial))
+
+
+def _retired_with_a_duplicate(demo: Demo, serial: int) -> None:
+    """``serial``'s certificate file archived (its index line is then an
+    error row) and the line repeated as revoked: the repeat is a ledger
+    error naming the serial (LedgerError.key: "duplicate serial"), so the
+    ledger has no entry for it, only an error that says it is assigned."""
+    line = _index_line(demo, serial).split("\t")
+    line[0], line[2] = "R", f"{utc_now() - dt.timedelta(minutes=1):%y%m%d%H%M%SZ},keyCompromise"
+    archive = demo.root / "archive"
+    archive.mkdir(exist_ok=True)
+    demo.cert_path(serial).rename(archive / demo.cert_path(serial).name)
+    with demo.index.open("a") as fh:
+        fh.write("\t".join(line) + "\n")
+
+
+def test_a_serial_a_ledger_error_names_is_assigned_never_unassigned_nor_deleted(tmp_path: Path) -> None:
+    """BR 4.9.9 / MRSP §5.4: an error row naming a serial says it was
+    issued, in a state the ledger cannot tell; its response is reported
+    (class ledger_error), not called unassigned, and --fix neither deletes
+    nor re-signs it."""
+    demo = build_demo(tmp_path, certs=3, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    serial = demo.serials["good"][0]
+    _retired_with_a_duplicate(demo, serial)
+    served = response_path(demo, serial).read_bytes()
+    key = format(serial, "040x")
+
+    code, report = audit(demo)
+    assert code == 1 and report["ok"] is False and report["ledger_error_count"] >= 1
+    assert classes(report) == {key: "ledger_error"}
+    (finding,) = report["findings"]
+    assert finding["detail"].startswith(f"ledger row in error, state unknown ({demo.index}:")
+    assert f"serves good for serial {key}" in finding["detail"]
+    assert "GOOD for a serial the ledger does not know" not in finding["detail"]
+    assert report["counts"]["store"]["ledger_error"] == {"issuing-ca": 1}
+
+    listed = tmp_path / "serials.txt"  # listed: the ledger does know it
+    listed.write_text(f"{serial:x}\n")
+    code, report = audit(demo, "--serials", str(listed))
+    assert code == 1 and classes(report) == {key: "ledger_error"}
+
+    code, report = audit(demo, "--fix")
+    assert code == 1 and report["ok"] is False
+    assert report["fix"]["deleted"] == 0 and report["fix"]["resigned"] == 0 and report["fix"]["in_error"] == 1
+    assert classes(report["reaudit"]) == {key: "ledger_error"}
+    assert response_path(demo, serial).read_bytes() == served
+
+
+def test_a_duplicate_row_is_a_ledger_error_not_the_first_rows_statement(tmp_path: Path) -> None:
+    """index.txt states a serial twice (good, then revoked): `run` publishes
+    neither; the audit must not judge the served GOOD by the first line."""
+    demo = build_demo(tmp_path, certs=3, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    serial = demo.serials["good"][1]
+    line = _index_line(demo, serial).split("\t")
+    line[0], line[2] = "R", f"{utc_now() - dt.timedelta(minutes=1):%y%m%d%H%M%SZ},keyCompromise"
+    with demo.index.open("a") as fh:
+        fh.write("\t".join(line) + "\n")
+    code, report = audit(demo)
+    assert code == 1 and classes(report) == {format(serial, "040x"): "ledger_error"}
+    assert report["checked"] == {"store": len(unexpired(demo))}
+
+
+def test_fix_keeps_the_responses_of_issued_serials_whose_rows_are_in_error(tmp_path: Path) -> None:
+    """A certificate file archived, and a certificateHold revocation: each
+    index row is in error. Whether the reader names their serials
+    (LedgerError.key: ledger_error) or not (unassigned, with a note), --fix
+    must not delete those responses: the origin would answer unauthorized
+    for issued certificates (BR 4.9.9, MRSP §5.4)."""
+    demo = build_demo(tmp_path, certs=4, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    archived, held = demo.serials["good"][:2]
+    archive = demo.root / "archive"
+    archive.mkdir()
+    demo.cert_path(archived).rename(archive / demo.cert_path(archived).name)
+    revoke(demo, held, "certificateHold")
+    kept = {s: response_path(demo, s).read_bytes() for s in (archived, held)}
+
+    code, report = audit(demo)
+    assert code == 1 and report["ledger_error_count"] == 2
+    got = classes(report)
+    assert set(got) == {format(s, "040x") for s in kept} and set(got.values()) <= {"ledger_error", "unassigned"}
+    for f in report["findings"]:
+        if f["class"] == "unassigned":  # the row names no serial: the audit cannot tell it is this one
+            assert "2 rows in error that name no serial" in f["detail"], f
+
+    code, report = audit(demo, "--fix")
+    assert code == 1 and report["fix"]["deleted"] == 0
+    assert report["fix"]["kept"] + report["fix"]["in_error"] == 2
+    assert {s: response_path(demo, s).read_bytes() for s in kept} == kept
+
+
+def test_fix_keeps_unknown_serials_while_a_ledger_row_in_error_names_none(tmp_path: Path) -> None:
+    """A GOOD object for a serial the ledger does not know is unassigned;
+    but while an index line is in error without naming its serial (here its
+    serial field is mangled) that line may be this serial's: the finding
+    says so and --fix keeps the object."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    line = _index_line(demo, demo.serials["good"][0]).split("\t")
+    line[3] = "not-a-serial"
+    with demo.index.open("a") as fh:
+        fh.write("\t".join(line) + "\n")
+    unknown = response_path(demo, UNASSIGNED)
+    unknown.parent.mkdir(parents=True, exist_ok=True)
+    unknown.write_bytes(response_path(demo, demo.serials["good"][1]).read_bytes())
+    code, report = audit(demo)
+    assert code == 1 and classes(report) == {format(UNASSIGNED, "040x"): "unassigned"}
+    assert report["findings"][0]["detail"].endswith(
+        "the ledger has 1 rows in error that name no serial: it may be one of them (--fix does not delete it)")
+    code, report = audit(demo, "--fix")
+    assert code == 1 and report["fix"]["kept"] == 1 and report["fix"]["deleted"] == 0 and unknown.exists()
+    assert classes(report["reaudit"]) == {format(UNASSIGNED, "040x"): "unassigned"}
+    p = ocspmint(demo, "audit", "--fix", "--quiet")
+    assert p.returncode == 1 and "1 objects of serials the ledger does not know kept" in p.stdout
+
+
+@pytest.mark.parametrize("index_first", [True, False])
+def test_two_sources_stating_a_serial_differently(tmp_path: Path, index_first: bool) -> None:
+    """index.txt says revoked, a certificate folder with a CRL made before
+    that revocation says good: `run` publishes neither statement
+    (pipeline.ledger_entries); the audit must report the serial as a ledger
+    error whatever the order of the sources, never pick one."""
+    demo = build_demo(tmp_path, certs=3, precerts=0, revoke=0)
+    assert run_json(demo)[0] == 0
+    crl = demo.root / "ca" / "old.crl"
+    subprocess.run(["openssl", "ca", "-config", str(demo.openssl_cnf), "-gencrl", "-out", str(crl), "-batch"],
+                   check=True, capture_output=True, cwd=demo.root / "ca")
+    serial = demo.serials["good"][0]
+    revoke(demo, serial, "keyCompromise")
+    head, _, index_source = demo.config.read_text().partition("[[sources]]")
+    index_source = "[[sources]]" + index_source
+    certdir = f'\n[[sources]]\ntype = "certdir"\npath = "ca/newcerts"\ncrls = ["{crl}"]\n'
+    demo.config.write_text(head + (index_source + certdir if index_first else certdir + "\n" + index_source))
+    key = format(serial, "040x")
+
+    code, summary = run_json(demo)  # the pipeline's view, which the audit must share
+    assert code == 1 and [f["serial"] for f in summary["failures"]] == [key]
+
+    code, report = audit(demo)
+    assert code == 1 and report["ok"] is False
+    assert classes(report) == {key: "ledger_error"}
+    assert report["ledger_error_count"] == 1 and "stated differently" in report["ledger_errors"][0]
+    assert report["checked"] == {"store": len(unexpired(demo))}
+
+    code, report = audit(demo, "--fix")
+    assert code == 1 and report["fix"]["resigned"] == 0 and report["fix"]["in_error"] == 1
+    assert classes(report["reaudit"]) == {key: "ledger_error"}

@@ -221,6 +221,7 @@ def test_index_malformed_rows(world: World, tmp_path: Path) -> None:
     lines = index_lines(world)
     good = next(line for line in lines if line.split("\t")[3] == "4000")
     f = good.split("\t")
+    f[3] = "4001"  # a serial no good row has: a bad row naming 4000 would withhold it (next test)
     bad = [
         ("bad expiry date '2X0101000000Z'", "\t".join([f[0], "2X0101000000Z", *f[2:]])),
         ("serial 'zz' is not hexadecimal", "\t".join([*f[:3], "zz", *f[4:]])),
@@ -282,6 +283,76 @@ def test_index_real_hold_and_bad_lines(world: World, tmp_path: Path) -> None:
     (err,) = errors
     assert "holdInstruction" in str(err) and "BR 4.9.13" in str(err) and "index.txt:" in err.source
     assert 0x4000 not in entries and len(entries) == len(SERIALS) - 1
+
+
+def test_index_refused_line_names_its_serial_and_a_later_good_line_does_not_win(world: World, tmp_path: Path) -> None:
+    """Serial 4000 revoked on a line the reader refuses (text after the
+    reason), then stated good on a later line: both lines are errors naming
+    ("ca", 0x4000), so the serial is published from neither (before: the
+    refused line was skipped and the good line served `good`). Ingest
+    (quarantine) takes it from no line either."""
+    lines = index_lines(world)
+    i = next(n for n, line in enumerate(lines) if line.split("\t")[3] == "4000")
+    f = lines[i].split("\t")
+    refused = "\t".join(["R", f[1], "261120000000Z,keyCompromise,20261120000000Z", *f[3:]])
+    path = tmp_path / "index.txt"
+    path.write_text("\n".join([*lines[:i], refused, *lines[i + 1:], lines[i]]) + "\n")
+    entries, errors = split(list(read_source(world.index_source(path), world.issuers)))
+    assert 0x4000 not in entries and len(entries) == len(SERIALS) - 1
+    assert [(e.source, e.key) for e in errors] == [(f"{path}:{i + 1}", ("ca", 0x4000)),
+                                                   (f"{path}:{len(lines) + 1}", ("ca", 0x4000))]
+    assert "unexpected text '20261120000000Z'" in str(errors[0]) and f"(first on line {i + 1})" in str(errors[1])
+    db = str(tmp_path / "ledger.db")
+    report = ingest(db, [world.index_source(path)], world.issuers, "quarantine")
+    assert report.sources[0].written == len(SERIALS) - 1 and len(report.errors) == 2
+    stored, _ = split(list(read_source(Source(type="sqlite", path=db), world.issuers)))
+    assert 0x4000 not in stored
+
+
+def test_ingest_takes_no_line_of_a_serial_stated_twice_differently(world: World, tmp_path: Path) -> None:
+    """index.txt says 4000 good on one line and revoked on a later one: a
+    run publishes neither (LedgerError.key), and ingest (quarantine) must
+    not commit the first line's `good` either (it did)."""
+    lines = index_lines(world)
+    f = next(line for line in lines if line.split("\t")[3] == "4000").split("\t")
+    path = tmp_path / "index.txt"
+    path.write_text("\n".join([*lines, "\t".join(["R", f[1], "261120000000Z,keyCompromise", *f[3:]])]) + "\n")
+    db = str(tmp_path / "ledger.db")
+    report = ingest(db, [world.index_source(path)], world.issuers, "quarantine")
+    assert [str(e) for e in report.errors] == [f"{path}:{len(lines) + 1}: duplicate serial 4000 (first on line "
+                                               f"{[line.split(chr(9))[3] for line in lines].index('4000') + 1})"]
+    stored, _ = split(list(read_source(Source(type="sqlite", path=db), world.issuers)))
+    assert 0x4000 not in stored and len(stored) == len(SERIALS) - 1
+
+
+def test_index_revocation_in_the_future_is_refused(world: World, tmp_path: Path) -> None:
+    """A revocation dated 2049 (a local time written as Z, a typo) is an
+    error row naming the serial, never a response that says so."""
+    lines = index_lines(world)
+    f = lines[0].split("\t")  # serial 01, revoked
+    path = tmp_path / "index.txt"
+    path.write_text("\n".join(["\t".join([f[0], f[1], "491231000000Z,keyCompromise", *f[3:]]), *lines[1:]]) + "\n")
+    entries, errors = split(list(read_source(world.index_source(path), world.issuers)))
+    (err,) = errors
+    assert err.key == ("ca", 1) and 1 not in entries
+    assert "revocation date 2049-12-31T00:00:00Z is in the future" in str(err) and "index.txt:1:" in str(err)
+
+
+def test_index_expired_row_needs_no_certificate_file(world: World, tmp_path: Path) -> None:
+    """CAs prune the files of expired certificates: the expired row (2000)
+    is still an entry (nothing is signed for it), while an unexpired row
+    whose file is gone stays an error. Before, the pruned file stopped
+    the whole run under on_error = "stop"."""
+    certs = tmp_path / "newcerts"
+    shutil.copytree(world.db / "newcerts", certs)
+    (certs / "2000.pem").unlink()
+    (certs / "4000.pem").unlink()
+    src = Source(type="openssl-index", path=str(world.db / "index.txt"), certs_dir=str(certs), issuer="ca")
+    entries, errors = split(list(read_source(src, world.issuers)))
+    expired = entries[0x2000]
+    assert expired.not_after < dt.datetime.now(UTC) and expired.kind is Kind.CERTIFICATE and expired.not_before is None
+    (err,) = errors
+    assert err.key == ("ca", 0x4000) and "4000.pem is missing" in str(err)
 
 
 def test_index_blank_line_inside_and_wrong_issuer(world: World, tmp_path: Path) -> None:
@@ -436,7 +507,8 @@ def test_sqlite_stop_commits_nothing_quarantine_keeps_good(world: World, tmp_pat
     assert list(read_source(Source(type="sqlite", path=db), world.issuers)) == []
     q = ingest(db, sources, world.issuers, "quarantine")
     assert not q.stopped and len(q.errors) == 2  # bad letter + duplicate serial
-    assert q.sources[0].written == len(SERIALS) and q.sources[1].committed
+    # the serials those two lines name (01, 4000) are taken from no line of that file, then from the clean one
+    assert q.sources[0].written == len(SERIALS) - 2 and q.sources[1].committed and q.sources[1].written == len(SERIALS)
     # same data from another file: only the provenance (source column) is rewritten
     stored = list(read_source(Source(type="sqlite", path=db), world.issuers))
     with closing(sqlite3.connect(db)) as conn, conn:
@@ -472,10 +544,14 @@ def test_sqlite_reader_flags_bad_rows(world: World, tmp_path: Path) -> None:
         conn.execute("UPDATE entries SET revoked_at = '2025-01-01 00:00:00' WHERE serial = ?", (serial_hex(1),))
         conn.execute("UPDATE entries SET reason = 6 WHERE serial = ?", (serial_hex(0x1234),))
         conn.execute("UPDATE entries SET serial = 'ab12' WHERE serial = ?", (serial_hex(0xAB12),))
+        conn.execute("UPDATE entries SET revoked_at = '2049-12-31T00:00:00Z' WHERE serial = ?", (serial_hex(0x80FF),))
     items = list(read_source(Source(type="sqlite", path=db), world.issuers))
     entries, errors = split(items)
-    assert len(entries) == len(SERIALS) - 4
+    assert len(entries) == len(SERIALS) - 5
     msgs = {e.source: str(e) for e in errors}
+    assert "revoked_at 2049-12-31T00:00:00Z is in the future" in msgs[f"{db}:ca/{serial_hex(0x80FF)}"]
+    # a row whose serial reads names it (published from no row), the unreadable serial cannot
+    assert {e.key for e in errors} == {("ca", s) for s in (0x4000, 1, 0x1234, 0x80FF)} | {None}
     assert "not_after '2027-01-01T00:00:00+01:00' is not a UTC time" in msgs[f"{db}:ca/{serial_hex(0x4000)}"]
     assert "revoked_at '2025-01-01 00:00:00' is not a UTC time" in msgs[f"{db}:ca/{serial_hex(1)}"]
     assert "certificateHold" in msgs[f"{db}:ca/{serial_hex(0x1234)}"]

@@ -12,6 +12,7 @@ import pytest
 from e2e import gnutls_check, ocspmint, openssl_check, pkilint_findings, response_path, run_json
 from ocspmint.demo import build_demo, issue, revoke
 from ocspmint.issuer import load_certificate
+from ocspmint.model import serial_hex
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
@@ -103,6 +104,33 @@ def test_refresh_point_makes_old_responses_due(tmp_path):
         db.execute("UPDATE published SET this_update = ? WHERE serial IN (SELECT serial FROM published ORDER BY serial LIMIT 2)", (old,))
     code, summary = run_json(demo)
     assert code == 0 and summary["due"] == {"refresh": 2}
+
+
+def test_a_published_revocation_survives_a_ledger_that_says_good_again(tmp_path):
+    """index.txt turns a revoked row back into V (a restored backup, a hand
+    edit): the run fails naming the serial, the revoked response stays, and
+    once its refresh point passes it is re-signed revoked, never good
+    (RFC 5280 §5.3.1, BR 4.9.13). Before, the run published good, exit 0."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=1)
+    assert run_json(demo)[0] == 0
+    (serial, reason), = demo.revoked.items()
+    index = demo.root / "ca" / "index.txt"
+    row = next(line for line in index.read_text().splitlines() if int(line.split("\t")[3], 16) == serial)
+    f = row.split("\t")
+    index.write_text(index.read_text().replace(row, "\t".join(["V", f[1], "", *f[3:]])))
+    before = response_path(demo, serial).read_bytes()
+    for due in ({}, {"refresh": 1}):
+        code, summary = run_json(demo)
+        assert code == 1 and summary["ok"] is False and summary["due"] == due and summary["published"] == len(due)
+        (failure,) = summary["failures"]
+        assert failure["stage"] == "ledger" and int(failure["serial"], 16) == serial
+        assert "published revoked" in failure["message"] and "a revocation is final" in failure["message"]
+        view = openssl_check(demo, response_path(demo, serial), serial)
+        assert view.verified and view.status == "revoked" and view.reason == reason, view.text
+        with sqlite3.connect(demo.root / "state" / "journal.sqlite") as db:  # its refresh point passes
+            db.execute("UPDATE published SET this_update = ? WHERE serial = ?",
+                       (int((dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=4)).timestamp()), serial_hex(serial)))
+    assert response_path(demo, serial).read_bytes() != before  # re-signed, as revoked
 
 
 def test_both_certid_hashes_in_one_response(tmp_path):

@@ -436,6 +436,18 @@ def test_produced_at_in_future(p256: PKI) -> None:
     assert has(f, "times: producedAt") and has(f, "times: thisUpdate")
 
 
+def test_revocation_time_after_produced_at(p256: PKI) -> None:
+    """A ledger revocation in the future (a local time written as Z) agrees
+    with the ledger, and still must not be published (RFC 6960 §4.2.1)."""
+    later = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(hours=3)
+    data = build(p256, status=ocsp.OCSPCertStatus.REVOKED, revoked_at=later, reason=x509.ReasonFlags.key_compromise)
+    produced = ocsp.load_der_ocsp_response(data).produced_at_utc
+    expect = Expectation(entry(Status.REVOKED, later, Reason.keyCompromise), ("sha1",), VALIDITY)
+    assert check(data, p256, expect) == [f"times: revocationTime {later:%Y-%m-%dT%H:%M:%SZ} is after producedAt "
+                                         f"{produced:%Y-%m-%dT%H:%M:%SZ}; a revocation cannot lie in the future "
+                                         "(RFC 6960 §4.2.1)"]
+
+
 def test_next_update_past_signer_not_after(tmp_path: Path) -> None:
     p = make_pki(tmp_path, "ec-p256", delegated=True, responder_days=2)
     f = check(build(p), p)

@@ -4,9 +4,14 @@ Each selected, unexpired ledger entry is fetched from every source (the
 store, and/or OCSP GET requests to an origin or CDN) and given exactly one
 class (``audit_check``); the store is walked for objects of serials the
 ledger does not know (``unassigned``) or whose certificate expired
-(``expired_served``). ``--fix`` re-signs every finding of a ledger serial
-through the pipeline (forced, purged), deletes objects that must not be
-served, and audits those serials again. docs/audit.md is the guide.
+(``expired_served``). A serial a ledger error names (``LedgerError.key``: a
+duplicate row, two sources stating it differently as
+``pipeline.ledger_entries`` finds them) is assigned in a state the ledger
+does not tell: ``ledger_error``, whatever is served. ``--fix`` re-signs every
+finding of a ledger serial through the pipeline (forced, purged), deletes
+objects that must not be served, and audits those serials again; it never
+touches a serial in error, nor deletes an object of an unknown serial while
+some ledger row in error names no serial. docs/audit.md is the guide.
 
 Memory is flat in the ledger's size: the selected ledger is streamed
 (``ledger.read_source``) into a temporary SQLite file in ``state_dir``
@@ -28,7 +33,8 @@ from typing import TextIO
 
 import msgspec
 
-from ocspmint.audit_check import CLASSES, HttpSource, Job, Source, StoreSource, Verdict, WorkDB, classify, probe
+from ocspmint.audit_check import (CLASSES, HttpSource, Job, Source, StoreSource, Verdict, WorkDB, classify, in_error,
+                                  probe)
 from ocspmint.config import Config
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.ledger import read_source
@@ -82,6 +88,7 @@ class Audit:
         self.config, self.issuers, self.selected, self.sources = config, issuers, selected, sources
         self.select, self.serials, self.concurrency, self.show_progress = select, serials, concurrency, show_progress
         self.store = next((s for s in sources if isinstance(s, StoreSource)), None)
+        self.unnamed = 0  # ledger errors naming no serial (set by first_pass)
 
     def close(self) -> None:
         if self.store is not None:
@@ -92,32 +99,69 @@ class Audit:
                 and (self.serials is None or e.serial in self.serials))
 
     def _load(self, db: WorkDB, report: Report) -> list[int]:
-        """Stream the selected ledger into ``db``; the listed serials it lacks."""
+        """Stream the selected ledger into ``db``; the listed serials it
+        lacks. With several sources, a serial stated again is compared with
+        its first statement (``pipeline.stated_differently``), so entries
+        outside the selection are kept too (not listed): a serial stated
+        differently is a ledger error naming it, as in ``ocspmint run``."""
+        from ocspmint.pipeline import stated_differently
+
+        several = len(self.config.sources) > 1
         found: set[int] = set()
-        batch: list[LedgerEntry] = []
+        batch: dict[tuple[str, int], tuple[LedgerEntry, bool]] = {}  # not yet in db
+        self.unnamed = 0
         for source in self.config.sources:
             if source.issuer and source.issuer not in self.selected:
                 continue
             try:
                 for item in read_source(source, self.issuers):
                     if isinstance(item, LedgerEntry) and item.issuer not in self.issuers:
-                        item = LedgerError(item.source, f"issuer {item.issuer!r} is not configured")
+                        item = LedgerError(item.source, f"issuer {item.issuer!r} is not configured",
+                                           (item.issuer, item.serial))  # hides no serial of a configured issuer
+                    if isinstance(item, LedgerEntry):
+                        if item.issuer not in self.selected:
+                            continue
+                        key = (item.issuer, item.serial)
+                        if several:
+                            first = batch[key][0] if key in batch else db.first(*key)
+                            if first is not None:
+                                if (differs := stated_differently(first, item)) is None:
+                                    continue  # stated alike: once
+                                item = differs
                     if isinstance(item, LedgerError):
-                        report.ledger_error_count += 1
-                        if len(report.ledger_errors) < TEXT_FINDINGS:
-                            report.ledger_errors.append(str(item))
-                    elif self._matches(item):
-                        batch.append(item)
-                        if self.serials is not None:
+                        self._ledger_error(db, report, item)
+                        continue
+                    listed = self._matches(item)
+                    if listed or several:
+                        batch.setdefault(key, (item, listed))
+                        if listed and self.serials is not None:
                             found.add(item.serial)
                         if len(batch) >= BATCH:
-                            db.add_entries(batch)
+                            db.add_entries(batch.values(), several)
                             batch.clear()
             except LedgerError as e:
                 raise AuditError(f"ledger source unusable: {e}") from None
-        db.add_entries(batch)
+        db.add_entries(batch.values(), several)
         db.db.commit()
         return sorted(self.serials - found) if self.serials is not None else []
+
+    def _ledger_error(self, db: WorkDB, report: Report, error: LedgerError) -> None:
+        """Report a ledger row in error; record the serial it names, if any
+        (``error.key``): that serial is assigned, in a state unknown."""
+        report.ledger_error_count += 1
+        if len(report.ledger_errors) < TEXT_FINDINGS:
+            report.ledger_errors.append(str(error))
+        if error.key is None:
+            self.unnamed += 1
+        elif error.key[0] in self.selected:
+            db.add_error(error.key[0], error.key[1], str(error))
+
+    def _unnamed_note(self) -> str:
+        """The detail's end for a serial the ledger does not know."""
+        if not self.unnamed:
+            return ""
+        return (f"the ledger has {self.unnamed} rows in error that name no serial: it may be one of them "
+                "(--fix does not delete it)")
 
     def first_pass(self, db: WorkDB) -> Report:
         """Audit the selection; findings go to ``db`` as pass 1."""
@@ -130,6 +174,14 @@ class Audit:
         every = tuple(self.sources)
         idents = [self.issuers[n] for n in sorted(self.selected)]
 
+        note = self._unnamed_note()
+
+        def in_error() -> Iterator[tuple[str, int, str]]:
+            """The serials ledger errors name, in the selection."""
+            for issuer, serial, error, has_entry in db.errors():
+                if (self.serials is None or serial in self.serials) and (self.select is None or has_entry):
+                    yield issuer, serial, error
+
         def jobs() -> Iterator[Job]:
             for e in db.entries():
                 ident = self.issuers[e.issuer]
@@ -137,18 +189,25 @@ class Audit:
                 if not expired or expired_in:
                     yield Job("expired" if expired else "assigned", e.issuer, ident, e.serial,
                               object_key(ident.id, e.serial), e, expired_in if expired else every)
+            for issuer, serial, error in in_error():
+                ident = self.issuers[issuer]
+                yield Job("ledger_error", issuer, ident, serial, object_key(ident.id, serial), None, every, error)
             for serial in unlisted:
                 for ident in idents:
-                    yield Job("unlisted", ident.name, ident, serial, object_key(ident.id, serial), None, every)
+                    if db.error(ident.name, serial) is None:  # else a ledger_error job above
+                        yield Job("unlisted", ident.name, ident, serial, object_key(ident.id, serial), None, every,
+                                  note)
             if walk:
-                yield from self._walk(db, now)
+                yield from self._walk(db, now, note)
 
-        total = (db.count() if expired_in else db.count(now)) + len(unlisted) * len(idents)
+        total = ((db.count() if expired_in else db.count(now)) + sum(1 for _ in in_error())
+                 + len(unlisted) * len(idents))
         self._run(1, jobs(), total, db, report, now)
         return report
 
-    def _walk(self, db: WorkDB, now: dt.datetime) -> Iterator[Job]:
-        """Store keys the ledger does not know, or of expired entries."""
+    def _walk(self, db: WorkDB, now: dt.datetime, note: str) -> Iterator[Job]:
+        """Store keys the ledger does not know, or of expired entries (not
+        of serials in error: those have jobs of their own)."""
         assert self.store is not None
         by_id = {i.id: i for i in self.issuers.values()}
         narrowed = len(self.selected) < len(self.issuers)
@@ -163,14 +222,18 @@ class Audit:
             if ident is None or serial is None or object_key(issuer_id, serial) != key:
                 yield Job("stray", "", None, None, key, None, only)
                 continue
+            if db.error(ident.name, serial) is not None:
+                continue
             entry = db.entry(ident.name, serial)
             if entry is None or entry.not_after <= now:
-                yield Job("stray" if entry is None else "expired", ident.name, ident, serial, key, entry, only)
+                yield Job("stray" if entry is None else "expired", ident.name, ident, serial, key, entry, only,
+                          note if entry is None else "")
 
     def recheck(self, db: WorkDB) -> Report:
         """Audit again every serial and key with a pass-1 finding (pass 2)."""
         report = self._report()
         now = utc_now()
+        note = self._unnamed_note()
 
         def jobs() -> Iterator[Job]:
             for issuer, serial_text, key in db.targets(1):
@@ -180,9 +243,12 @@ class Audit:
                         yield Job("stray", "", None, None, key, None, (self.store,))
                     continue
                 serial = int(serial_text, 16)
+                if (error := db.error(issuer, serial)) is not None:
+                    yield Job("ledger_error", issuer, ident, serial, key, None, tuple(self.sources), error)
+                    continue
                 entry = db.entry(issuer, serial)
                 kind = "unlisted" if entry is None else "expired" if entry.not_after <= now else "assigned"
-                yield Job(kind, issuer, ident, serial, key, entry, tuple(self.sources))
+                yield Job(kind, issuer, ident, serial, key, entry, tuple(self.sources), note if entry is None else "")
 
         self._run(2, jobs(), db.target_count(1), db, report, now)
         return report
@@ -217,8 +283,10 @@ class Audit:
                     if job.kind == "assigned":
                         assert job.ident is not None and job.entry is not None
                         v = classify(got, job.ident, job.entry, settings, now)
+                    elif job.kind == "ledger_error":
+                        v = in_error(got, job.note)
                     else:
-                        v = probe(got, "expired_served" if job.kind == "expired" else "unassigned")
+                        v = probe(got, "expired_served" if job.kind == "expired" else "unassigned", job.note)
                     _record(report, db, pass_, job, source.name, v)
                 done += 1
 
@@ -237,9 +305,10 @@ class Audit:
 
 
 def _record(report: Report, db: WorkDB, pass_: int, job: Job, source: str, v: Verdict) -> None:
-    tally = report.checked if job.kind == "assigned" else report.probed
+    ledger_serial = job.kind in ("assigned", "ledger_error")
+    tally = report.checked if ledger_serial else report.probed
     tally[source] = tally.get(source, 0) + 1
-    if job.kind == "assigned" or v.cls != "ok":
+    if ledger_serial or v.cls != "ok":
         per = report.counts.setdefault(source, {}).setdefault(v.cls, {})
         per[job.issuer] = per.get(job.issuer, 0) + 1
     if v.cls != "ok":
@@ -252,11 +321,17 @@ class FixResult(msgspec.Struct):
     pipeline (forced re-sign, publish, CDN purge; ``run`` its summary),
     ``deleted`` store objects of serials that must not be served,
     ``left`` findings it cannot act on (store keys naming no configured
-    issuer), ``errors`` deletions that failed."""
+    issuer), ``in_error`` findings of serials whose ledger row is in error
+    (assigned, state unknown: neither re-signed nor deleted), ``kept``
+    objects of serials the ledger does not know, not deleted because
+    ledger rows in error name no serial (one may be theirs), ``errors``
+    deletions that failed."""
 
     resigned: int = 0
     deleted: int = 0
     left: int = 0
+    in_error: int = 0
+    kept: int = 0
     errors: list[str] = []
     run: Summary | None = None
 
@@ -265,8 +340,12 @@ def fix(audit: Audit, db: WorkDB) -> FixResult:
     """Remedy every pass-1 finding: an unexpired ledger serial is re-signed
     and republished through ``pipeline.run`` (forced, purged); the object of
     an expired or unknown serial is deleted from the config's store (the
-    origin then answers unauthorized). The finding serials are held in
-    memory (the pipeline holds its due list too)."""
+    origin then answers unauthorized). A serial a ledger error names is
+    left as it is (its state is unknown; the pipeline would not publish
+    it either), and so is the object of an unknown serial while ledger rows
+    in error name no serial: it may be an issued certificate's (MRSP §5.4).
+    The finding serials are held in memory (the pipeline holds its due
+    list too)."""
     from ocspmint.pipeline import Force, run
 
     result = FixResult()
@@ -278,9 +357,14 @@ def fix(audit: Audit, db: WorkDB) -> FixResult:
             result.left += 1
             continue
         serial = int(serial_text, 16)
+        if db.error(issuer, serial) is not None:
+            result.in_error += 1
+            continue
         entry = db.entry(issuer, serial)
         if entry is not None and entry.not_after > now:
             resign.add((issuer, serial))
+        elif entry is None and audit.unnamed:
+            result.kept += 1
         else:
             deletes.append(key)
     store = audit.store.store if audit.store else open_store(audit.config.store.url, audit.config.store)
@@ -422,6 +506,11 @@ def _write_fixed(out: TextIO, as_json: bool, report: Report, result: FixResult, 
     write_text(out, report, db, 1)
     out.write(f"fix: {result.resigned} serials re-signed and republished, {result.deleted} objects deleted, "
               f"{result.left} findings left alone (keys of no configured issuer)\n")
+    if result.in_error:
+        out.write(f"  {result.in_error} findings of serials whose ledger row is in error left alone (state unknown)\n")
+    if result.kept:
+        out.write(f"  {result.kept} objects of serials the ledger does not know kept: ledger rows in error name "
+                  "no serial, one may be theirs\n")
     for e in result.errors:
         out.write(f"  DELETE FAILED {e}\n")
     if result.run is not None and not result.run.ok:

@@ -9,7 +9,10 @@ ledger entry with the verifier (``verify_response``, ``finding_class``)
 plus what only an audit can see: the BR 4.9.9 refresh point (``stale``),
 Microsoft's 7-day cap and, over HTTP, the RFC 5019 §6 headers. ``probe``
 judges a serial that must not be served: unknown to the ledger, or expired.
-When several classes apply, the first in ``CLASSES`` wins.
+``in_error`` reports what is served for a serial whose ledger row is in
+error (a ``LedgerError`` naming it, two sources stating it differently):
+assigned, in a state the ledger does not tell. When several classes apply,
+the first in ``CLASSES`` wins.
 
 ``Job`` is one serial (or store key) to check; ``WorkDB`` the audit's
 temporary SQLite file holding the selected ledger and the findings, so
@@ -23,7 +26,7 @@ import datetime as dt
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,9 +45,11 @@ from ocspmint.verifier import Expectation, describe, finding_class, verify_respo
 # Most severe first: a response that cannot be read, or that is not what
 # the configured signer said about this certificate, tells nothing reliable
 # about status or times, so those classes hide the later ones.
-CLASSES = ("unassigned", "missing", "http_error", "time_format", "malformed", "unauthorized", "wrong_signer",
-           "bad_signature", "wrong_serial", "wrong_status", "unknown", "expired", "validity_too_long", "stale",
-           "expired_served", "ok")
+# A serial a ledger error names (``ledger_error``) was assigned in a state the
+# ledger does not tell: nothing served for it can be judged.
+CLASSES = ("unassigned", "ledger_error", "missing", "http_error", "time_format", "malformed", "unauthorized",
+           "wrong_signer", "bad_signature", "wrong_serial", "wrong_status", "unknown", "expired", "validity_too_long",
+           "stale", "expired_served", "ok")
 RANK = {c: n for n, c in enumerate(CLASSES)}
 # Microsoft's root program caps the inclusive interval at 7 days, stricter
 # than BR 4.9.9's 10 days; the stricter rule wins (docs/ocsp-rules.md).
@@ -119,13 +124,19 @@ def classify(got: Fetched, ident: IssuerIdentity, entry: LedgerEntry, settings: 
     return _pick(found)
 
 
-def probe(got: Fetched, cls: str) -> Verdict:
+def probe(got: Fetched, cls: str, note: str = "") -> Verdict:
     """Class of what a source serves for a serial that must not be served:
     ``cls`` is ``unassigned`` (not in the ledger; BR 4.9.9 never ``good``)
     or ``expired_served`` (its certificate expired). ``ok`` when nothing is
     served: no object in the store, or the 5-byte ``unauthorized`` over
     HTTP. Over HTTP a 404 is ``missing`` and any other non-OCSP answer
-    ``malformed`` or ``http_error`` (RFC 5019 §2.2.3: answer unauthorized)."""
+    ``malformed`` or ``http_error`` (RFC 5019 §2.2.3: answer unauthorized).
+    ``note`` ends the detail of a finding."""
+    v = _probe(got, cls)
+    return v if v.cls == "ok" or not note else Verdict(v.cls, f"{v.detail}; {note}"[:DETAIL_MAX])
+
+
+def _probe(got: Fetched, cls: str) -> Verdict:
     if got.error:
         return Verdict("http_error", got.error)
     if got.body is None:
@@ -139,11 +150,32 @@ def probe(got: Fetched, cls: str) -> Verdict:
                        f"{len(got.body)} bytes ({status}) where unauthorized is due (RFC 5019 §2.2.3)")
     if status != "successful":
         return Verdict(cls, f"a {len(got.body)}-byte object ({status}) is stored")
-    said = sorted({f"{r['status']} for serial {r['serial']}" for r in d["responses"]})
-    detail = f"serves {', '.join(said)}"
+    detail = f"serves {_said(d)}"
     if cls == "unassigned" and any(r["status"] == "good" for r in d["responses"]):
         detail = f"GOOD for a serial the ledger does not know (BR 4.9.9 forbids it): {detail}"
     return Verdict(cls, detail)
+
+
+def _said(d: dict) -> str:
+    return ", ".join(sorted({f"{r['status']} for serial {r['serial']}" for r in d["responses"]}))
+
+
+def in_error(got: Fetched, error: str) -> Verdict:
+    """Class of what a source serves for a serial whose ledger row is in
+    error (``error``: the ledger error naming it, "file:line: why"): the
+    serial was assigned (never ``unassigned``: BR 4.9.9, MRSP §5.4), but
+    what should be served is unknown, so nothing served, or not served,
+    can be judged right: always ``ledger_error``, whatever is served
+    (named in the detail). ``--fix`` neither re-signs nor deletes it."""
+    if got.error:
+        served = got.error
+    elif got.body is None:
+        served = "HTTP 404" if got.headers is not None else "no object in the store"
+    else:
+        d = describe(got.body)
+        status = d["responseStatus"]
+        served = f"serves {_said(d)}" if status == "successful" else f"{len(got.body)} bytes ({status})"
+    return Verdict("ledger_error", f"ledger row in error, state unknown ({error}); {served}"[:DETAIL_MAX])
 
 
 class StoreSource:
@@ -201,17 +233,23 @@ class HttpSource:
 Source = StoreSource | HttpSource
 _SCHEMA = """
 CREATE TABLE ledger (issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after INTEGER NOT NULL,
-  status TEXT NOT NULL, revoked_at INTEGER, reason INTEGER, PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+  status TEXT NOT NULL, revoked_at INTEGER, reason INTEGER, source TEXT NOT NULL, listed INTEGER NOT NULL,
+  PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+CREATE TABLE errors (issuer TEXT NOT NULL, serial TEXT NOT NULL, error TEXT NOT NULL,
+  PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
 CREATE TABLE findings (pass INTEGER NOT NULL, rank INTEGER NOT NULL, issuer TEXT NOT NULL, serial TEXT NOT NULL,
   key TEXT NOT NULL, source TEXT NOT NULL, class TEXT NOT NULL, detail TEXT NOT NULL);
 """
+_NO_ERROR = "NOT EXISTS (SELECT 1 FROM errors e WHERE e.issuer = ledger.issuer AND e.serial = ledger.serial)"
 
 
 class Job(NamedTuple):
     """One serial (or stray store key) to check in ``sources``. ``kind``:
     assigned (unexpired ledger entry), expired, unlisted (a listed or
     re-checked serial the ledger does not know), stray (a store key the
-    ledger does not know)."""
+    ledger does not know), ledger_error (a serial a ledger error names).
+    ``note``: the ledger error of a ledger_error job; for the others, what
+    a finding's detail ends with."""
 
     kind: str
     issuer: str
@@ -220,6 +258,7 @@ class Job(NamedTuple):
     key: str
     entry: LedgerEntry | None
     sources: tuple[Source, ...]
+    note: str = ""
 
 
 def _ts(t: dt.datetime | None) -> int | None:
@@ -234,7 +273,10 @@ class WorkDB:
     """The temporary SQLite file ``<folder>/audit-<pid>-*.sqlite``, deleted
     on close (and, when a killed audit left it, by the next audit): table
     ``ledger`` (the selected entries, serial as 40 hex digits, times as
-    Unix seconds) and ``findings`` (per pass). No journal, no fsync."""
+    Unix seconds; with several ledger sources also the entries outside the
+    selection, ``listed`` 0, to compare what the next source states),
+    ``errors`` (the serials ledger errors name, with the first error) and
+    ``findings`` (per pass). No journal, no fsync."""
 
     def __init__(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -253,28 +295,58 @@ class WorkDB:
         self.db.close()
         os.unlink(self.path)
 
-    def add_entries(self, entries: list[LedgerEntry]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO ledger VALUES (?,?,?,?,?,?,?)", [
+    def add_entries(self, entries: Iterable[tuple[LedgerEntry, bool]], sources: bool = False) -> None:
+        """(entry, listed) pairs; a serial already held keeps its first
+        entry. ``sources``: keep each entry's source (``first``)."""
+        self.db.executemany("INSERT OR IGNORE INTO ledger VALUES (?,?,?,?,?,?,?,?,?)", [
             (e.issuer, serial_hex(e.serial), e.kind.value, _ts(e.not_after), e.status.value, _ts(e.revoked_at),
-             None if e.reason is None else int(e.reason)) for e in entries])
+             None if e.reason is None else int(e.reason), e.source if sources else "", int(listed))
+            for e, listed in entries])
 
     def count(self, unexpired_at: dt.datetime | None = None) -> int:
-        where, args = ("WHERE not_after > ?", (_ts(unexpired_at),)) if unexpired_at else ("", ())
-        return self.db.execute(f"SELECT count(*) FROM ledger {where}", args).fetchone()[0]
+        """Selected entries not in error (unexpired at ``unexpired_at``)."""
+        where, args = ("AND not_after > ?", (_ts(unexpired_at),)) if unexpired_at else ("", ())
+        return self.db.execute(f"SELECT count(*) FROM ledger WHERE listed AND {_NO_ERROR} {where}", args).fetchone()[0]
 
     def entries(self) -> Iterator[LedgerEntry]:
-        for row in self.db.execute("SELECT * FROM ledger ORDER BY issuer, serial"):
+        """The selected entries whose serial no ledger error names."""
+        for row in self.db.execute(f"SELECT * FROM ledger WHERE listed AND {_NO_ERROR} ORDER BY issuer, serial"):
             yield self._entry(row)
 
     def entry(self, issuer: str, serial: int) -> LedgerEntry | None:
+        """The selected entry of (issuer, serial) (see ``error`` too)."""
+        row = self.db.execute("SELECT * FROM ledger WHERE issuer = ? AND serial = ? AND listed",
+                              (issuer, serial_hex(serial))).fetchone()
+        return None if row is None else self._entry(row)
+
+    def first(self, issuer: str, serial: int) -> LedgerEntry | None:
+        """The entry of (issuer, serial) first read, selected or not."""
         row = self.db.execute("SELECT * FROM ledger WHERE issuer = ? AND serial = ?", (issuer, serial_hex(serial))).fetchone()
         return None if row is None else self._entry(row)
 
     @staticmethod
     def _entry(row: tuple) -> LedgerEntry:
-        issuer, serial, kind, not_after, status, revoked_at, reason = row
+        issuer, serial, kind, not_after, status, revoked_at, reason, source, _ = row
         return LedgerEntry(issuer, int(serial, 16), Kind(kind), _dt(not_after), Status(status), _dt(revoked_at),
-                           None if reason is None else Reason(reason))
+                           None if reason is None else Reason(reason), source)
+
+    def add_error(self, issuer: str, serial: int, error: str) -> None:
+        """A ledger error naming (issuer, serial); the first one is kept."""
+        self.db.execute("INSERT OR IGNORE INTO errors VALUES (?,?,?)", (issuer, serial_hex(serial), error))
+
+    def error(self, issuer: str, serial: int) -> str | None:
+        """The first ledger error naming (issuer, serial), None if none."""
+        row = self.db.execute("SELECT error FROM errors WHERE issuer = ? AND serial = ?",
+                              (issuer, serial_hex(serial))).fetchone()
+        return None if row is None else row[0]
+
+    def errors(self) -> Iterator[tuple[str, int, str, bool]]:
+        """(issuer, serial, error, whether a selected entry has that serial)
+        of every serial a ledger error names."""
+        for issuer, serial, error, listed in self.db.execute(
+                "SELECT issuer, serial, error, EXISTS (SELECT 1 FROM ledger l WHERE l.issuer = e.issuer "
+                "AND l.serial = e.serial AND l.listed) FROM errors e ORDER BY issuer, serial"):
+            yield issuer, int(serial, 16), error, bool(listed)
 
     def add_finding(self, pass_: int, job: Job, source: str, v: Verdict) -> None:
         serial = "" if job.serial is None else serial_hex(job.serial)

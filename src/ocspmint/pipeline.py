@@ -21,7 +21,7 @@ from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger import read_source
-from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
+from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
@@ -31,7 +31,8 @@ from ocspmint.store import open_store
 
 Select = Callable[[LedgerEntry], bool]
 PLAN_CACHE_KIB = 8 * 1024  # the full pass's journal connection: reads only
-__all__ = ["Force", "LedgerStop", "Plan", "Planned", "checked_entries", "ledger_entries", "make_planner", "run"]
+__all__ = ["Force", "LedgerStop", "Plan", "Planned", "checked_entries", "ledger_entries", "make_planner",
+           "report_unrevoked", "run", "stated_differently"]
 
 
 class LedgerStop(Exception):
@@ -62,6 +63,18 @@ def _statement(e: LedgerEntry) -> tuple[object, ...]:
     return e.status, e.revoked_at, e.reason
 
 
+def stated_differently(first: LedgerEntry, entry: LedgerEntry) -> LedgerError | None:
+    """``entry`` and ``first``, the same (issuer, serial) read before from
+    another source: None when they state it alike, else the ledger error
+    naming the serial (``key``), which must then not be published at all.
+    Shared by ``ledger_entries`` and the audit."""
+    if _statement(first) == _statement(entry):
+        return None
+    return LedgerError(entry.source, f"serial stated differently: {first.status.value} by {first.source}, "
+                                     f"{entry.status.value} by {entry.source}; neither is published",
+                       (entry.issuer, entry.serial))
+
+
 def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: Summary,
                    conflicts: set[tuple[str, int]] | None = None) -> Iterator[LedgerEntry]:
     """Every good entry of every source (see ``checked_entries``), each
@@ -81,11 +94,9 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
                 first = seen.setdefault(key, entry)
                 if first is entry:
                     yield entry
-                elif _statement(first) != _statement(entry):
-                    summary.failures.append(Failure(
-                        "ledger", f"serial stated differently: {first.status.value} by {first.source}, "
-                                  f"{entry.status.value} by {entry.source}; neither is published",
-                        entry.issuer, serial_hex(entry.serial), entry.source))
+                elif (differs := stated_differently(first, entry)) is not None:
+                    summary.failures.append(Failure("ledger", differs.message, entry.issuer, serial_hex(entry.serial),
+                                                    entry.source))
                     if conflicts is not None:
                         conflicts.add(key)
                     if config.on_error == "stop":
@@ -93,6 +104,20 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
         except LedgerError as e:
             summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None
+
+
+def report_unrevoked(planner: Planner, summary: Summary) -> None:
+    """A ledger failure for each entry that said good for a serial published
+    revoked (``Planner.unrevoked``): the revocation stands and is refreshed,
+    and the run must not end ok while the ledger contradicts it."""
+    for entry, rec in planner.unrevoked:
+        revoked = "no time" if rec.revoked_at is None else f"{rec.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
+        reason = "" if rec.reason is None else f", {Reason(rec.reason).name}"
+        summary.failures.append(Failure(
+            "ledger", f"the ledger says good, but this serial was published revoked ({revoked}{reason}); a "
+                      "revocation is final (RFC 5280 §5.3.1, BR 4.9.13): the revoked response stands and is "
+                      "refreshed; correct the ledger", entry.issuer, serial_hex(entry.serial), entry.source))
+    planner.unrevoked.clear()
 
 
 def make_planner(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, force: Force | None = None) -> Planner:
@@ -217,6 +242,8 @@ class Plan:
         except LedgerError as e:  # the database as a whole is unusable
             self.summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None
+        finally:
+            report_unrevoked(self.planner, self.summary)
         for entry in mark.routine(self.issuers, self.planner.now, changed):
             self.planner.counts["refresh"] += 1
             self.spool.add((entry, "refresh"))
@@ -248,6 +275,7 @@ class Plan:
                     planner.complete_records()
                 finally:
                     planner.journal = main
+                    report_unrevoked(planner, self.summary)
         except BaseException as e:  # LedgerStop, or a journal error: the signing side raises it
             self.spool.fail(e)
             return

@@ -6,6 +6,11 @@ ledger's status, revocation time or reason differs from what was published
 is past the refresh point thisUpdate + refresh_after (``refresh``,
 BR 4.9.9). Entries whose notAfter has passed are not re-signed.
 
+A revocation is final (RFC 5280 §5.3.1, BR 4.9.13): a ledger entry that
+says good for a serial the journal shows published revoked is judged as
+the published revocation (so it is still refreshed) and kept in
+``Planner.unrevoked`` for the caller to report as a ledger failure.
+
 A ``Force`` (`ocspmint reissue`, `audit --fix`) makes every entry due
 (``forced``) unless the journal shows it signed by that force (same
 ``why``, producedAt at or after its start), so an interrupted reissue
@@ -24,6 +29,7 @@ from collections.abc import Container, Iterable, Iterator
 from typing import IO
 
 import msgspec
+from msgspec.structs import replace
 
 from ocspmint.journal import Journal, Record
 from ocspmint.model import Kind, LedgerEntry, Reason, Status
@@ -100,29 +106,31 @@ class Planner:
         # up-to-date entries whose journal record predates kind/not_after/refresh_at
         self.incomplete: list[tuple[LedgerEntry, Record]] = []
         self.force = force
+        # ledger entries saying good for a serial published revoked: (entry, its record)
+        self.unrevoked: list[tuple[LedgerEntry, Record]] = []
 
-    def reason(self, entry: LedgerEntry) -> str | None:
-        """Why ``entry`` is due ("new", "changed", "signer", "forced",
-        "refresh"), "expired", or None."""
-        if entry.not_after <= self.now:
-            return "expired"
-        return self._decide(entry, self.journal.get(entry.issuer, entry.serial))
-
-    def _decide(self, entry: LedgerEntry, rec: Record | None) -> str | None:
-        """``reason`` of an unexpired entry given its journal record."""
+    def _decide(self, entry: LedgerEntry, rec: Record | None) -> tuple[LedgerEntry, str | None]:
+        """(the entry to sign, why it is due: "new", "changed", "signer",
+        "forced", "refresh" or None) for an unexpired ledger entry given its
+        journal record; the entry to sign is the published revocation when
+        the ledger tries to undo it (``unrevoked``)."""
         if rec is None:
-            return "new"
+            return entry, "new"
+        if rec.status == Status.REVOKED.value and entry.status is Status.GOOD:
+            self.unrevoked.append((entry, rec))
+            entry = replace(entry, status=Status.REVOKED, revoked_at=rec.revoked_at,
+                            reason=None if rec.reason is None else Reason(rec.reason))
         if not rec.matches(entry):
-            return "changed"
+            return entry, "changed"
         if rec.signer != self.signer_ids[entry.issuer]:
-            return "signer"
+            return entry, "signer"
         if self.force is not None and not self._forced_done(rec):
-            return "forced"
+            return entry, "forced"
         if self.now >= refresh_point(rec.this_update, rec.next_update, self.refresh_after):
-            return "refresh"
+            return entry, "refresh"
         if rec.not_after is None:
             self.incomplete.append((entry, rec))
-        return None
+        return entry, None
 
     def complete_records(self) -> None:
         """Fill kind, not_after and refresh_at of the ``incomplete`` records
@@ -137,11 +145,15 @@ class Planner:
         assert self.force is not None
         return rec.why == self.force.why and rec.produced_at is not None and rec.produced_at >= self.force.since
 
-    def judge(self, entry: LedgerEntry) -> str | None:
-        """``reason(entry)`` counted in ``counts``; None unless it is due now."""
-        why = self.reason(entry)
+    def judge(self, entry: LedgerEntry) -> tuple[LedgerEntry, str] | None:
+        """(the entry to sign, why) when ``entry`` is due now, else None;
+        judged like ``due``, counted in ``counts``."""
+        if entry.not_after <= self.now:
+            self.counts["expired"] += 1
+            return None
+        entry, why = self._decide(entry, self.journal.get(entry.issuer, entry.serial))
         self.counts[why or "up_to_date"] += 1
-        return None if why == "expired" else why
+        return None if why is None else (entry, why)
 
     def due(self, entries: Iterable[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
         """(entry, why) for every due entry, judged like ``judge``; the
@@ -161,8 +173,8 @@ class Planner:
 
     def _judge_group(self, group: list[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
         records = self.journal.get_many(group[0].issuer, [e.serial for e in group])
-        for entry in group:
-            why = self._decide(entry, records.get(entry.serial))
+        for ledger_entry in group:
+            entry, why = self._decide(ledger_entry, records.get(ledger_entry.serial))
             self.counts[why or "up_to_date"] += 1
             if why:
                 yield entry, why

@@ -45,7 +45,7 @@ from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.pkcs11uri import UriError
 from ocspmint.model import LedgerEntry, LedgerError, utc_now
-from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_planner
+from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_planner, report_unrevoked
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
 from ocspmint.report import Failure, Summary
@@ -134,6 +134,7 @@ class Session:
             except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
                 pass
             planner.complete_records()
+            report_unrevoked(planner, summary)
             spool.finish()
             self._sign(spool.entries(), summary, planner.counts)
         return summary
@@ -159,15 +160,16 @@ class Session:
         summary = Summary(started=utc_now())
         planner = make_planner(self.config, self.issuers, self.journal)
         retrying = self.retry if time.monotonic() >= self.retry_at else []
-        urgent = [(e, why) for e in retrying if (why := planner.judge(e))]
+        urgent = [planned for e in retrying if (planned := planner.judge(e))]
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers, self._changes(tail), summary):
-                    if why := planner.judge(entry):
-                        urgent.append((entry, why))
+                    if planned := planner.judge(entry):
+                        urgent.append(planned)
                         self.seen.setdefault((entry.issuer, entry.serial), self._seen_at)
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
+        report_unrevoked(planner, summary)
         keys = {(e.issuer, e.serial) for e, _ in urgent}
         scheduled = [(e, "refresh") for e in self._routine(summary.started) if (e.issuer, e.serial) not in keys]
         if scheduled:

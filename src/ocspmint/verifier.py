@@ -355,6 +355,9 @@ def _check_times(
         out.append(f"times: thisUpdate {_t(this)} is in the future")
     if produced_at > now + CLOCK_SKEW:
         out.append(f"times: producedAt {_t(produced_at)} is in the future")
+    if s.revoked_at is not None and s.revoked_at > produced_at:  # a local time written as UTC, say
+        out.append(f"times: revocationTime {_t(s.revoked_at)} is after producedAt {_t(produced_at)}; "
+                   "a revocation cannot lie in the future (RFC 6960 §4.2.1)")
     not_before = signer.cert.not_valid_before_utc
     if this < not_before:
         out.append(f"times: thisUpdate {_t(this)} is before the signer's notBefore {_t(not_before)}")

@@ -26,7 +26,9 @@ SubjectKeyIdentifier; a P-256 signature check costs ~68 µs per certificate
 on this machine against ~1 µs for name + AKI, so the signature is verified
 only for a certificate without an AKI keyIdentifier.
 
-Each entry's ``not_before`` is its certificate's notBefore.
+Each entry's ``not_before`` is its certificate's notBefore. A row whose
+notAfter has passed needs no certificate file (CAs prune them; nothing is
+signed for it): without one it is an entry of kind certificate.
 
 Lines parse one at a time: ``parse_line`` checks the fields (no file
 access), ``IndexRows.entry`` adds the duplicate check and the certificate
@@ -34,11 +36,15 @@ file; ``read_index`` streams the whole file through them and ``IndexTail``
 (``ledger.tail``) only the lines that changed since its last look.
 
 Error rows (yielded, ``path:line``): wrong field count, unknown status
-letter, bad expiry/revocation time, R without or V/E with a revocation,
-refused/unknown reason, bad or out-of-range serial, duplicate serial (second
-occurrence), missing/unreadable/unparsable certificate file, serial/issuer/
-notAfter disagreement, non-critical poison. Raised: index unreadable,
-certs_dir not a folder, issuer not configured.
+letter, bad expiry/revocation time, a revocation time in the future,
+R without or V/E with a revocation, refused/unknown reason, bad or
+out-of-range serial, duplicate serial (second occurrence), missing/
+unreadable/unparsable certificate file, serial/issuer/notAfter
+disagreement, non-critical poison. An error row whose serial field parses
+names the serial (``LedgerError.key``), however bad the rest of it, and
+counts for the duplicate check: that serial is then published from no
+line (a refused revocation must not leave a later good line in force).
+Raised: index unreadable, certs_dir not a folder, issuer not configured.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex
 from ocspmint.ledger.tail import Change, file_time
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, utc_now
 
 FIELDS = 6
 _UTCTIME = re.compile(r"[0-9]{12}Z")
@@ -200,15 +206,25 @@ def parse_line(line: bytes, where: str) -> Row:
     return Row(letter, not_after, revoked_at, reason, serial, serial_text)
 
 
+def serial_field(line: bytes) -> tuple[int, str] | None:
+    """(serial, its text) of a line whose serial field parses, whatever the
+    rest of the line holds; None when it does not."""
+    fields = line.split(b"\t")
+    if len(fields) != FIELDS or not _HEX.fullmatch(text := fields[3].decode("ascii", "replace")):
+        return None
+    try:
+        return check_serial(int(text, 16), ""), text
+    except LedgerError:
+        return None
+
+
 def first_lines(lines: Sequence[bytes]) -> dict[int, int]:
     """serial → 1-based number of the first line holding it, over every line
-    ``parse_line`` accepts (lines without their ``\\n``; bad lines skipped)."""
+    whose serial field parses (``serial_field``; lines without their ``\\n``)."""
     seen: dict[int, int] = {}
     for lineno, raw in enumerate(lines, 1):
-        try:
-            seen.setdefault(parse_line(raw.rstrip(b"\r"), "").serial, lineno)
-        except LedgerError:
-            continue
+        if found := serial_field(raw.rstrip(b"\r")):
+            seen.setdefault(found[0], lineno)
     return seen
 
 
@@ -231,15 +247,21 @@ class IndexRows:
 
         ``seen`` maps serial → first line number holding it; the line's serial
         is added when absent, and a serial first held by another line makes
-        this line a duplicate. Reads the line's certificate file.
+        this line a duplicate. Reads the line's certificate file. An error
+        names the serial (``key``) whenever the serial field parses.
         """
         where = f"{self.source.path}:{lineno}"
+        found = serial_field(line)
+        key = None if found is None else (self.source.issuer, found[0])
+        first = lineno if found is None else seen.setdefault(found[0], lineno)
         try:
-            row = parse_line(line, where)
-            first = seen.setdefault(row.serial, lineno)
+            row = parse_line(line, where)  # parses only if ``found``
             if first != lineno:
-                raise LedgerError(where, f"duplicate serial {row.serial_text} (first on line {first})",
-                                  (self.source.issuer, row.serial))
+                raise LedgerError(where, f"duplicate serial {row.serial_text} (first on line {first})")
+            if row.revoked_at is not None and row.revoked_at > (now := utc_now()):
+                raise LedgerError(where, f"revocation date {row.revoked_at:%Y-%m-%dT%H:%M:%SZ} is in the future "
+                                         f"(now {now:%Y-%m-%dT%H:%M:%SZ}); a local time written as UTC? "
+                                         "(revocationTime is when it happened, RFC 6960 §4.2.1)")
             kind, not_before = _check_certificate(row, where, self.source.certs_dir, self.check)
             return LedgerEntry(
                 issuer=self.source.issuer,
@@ -253,9 +275,9 @@ class IndexRows:
                 not_before=not_before,
             )
         except LedgerError as e:
-            return e
+            return LedgerError(e.source, e.message, key)
         except Exception as e:  # never crash on one row
-            return LedgerError(where, f"cannot read row: {type(e).__name__}: {e}")
+            return LedgerError(where, f"cannot read row: {type(e).__name__}: {e}", key)
 
 
 def read_index(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
@@ -283,8 +305,9 @@ def read_index(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterato
             yield rows.entry(line, lineno, seen)
 
 
-def _check_certificate(row: Row, where: str, certs_dir: str, check: _IssuerCheck) -> tuple[Kind, dt.datetime]:
-    """The row's certificate file cross-checked → (kind, its notBefore)."""
+def _check_certificate(row: Row, where: str, certs_dir: str, check: _IssuerCheck) -> tuple[Kind, dt.datetime | None]:
+    """The row's certificate file cross-checked → (kind, its notBefore);
+    (certificate, None) for an expired row without one (module docstring)."""
     serial, serial_text, not_after = row.serial, row.serial_text, row.not_after
     canonical = openssl_hex(serial)
     names = [serial_text + ".pem"] + ([canonical + ".pem"] if canonical != serial_text else [])
@@ -300,6 +323,8 @@ def _check_certificate(row: Row, where: str, certs_dir: str, check: _IssuerCheck
         except OSError as e:
             raise LedgerError(where, f"certificate file {file} is unreadable: {e.strerror}") from None
     if data is None:
+        if not_after <= utc_now():
+            return Kind.CERTIFICATE, None
         raise LedgerError(where, f"certificate file {os.path.join(certs_dir, names[0])} is missing")
     try:
         cert = load_certificate_bytes(data)
@@ -415,7 +440,5 @@ def _last_row(lines: Sequence[bytes]) -> int:
 
 def _same_serial(raw: bytes, lineno: int, seen: dict[int, int]) -> bool:
     """Whether line ``lineno`` still holds the serial ``seen`` has for it."""
-    try:
-        return seen.get(parse_line(raw.rstrip(b"\r"), "").serial) == lineno
-    except LedgerError:
-        return False
+    found = serial_field(raw.rstrip(b"\r"))
+    return found is not None and seen.get(found[0]) == lineno

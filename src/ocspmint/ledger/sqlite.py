@@ -47,8 +47,12 @@ then merged:
   before it stay committed, sources after it are not read
   (``IngestReport.stopped``). Its merge is one transaction.
 - ``on_error="quarantine"``: bad rows and conflicting rows are left out and
-  reported; the rest is merged in transactions of BATCH rows, so a killed
-  run keeps a prefix and a re-run completes it (the upsert is idempotent).
+  reported; so is every row of a serial that a bad row names
+  (``LedgerError.key``: a duplicate stated differently, a refused
+  revocation) or that the source holds twice, so no line of it is taken
+  as the serial's state. The rest is merged in transactions of BATCH rows,
+  so a killed run keeps a prefix and a re-run completes it (the upsert is
+  idempotent).
 
 Rows are never deleted: an assigned serial stays assigned (BR 4.10.1).
 
@@ -73,7 +77,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import read_source
 from ocspmint.ledger.tail import Change
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, serial_hex
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, serial_hex, utc_now
 
 SCHEMA_VERSION = "2"
 BATCH = 10_000
@@ -288,8 +292,10 @@ def ingest(
     (sources of type sqlite are skipped and get no SourceReport).
 
     ``on_error`` is "stop" or "quarantine" (see module docstring for what is
-    committed). Returns an IngestReport; raises LedgerError only when the
-    database itself cannot be opened, ValueError for a bad ``on_error``.
+    committed). Returns an IngestReport; raises LedgerError when the
+    database itself cannot be opened or fails while written (locked by
+    another writer past SQLite's 5 s busy timeout, disk full), ValueError
+    for a bad ``on_error``.
     """
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
@@ -301,9 +307,13 @@ def ingest(
                 continue
             sr = SourceReport(type=source.type, path=source.path)
             report.sources.append(sr)
-            if not _ingest_one(conn, db_path, source, issuers, on_error == "stop", sr, report.errors):
-                report.stopped = True
-                break
+            try:
+                if not _ingest_one(conn, db_path, source, issuers, on_error == "stop", sr, report.errors):
+                    report.stopped = True
+                    break
+            except sqlite3.Error as e:  # "database is locked": another writer kept it past the busy timeout
+                raise LedgerError(db_path, f"ledger database error while ingesting {source.path}: {e}; what that "
+                                           "source had merged is kept only with on_error = \"quarantine\"") from None
     finally:
         conn.close()
     return report
@@ -364,9 +374,11 @@ def _stage(
     errors: list[LedgerError],
 ) -> bool | None:
     """Read the source into temp.staging. True: merge it; False: ``stop``
-    met an error; None: the source is unusable (raised), merge nothing."""
+    met an error; None: the source is unusable (raised), merge nothing.
+    Rows of a serial a bad row names, or read twice, are marked bad."""
     insert = f"INSERT INTO staging({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(issuer, serial) DO UPDATE SET dup = dup + 1"
     batch: list[tuple[object, ...]] = []
+    named: set[tuple[str, str]] = set()  # (issuer, serial hex) of bad rows that name a serial
     try:
         for item in read_source(source, issuers):
             if isinstance(item, LedgerEntry):
@@ -380,6 +392,8 @@ def _stage(
                 sr.errors += 1
                 if stop:
                     return False
+                if item.key is not None:
+                    named.add((item.key[0], serial_hex(item.key[1])))
             if len(batch) >= BATCH:
                 _insert_batch(conn, insert, batch)
     except LedgerError as e:  # the whole source is unusable
@@ -388,10 +402,14 @@ def _stage(
         return False if stop else None
     _insert_batch(conn, insert, batch)
     for issuer, serial, where in conn.execute("SELECT issuer, serial, source FROM staging WHERE dup > 0").fetchall():
-        errors.append(LedgerError(where, f"{issuer}/{serial} read more than once from this source; first kept"))
+        errors.append(LedgerError(where, f"{issuer}/{serial} read more than once from this source; none of it taken"))
         sr.errors += 1
         if stop:
             return False
+    conn.execute("BEGIN")
+    conn.execute("UPDATE staging SET bad = 1 WHERE dup > 0")
+    conn.executemany("UPDATE staging SET bad = 1 WHERE issuer = ? AND serial = ?", sorted(named))
+    conn.execute("COMMIT")
     return True
 
 
@@ -498,12 +516,13 @@ class SqliteTail:
 def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentity]) -> LedgerEntry | LedgerError:
     issuer, serial, kind, not_after, status, revoked_at, reason, _source, not_before = row
     where = f"{db}:{issuer}/{serial}"
+    number: int | None = None
     try:
-        if issuer not in issuers:
-            raise ValueError(f"issuer {issuer!r} is not configured")
         if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
             raise ValueError(f"serial {serial!r} is not 40 lowercase hex digits")
         number = check_serial(int(serial, 16), where)
+        if issuer not in issuers:
+            raise ValueError(f"issuer {issuer!r} is not configured")
         if kind not in _KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         if status not in _STATUSES:
@@ -521,6 +540,9 @@ def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentit
                 rev_at = parse_time(revoked_at)
             except ValueError as e:
                 raise ValueError(f"revoked_at {e}") from None
+            if rev_at > (now := utc_now()):
+                raise ValueError(f"revoked_at {revoked_at} is in the future (now {format_time(now)}); a local time "
+                                 "written as UTC? (revocationTime is when it happened, RFC 6960 §4.2.1)")
             why = _reason(reason)
         try:
             nb = None if not_before is None else parse_time(not_before)
@@ -530,10 +552,9 @@ def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentit
             issuer=str(issuer), serial=number, kind=_KINDS[kind], not_after=na,
             status=_STATUSES[status], revoked_at=rev_at, reason=why, source=where, not_before=nb,
         )
-    except LedgerError as e:
-        return e
-    except ValueError as e:
-        return LedgerError(where, str(e))
+    except (LedgerError, ValueError) as e:  # a row whose serial parses names it: that serial is published from no row
+        return LedgerError(where, e.message if isinstance(e, LedgerError) else str(e),
+                           None if number is None else (str(issuer), number))
 
 
 def _reason(value: object) -> Reason | None:
