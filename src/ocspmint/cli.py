@@ -2,31 +2,77 @@
 
 Exit status: 0 everything due was published and verified (or every
 response checked is clean); 1 something due was not done or a finding was
-reported; 2 the config, an issuer or a signer setting is unusable.
+reported; 2 the config, an issuer or a signer setting is unusable, or a
+file or folder the command needs cannot be opened (the `ingest --into`
+ledger database, the state folder or its journal, a response file given
+to `verify`, a ledger source `verify` reads, the `demo --dir` folder).
+Every such error is one line on stderr, ``ocspmint: <path>: <why>``, never
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sqlite3
 import sys
 from pathlib import Path
 
 import msgspec
 
-from ocspmint.config import ConfigError, load_config
+from ocspmint.config import Config, ConfigError, load_config
 from ocspmint.issuer import IdentityError
+from ocspmint.model import LedgerError
 from ocspmint.pkcs11uri import UriError
 
 
-def _config(args: argparse.Namespace):
+class Unusable(Exception):
+    """A file or folder the command needs cannot be opened; the message
+    names it. ``main`` prints it as one line and exits 2."""
+
+
+def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
+
+
+def _state(cfg: Config, journal: bool = True) -> None:
+    """Check before any work that the state folder can be made and, with
+    ``journal``, that its journal opens (the journal creates or migrates
+    itself here, as the command would next). Raises Unusable: without this
+    check the pipeline, audit and reissue fail deep inside with a Python
+    traceback (FileExistsError, sqlite3.DatabaseError, ...)."""
+    from ocspmint.journal import Journal
+
+    state = Path(cfg.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "it is not a folder" if isinstance(e, FileExistsError) else e.strerror
+        raise Unusable(f"{state}: cannot use state folder: {why}") from None
+    if not journal:
+        return
+    try:
+        Journal(state).close()
+    except (sqlite3.Error, OSError) as e:
+        raise Unusable(f"{state / 'journal.sqlite'}: cannot open journal: {e}") from None
+
+
+def _open_hint(path: str) -> str:
+    """Why SQLite may say only "unable to open database file" for ``path``."""
+    p = Path(path)
+    if p.is_dir():
+        return " (it is a folder)"
+    if not p.parent.is_dir():
+        return f" (folder {p.parent} does not exist)" if not p.parent.exists() else f" ({p.parent} is not a folder)"
+    return ""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ocspmint.pipeline import run
 
-    summary = run(_config(args), show_progress=not args.quiet, incremental=args.incremental)
+    cfg = _config(args)
+    _state(cfg)
+    summary = run(cfg, show_progress=not args.quiet, incremental=args.incremental)
     sys.stdout.write(summary.to_json().decode() + "\n" if args.json else summary.text() + "\n")
     return 0 if summary.ok else 1
 
@@ -36,15 +82,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ocspmint.ledger.sqlite import ingest
 
     cfg = _config(args)
-    report = ingest(args.into, [s for s in cfg.sources if s.type != "sqlite"], load_issuers(cfg), cfg.on_error)
+    issuers = load_issuers(cfg)
+    try:
+        report = ingest(args.into, [s for s in cfg.sources if s.type != "sqlite"], issuers, cfg.on_error)
+    except LedgerError as e:  # the ledger database cannot be opened, or failed while written
+        raise Unusable(f"{e}{_open_hint(args.into)}") from None
     print(report.text())
     return 0 if report.ok else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ocspmint.store import StoreError
     from ocspmint.verify_cmd import verify_command
 
-    return verify_command(_config(args), args.files, args.store, args.json)
+    cfg = _config(args)
+    for f in args.files:  # before any output: verify_command reads them with the whole ledger in memory
+        try:
+            open(f, "rb").close()
+        except OSError as e:
+            raise Unusable(f"{f}: cannot read response file: {e.strerror}") from None
+    try:
+        return verify_command(cfg, args.files, args.store, args.json)
+    except LedgerError as e:  # raised (not yielded) only for a source that is unusable as a whole
+        raise Unusable(f"ledger source unusable: {e}") from None
+    except StoreError as e:
+        raise Unusable(str(e)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from ocspmint.audit import audit_command
 
-    return audit_command(_config(args), as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
+    cfg = _config(args)
+    _state(cfg, journal=args.fix)  # its work file lives in the state folder; --fix runs the pipeline
+    return audit_command(cfg, as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
                          issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
                          show_progress=not args.quiet)
 
@@ -64,6 +128,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     from ocspmint.refresh import refresh_service
 
+    _state(_config(args))  # the service loads the config itself; a SIGHUP reload is not checked here
     return refresh_service(args.config)
 
 
@@ -78,19 +143,24 @@ def _utc(text: str) -> dt.datetime:
 
 
 def cmd_reissue(args: argparse.Namespace) -> int:
+    from ocspmint.audit import AuditError
     from ocspmint.reissue import dry_run, reissue
     from ocspmint.selection import SelectionError, selection
 
     cfg = _config(args)
+    _state(cfg)
     try:
         sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
         if args.dry_run:
             plan = dry_run(cfg, sel, args.reason, args.rate)
             print(msgspec.json.encode(plan).decode() if args.json else plan.text())
-            return 0
+            return 0 if plan.ok else 1
         out = reissue(cfg, sel, args.reason, args.rate, not args.no_purge, not args.quiet)
     except SelectionError as e:
         print(f"ocspmint: {e}", file=sys.stderr)
+        return 2
+    except AuditError as e:  # the closing audit of the selection cannot run (a ledger source unusable)
+        print(f"ocspmint: {e}; REISSUE NOT DONE: run the same command again to resume", file=sys.stderr)
         return 2
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(out), indent=2).decode() + "\n")
@@ -107,9 +177,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ocspmint.pipeline import run
 
     root = Path(args.dir).resolve()
+    if root.exists() and not root.is_dir():
+        raise Unusable(f"{root}: cannot make the demo there: it is not a folder")
     if root.exists() and any(root.iterdir()):
         print(f"{root} exists and is not empty; remove it or pass --dir", file=sys.stderr)
         return 2
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Unusable(f"{root}: cannot make the demo folder: {e.strerror}") from None
     demo = build_demo(root)
     print(f"demo CA, SoftHSM2 token and config made in {root}")
     import os
@@ -189,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, IdentityError, UriError) as e:
+    except (ConfigError, IdentityError, UriError, Unusable) as e:
         print(f"ocspmint: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

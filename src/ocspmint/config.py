@@ -9,7 +9,9 @@ docs/config.md for every key.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -108,14 +110,19 @@ class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Serve(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`ocspmint serve`, the RFC 5019 origin: ``listen`` HOST:PORT;
-    ``cache_bytes`` bounds the in-memory response cache; ``cache_ttl`` how
-    long a cached object is served before it is read again from the store;
-    ``max_age`` caps Cache-Control max-age (which never reaches past
-    nextUpdate); ``purge_from`` the client addresses allowed to PURGE/BAN."""
+    ``path_prefix`` the URL path OCSP requests come under ("/ocsp" for an
+    AIA URL http://host/ocsp; "" = the root); ``cache_bytes`` bounds the
+    in-memory response cache (0: off); ``cache_ttl`` how long a cached
+    object is kept (a file store's object is still checked against the
+    store on every hit; unset: 1 minute for a file store, 0 = off for S3,
+    docs/responder.md); ``max_age`` caps Cache-Control max-age (which never
+    reaches past nextUpdate); ``purge_from`` the client addresses allowed
+    to PURGE/BAN."""
 
     listen: str = "127.0.0.1:8080"
+    path_prefix: str = ""
     cache_bytes: int = 64 * 2**20
-    cache_ttl: dt.timedelta = dt.timedelta(seconds=60)
+    cache_ttl: dt.timedelta | None = None
     max_age: dt.timedelta = DAY
     purge_from: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
 
@@ -298,11 +305,40 @@ def _check(cfg: Config) -> None:
     if cfg.store.concurrency < 1 or cfg.store.retries < 0:
         raise ConfigError("$.store: concurrency ≥ 1, retries ≥ 0")
     _check_purge(cfg.purge)
+    check_serve(cfg.serve)
     if cfg.refresh.tick <= dt.timedelta(0) or cfg.refresh.routine_rate < 0:
         raise ConfigError("$.refresh: tick > 0 and routine_rate ≥ 0")
     sample = cfg.verify_served.sample
     if sample != "all" and sample < 0:
         raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
+
+
+# A [serve] path_prefix: "/"-separated non-empty segments of RFC 3986
+# pchar without percent-encoding (a raw request path is compared with it).
+_PATH_PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+")
+
+
+def _seconds(t: dt.timedelta) -> str:
+    return f"{t.total_seconds():g} s"
+
+
+def check_serve(s: Serve) -> None:
+    """Raise ConfigError naming the [serve] key whose value makes no sense."""
+    if s.path_prefix and not _PATH_PREFIX.fullmatch(s.path_prefix):
+        raise ConfigError(f"$.serve.path_prefix: {s.path_prefix!r} must start with \"/\" and not end with \"/\", "
+                          "with no empty segment, \"%\", \"?\", \"#\" or space (e.g. \"/ocsp\"; \"\" for the root)")
+    if s.cache_bytes < 0:
+        raise ConfigError(f"$.serve.cache_bytes: {s.cache_bytes} is negative (0 turns the cache off)")
+    if s.cache_ttl is not None and s.cache_ttl < dt.timedelta(0):
+        raise ConfigError(f"$.serve.cache_ttl: {_seconds(s.cache_ttl)} is negative (PT0S turns the cache off)")
+    if s.max_age < dt.timedelta(seconds=1):
+        raise ConfigError(f"$.serve.max_age: {_seconds(s.max_age)} must be at least 1 s (it is the "
+                          "Cache-Control max-age of every response served)")
+    for n, entry in enumerate(s.purge_from):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as e:
+            raise ConfigError(f"$.serve.purge_from[{n}]: {e}") from None
 
 
 def _check_purge(purges: list[Purge]) -> None:
@@ -327,6 +363,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         cfg = msgspec.toml.decode(raw, type=Config)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{p}: {e}") from None
+    except UnicodeDecodeError as e:  # msgspec decodes TOML as UTF-8 and lets this through
+        raise ConfigError(f"{p}: cannot read config: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         _check(cfg)
     except ConfigError as e:

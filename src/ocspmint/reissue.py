@@ -32,7 +32,9 @@ from ocspmint.selection import Selection, Selector
 class DryRun(msgspec.Struct):
     """What a reissue would do: ``due`` by planner reason among the
     ``selected`` entries, and the estimate at ``rate`` responses/s (the
-    journal's measured rate, capped by --rate; None before any run)."""
+    journal's measured rate, capped by --rate; None before any run).
+    ``ledger_failures``: ledger rows in error, or a source unusable (the
+    counts then miss what it holds: the dry run is not ``ok``)."""
 
     selected: int
     due: dict[str, int]
@@ -40,14 +42,21 @@ class DryRun(msgspec.Struct):
     rate: float | None
     seconds: float | None
     resumes_job: int | None
+    ledger_failures: list[Failure] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.ledger_failures
 
     def text(self) -> str:
         n = sum(self.due.values())
         est = "no measured rate yet (run once first)" if self.seconds is None else \
             f"about {dt.timedelta(seconds=round(self.seconds))} at {self.rate:.0f} responses/s"
         job = f"; resumes unfinished job {self.resumes_job}" if self.resumes_job else ""
+        bad = "".join(f"\n  ledger: {f.source}: {f.message}" for f in self.ledger_failures)
+        incomplete = f"\nINCOMPLETE: {len(self.ledger_failures)} ledger failure(s), counts miss them:{bad}" if bad else ""
         return (f"dry run: {self.selected} entries selected, {self.expired} expired (skipped); would re-sign, publish "
-                f"and verify {n} {dict(sorted(self.due.items()))}: {est}{job}. Nothing was signed.")
+                f"and verify {n} {dict(sorted(self.due.items()))}: {est}{job}. Nothing was signed.{incomplete}")
 
 
 class Outcome(msgspec.Struct):
@@ -66,7 +75,8 @@ def job_force(job: int, reason: str, since: dt.datetime, purge: bool) -> Force:
 
 
 def dry_run(config: Config, sel: Selection, reason: str, rate: float) -> DryRun:
-    """Plan the reissue without signing; raises SelectionError."""
+    """Plan the reissue without signing; ledger failures (a bad row, an
+    unusable source) are kept in the result. Raises SelectionError."""
     selector = Selector(sel)
     issuers = load_issuers(config)
     summary = Summary(started=utc_now())
@@ -74,16 +84,17 @@ def dry_run(config: Config, sel: Selection, reason: str, rate: float) -> DryRun:
         pending = journal.unfinished_job(sel.key())
         force = Force("dry run", utc_now()) if pending is None else job_force(pending.id, pending.reason, pending.since, True)
         planner = make_planner(config, issuers, journal, force)
+        due = 0
         try:
             due = sum(1 for _ in planner.due(e for e in ledger_entries(config, issuers, summary) if selector.matches(e)))
-        except LedgerStop:
-            due = 0
+        except LedgerStop:  # the failure is in summary.failures
+            pass
         measured = journal.measured_rate()
     speed = min(filter(None, [measured, rate or None]), default=None)
     counts = planner.counts
     return DryRun(sum(counts.values()), {k: v for k, v in counts.items() if k not in ("expired", "up_to_date")},
                   counts.get("expired", 0), speed, None if speed is None else due / speed,
-                  None if pending is None else pending.id)
+                  None if pending is None else pending.id, summary.failures)
 
 
 def reissue(config: Config, sel: Selection, reason: str, rate: float, purge: bool, show_progress: bool) -> Outcome:

@@ -24,14 +24,21 @@ are the certificates' own.
 Status: GOOD unless a CRL of ``source.crls`` (PEM or DER) lists the serial;
 then REVOKED with the entry's revocationDate and CRLReason (unspecified or
 absent → None; certificateHold / removeFromCRL → error row, BR 4.9.13).
-Each CRL must be signed by a configured issuer, else the whole source is
-unusable (raised). Two CRLs disagreeing on one serial, or a CRL entry whose
-certificate is not in the folder, are error rows.
+Each CRL must be signed by a configured issuer and current, else the whole
+source is unusable (raised). Current (RFC 5280 §6.3.3 (a)): its nextUpdate
+has not passed (aware UTC now, whole seconds). A CRL past its nextUpdate may
+miss later revocations, and every serial it does not list would be
+answered ``good``; a CRL without nextUpdate cannot be judged current at all
+(RFC 5280 §5.1.2.5 and BR 7.2 require the field) and is refused the same
+way. Publish each CRL before the previous one's nextUpdate. Two CRLs
+disagreeing on one serial, or a CRL entry whose certificate is not in the
+folder, are error rows.
 
 Order: error rows for files as they are met, then entries in the order of
 the first file (sorted) holding each serial, then CRL-only serials.
 
-``CertdirTail`` (``ledger.tail``) reads only new files and changed CRLs.
+``CertdirTail`` (``ledger.tail``) reads only new files and changed CRLs; an
+unchanged CRL whose nextUpdate passes makes its next ``changes()`` raise.
 """
 
 from __future__ import annotations
@@ -60,6 +67,28 @@ from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, Status, check
 
 SUFFIXES = (".pem", ".crt", ".cer", ".der")
 _SHA256 = hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class _CrlTime:
+    """When a loaded CRL stops being current."""
+
+    path: str
+    next_update: dt.datetime  # aware UTC
+
+
+def _check_current(path: str, next_update: dt.datetime | None, now: dt.datetime) -> dt.datetime:
+    """``next_update`` when CRL ``path`` is current at ``now`` (RFC 5280
+    §6.3.3 (a)), else LedgerError naming it: after its nextUpdate a CRL may
+    miss revocations."""
+    if next_update is None:
+        raise LedgerError(path, "CRL has no nextUpdate, so whether it is current cannot be told "
+                                "(RFC 5280 §5.1.2.5, BR 7.2 require it)")
+    if now > next_update:
+        raise LedgerError(path, f"CRL is not current: its nextUpdate {next_update:%Y-%m-%dT%H:%M:%SZ} has passed "
+                                f"(now {now:%Y-%m-%dT%H:%M:%SZ}); it may miss later revocations (RFC 5280 §6.3.3), "
+                                "publish a fresh CRL")
+    return next_update
 
 
 @dataclass
@@ -117,12 +146,13 @@ def read_certdir(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Itera
     """Stream entries for a certificate folder (see module docstring).
 
     Raises LedgerError when the folder is missing or a CRL is unreadable,
-    unparsable, a delta CRL or not signed by any configured issuer.
+    unparsable, a delta CRL, not signed by any configured issuer, or not
+    current (past its nextUpdate, or without one).
     """
     if not os.path.isdir(source.path):
         raise LedgerError(source.path, "certificate folder does not exist")
     certs = _Certificates(issuers)
-    revoked = load_crls(source.crls, certs.by_name)
+    revoked, _ = load_crls(source.crls, certs.by_name, utc_now())
     files, _, walk_errors = _walk(source.path)
     yield from walk_errors
     for path in sorted(files):
@@ -261,16 +291,22 @@ def _entry(key: Key, group: _Group, rev: _Revocation | None) -> LedgerEntry | Le
     )
 
 
-def load_crls(paths: list[str], by_name: dict[bytes, list[IssuerIdentity]]) -> dict[Key, _Revocation]:
-    """(issuer name, serial) → revocation for every entry of every CRL.
+def load_crls(
+    paths: list[str], by_name: dict[bytes, list[IssuerIdentity]], now: dt.datetime
+) -> tuple[dict[Key, _Revocation], list[_CrlTime]]:
+    """(issuer name, serial) → revocation for every entry of every CRL, and
+    each CRL's nextUpdate.
 
     Raises LedgerError naming the CRL file when it is unreadable, not a CRL,
-    a delta CRL, or not signed by a configured issuer (RFC 5280 §6.3.3).
+    a delta CRL, not signed by a configured issuer, or not current at
+    ``now`` (aware UTC): past its nextUpdate or without one (RFC 5280 §6.3.3).
     Per-entry problems are kept in ``_Revocation.error``.
     """
     out: dict[Key, _Revocation] = {}
+    times: list[_CrlTime] = []
     for path in paths:
         crl, ident = _load_crl(path, by_name)
+        times.append(_CrlTime(path, _check_current(path, crl.next_update_utc, now)))
         try:
             entries = [(entry.serial_number, _revocation(entry, path)) for entry in crl]
         except Exception as e:
@@ -281,7 +317,7 @@ def load_crls(paths: list[str], by_name: dict[bytes, list[IssuerIdentity]]) -> d
             if prev is not None and (prev.revoked_at, prev.reason, prev.error) != (rev.revoked_at, rev.reason, rev.error):
                 rev.error = rev.error or f"CRLs {prev.crl} and {path} disagree on its revocation"
             out[key] = rev
-    return out
+    return out, times
 
 
 def _load_crl(path: str, by_name: dict[bytes, list[IssuerIdentity]]) -> tuple[x509.CertificateRevocationList, IssuerIdentity]:
@@ -340,6 +376,7 @@ class _Position:
     crls: list[tuple[int, int, int]]  # (st_ino, st_size, st_mtime_ns) per source.crls
     revoked: dict[Key, _Revocation]
     walk_errors: set[str]
+    crl_times: list[_CrlTime] = field(default_factory=list)  # nextUpdate of each CRL as last read
 
 
 class CertdirTail:
@@ -357,7 +394,10 @@ class CertdirTail:
     longer count, and yields the pairs whose certificates changed. A file
     rewritten in place (same inode) is not noticed: write a new file and
     rename it. ``start()`` reads every certificate, as ``read_certdir`` does;
-    the groups stay in memory (~1 KB per certificate).
+    the groups stay in memory (~1 KB per certificate). A CRL that is not
+    re-read is still checked against the clock on every call: once its
+    nextUpdate passes, ``changes()`` raises (no I/O) until a fresh CRL is
+    written, which is then read as any changed CRL.
     """
 
     def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
@@ -382,14 +422,18 @@ class CertdirTail:
         if not os.path.isdir(root):
             raise LedgerError(root, "certificate folder does not exist")
         crls = self._crl_keys()
+        now = utc_now()
+        crl_times = pos.crl_times
+        if crls == pos.crls:  # unchanged CRLs are not re-read, but they still go stale
+            for t in crl_times:
+                _check_current(t.path, t.next_update, now)
         moved = not pos.folders or any(_mtime_ns(f) != m for f, m in pos.folders.items())
         if not moved and crls == pos.crls:
             return
-        now = utc_now()
         touched: dict[Key, dt.datetime] = {}  # in the order met
         certs, revoked = pos.certs, pos.revoked
         if crls != pos.crls:
-            revoked = load_crls(self._source.crls, certs.by_name)
+            revoked, crl_times = load_crls(self._source.crls, certs.by_name, now)
             crl_time = {path: file_time(key[2]) for path, key in zip(self._source.crls, crls)}
             for key in revoked.keys() | pos.revoked.keys():
                 if revoked.get(key) != pos.revoked.get(key):
@@ -432,7 +476,7 @@ class CertdirTail:
                 yield Change(_entry(key, group, revoked.get(key)), seen_at)
             elif key in revoked:
                 yield Change(_orphan(key, revoked[key], root), seen_at)
-        self._pos = _Position(certs, folders, files, crls, revoked, walk_errors)
+        self._pos = _Position(certs, folders, files, crls, revoked, walk_errors, crl_times)
 
     def _crl_keys(self) -> list[tuple[int, int, int]]:
         """(st_ino, st_size, st_mtime_ns) of each CRL; LedgerError if one is missing."""
