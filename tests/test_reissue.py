@@ -61,6 +61,18 @@ def test_dry_run_estimates_at_the_measured_rate_and_signs_nothing(tmp_path):
     assert produced(demo) == before
 
 
+def test_dry_run_over_a_bad_ledger_says_its_counts_are_incomplete_and_exits_1(tmp_path):
+    """Before, a ledger the run would stop on gave "0 entries selected",
+    exit 0: an estimate that silently left the whole population out."""
+    demo = build_demo(tmp_path, certs=3, precerts=0, revoke=0)
+    published(demo)
+    index = demo.root / "ca" / "index.txt"
+    index.write_text("Q" + index.read_text()[1:])  # line 1: an unknown status letter
+    p = ocspmint(demo, "reissue", "--all", "--reason", "rehearsal", "--dry-run")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "INCOMPLETE: 1 ledger failure(s)" in p.stdout and f"{index}:1: unknown status letter 'Q'" in p.stdout
+
+
 def test_an_empty_selection_is_refused(tmp_path):
     demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
     p = ocspmint(demo, "reissue", "--reason", "oops")
@@ -71,15 +83,28 @@ def test_an_empty_selection_is_refused(tmp_path):
     assert p.returncode == 2 and f"{bad}:2" in p.stderr
 
 
+def ask(demo: Demo, origin: str, serial: int) -> str:
+    """`openssl ocsp -url` against ``origin``, its output checked verified."""
+    p = subprocess.run(["openssl", "ocsp", "-url", origin, "-issuer", str(demo.issuing_ca), "-CAfile",
+                        str(demo.root_ca), "-no_nonce", "-serial", f"0x{serial:x}"], capture_output=True, text=True,
+                       timeout=60)
+    assert "Response verify OK" in p.stdout + p.stderr, p.stdout + p.stderr
+    return p.stdout
+
+
 def test_new_delegated_responder_re_signs_every_response_and_purges(tmp_path):
     demo = build_demo(tmp_path / "demo", certs=6, precerts=2, revoke=1)
     total = published(demo)
     cert = new_responder(demo, "responder-2")
     config = demo.config.read_text().replace("object=ocsp-responder", "object=responder-2")
     demo.config.write_text(config.replace('cert = "ca/responder.pem"', f'cert = "{cert}"'))
+    good = demo.serials["good"][0]
     with serve(demo.config, tmp_path, free_port(), demo.env()) as origin:
+        # the origin, started with the new signer, still serves what the old one signed (a rollover)
+        assert f"0x{good:x}: good" in ask(demo, origin, good)
         demo.config.write_text(demo.config.read_text() + PURGE.format(origin=origin))
         code, out = reissue(demo, "--issuer", "issuing-ca", "--reason", "responder key compromise")
+        assert f"0x{good:x}: good" in ask(demo, origin, good)
     assert code == 0 and out["ok"], out
     assert out["summary"]["published"] == total and out["summary"]["purges"]["origin"] == {"sent": total, "pending": 0, "error": ""}
     assert out["audit"]["findings"] == [] and out["audit"]["checked"] == {"store": total}, out["audit"]

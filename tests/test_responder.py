@@ -16,14 +16,16 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography import x509
 from cryptography.x509 import ocsp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,17 +33,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e import BIN, openssl_check, run_json
 from ocspmint import der
-from ocspmint.config import load_config
-from ocspmint.demo import Demo
-from ocspmint.issuer import IssuerIdentity, issuer_identity, load_certificate
+from ocspmint.config import ConfigError, load_config
+from ocspmint.config import Store as StoreSettings
+from ocspmint.demo import Demo, build_demo, revoke
+from ocspmint.encoder import ResponseTemplate, Times
+from ocspmint.issuer import IssuerIdentity, issuer_identity
+from ocspmint.model import Kind, LedgerEntry, Status
 from ocspmint.request import (
     MAX_REQUESTS, CertIdKey, RequestError, build_request, get_paths, parse_get_path, parse_request, request_for,
 )
-from ocspmint.store import object_key
+from ocspmint.respcache import parse_stored
+from ocspmint.responder import Responder
+from ocspmint.s3store import S3Store
+from ocspmint.store import FileStore, object_key
+from ocspmint.verifier import verify_response
 
 UNAUTHORIZED = bytes.fromhex("3003 0a01 06")
 MALFORMED = bytes.fromhex("3003 0a01 01")
+INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
 MAX_AGE = 7200  # [serve] max_age of the test config, seconds
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 UTC = dt.timezone.utc
 
 
@@ -52,9 +63,14 @@ def _q(s: str | Path) -> str:
     return json.dumps(str(s))  # a TOML basic string
 
 
-def write_config(demo: Demo, root: Path, *, hashes: str = '["sha1", "sha256"]', store: Path | None = None) -> Path:
+SERVE = 'cache_ttl = "PT1H"\nmax_age = "PT2H"'  # the [serve] table of write_config
+
+
+def write_config(demo: Demo, root: Path, *, hashes: str = '["sha1", "sha256"]', store: Path | None = None,
+                 serve: str = SERVE) -> Path:
     """A config for ``demo``'s CA and token whose store and journal live in
-    ``root`` (the session demo's own folder is left untouched)."""
+    ``root`` (the session demo's own folder is left untouched); ``serve``
+    is the body of its [serve] table."""
     cfg = load_config(demo.config)
     issuer, source = cfg.issuers[0], cfg.sources[0]
     text = f"""
@@ -66,8 +82,7 @@ certid_hashes = {hashes}
 [signing]
 workers = 1
 [serve]
-cache_ttl = "PT1H"
-max_age = "PT2H"
+{serve}
 [[issuers]]
 name = {_q(issuer.name)}
 cert = {_q(issuer.cert)}
@@ -91,9 +106,10 @@ class Server:
     """`ocspmint serve --listen 127.0.0.1:0` as a child process; its port
     comes from the "start" log line."""
 
-    def __init__(self, config: Path, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, config: Path, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([str(BIN / "ocspmint"), "serve", "--config", str(config), "--listen", listen],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env} if env else None)
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -180,17 +196,49 @@ def never_issued(demo: Demo, n: int = 1) -> int:
     return serial
 
 
-def craft(demo: Demo, serial: int, this_update: dt.datetime, next_update: dt.datetime) -> bytes:
-    """A `good` response signed by the issuing CA's software key (SHA-1
-    CertID only), for planting in the store under the running server."""
-    ca = load_certificate(str(demo.issuing_ca))
-    key = serialization.load_pem_private_key(demo.issuing_key.read_bytes(), None)
-    ident = issuer_identity(load_config(demo.config).issuers[0])
-    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
-        ident.name_hash["sha1"], ident.key_hash["sha1"], serial, hashes.SHA1(), ocsp.OCSPCertStatus.GOOD,
-        this_update, next_update, None, None,
-    ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca)
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
+_SIGN_ON_TOKEN = """
+import sys
+from ocspmint.config import load_config
+from ocspmint.issuer import issuer_identity
+from ocspmint.signkeys import _Keys, key_spec
+ident = issuer_identity(load_config(sys.argv[1]).issuers[0])
+keys = _Keys([key_spec(ident)], "python")
+keys.open()
+try:
+    signatures = keys.keys[ident.name].sign([bytes.fromhex(t) for t in sys.stdin.read().split()])
+finally:
+    keys.close()
+print(" ".join(s.hex() for s in signatures))
+"""
+
+
+def tbs_good(ident: IssuerIdentity, serial: int, this_update: dt.datetime, next_update: dt.datetime,
+             produced_at: dt.datetime | None = None) -> bytes:
+    """ResponseData of a `good` response (SHA-1 CertID only) by the
+    project's encoder, producedAt ``produced_at`` (default: now). A
+    thisUpdate before the signer's notBefore (the demo's responder
+    certificate is minutes old) is moved up to it, as `ocspmint run` does."""
+    produced = produced_at or dt.datetime.now(UTC).replace(microsecond=0)
+    this_update = max(this_update, ident.signer.cert.not_valid_before_utc)
+    template = ResponseTemplate(ident, ("sha1",))
+    entry = LedgerEntry(ident.name, serial, Kind.CERTIFICATE, next_update + dt.timedelta(days=365), Status.GOOD)
+    return template.tbs(entry, template.time_fields(Times(produced, this_update, next_update)))
+
+
+def sign_tbs(origin: Origin, tbs: list[bytes]) -> list[bytes]:
+    """Full responses for ``tbs`` signed by the demo's delegated responder
+    key on its SoftHSM2 token (in a child process, as `ocspmint run` signs),
+    for planting in the store under the running server."""
+    p = subprocess.run([str(BIN / "python"), "-c", _SIGN_ON_TOKEN, str(origin.config)], input=" ".join(t.hex() for t in tbs),
+                       env=origin.demo.env(), capture_output=True, text=True, timeout=60, check=True)
+    template = ResponseTemplate(origin.issuer, ("sha1",))
+    return [template.response(t, bytes.fromhex(sig)) for t, sig in zip(tbs, p.stdout.split(), strict=True)]
+
+
+def craft(origin: Origin, serial: int, this_update: dt.datetime, next_update: dt.datetime) -> bytes:
+    """A `good` response (SHA-1 CertID only) that ``verify_response``
+    accepts, signed like `ocspmint run` signs."""
+    return sign_tbs(origin, [tbs_good(origin.issuer, serial, this_update, next_update)])[0]
 
 
 def plant(path: Path, data: bytes) -> None:
@@ -200,8 +248,8 @@ def plant(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def openssl_url(origin: Origin, serial: int, *extra: str) -> str:
-    cmd = ["openssl", "ocsp", "-url", f"http://127.0.0.1:{origin.server.port}", "-issuer", str(origin.demo.issuing_ca),
+def openssl_url(origin: Origin, serial: int, *extra: str, url: str | None = None) -> str:
+    cmd = ["openssl", "ocsp", "-url", url or f"http://127.0.0.1:{origin.server.port}", "-issuer", str(origin.demo.issuing_ca),
            "-CAfile", str(origin.demo.root_ca), "-no_nonce", *extra, "-serial", f"0x{serial:x}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     return p.stdout + p.stderr
@@ -217,6 +265,12 @@ def assert_error(reply: tuple[int, dict[str, str], bytes], body: bytes) -> None:
 
 def http_time(value: str) -> dt.datetime:
     return parsedate_to_datetime(value).astimezone(UTC)
+
+
+def faked(offset: str) -> dict[str, str]:
+    """libfaketime settings (as in test_clock.py): the clock runs ``offset``
+    ("+2d") from real time; monotonic time is left alone."""
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 # --- what openssl ocsp -url (a POST client) sees ----------------------------
@@ -378,78 +432,257 @@ def test_new_response_is_served_at_once_and_sha256_needs_its_certid(origin: Orig
     req = request_for(origin.issuer, serial)
     assert_error(origin.get(req), UNAUTHORIZED)
     now = dt.datetime.now(UTC).replace(microsecond=0)
-    planted = craft(origin.demo, serial, now - dt.timedelta(hours=1), now + dt.timedelta(days=1))
+    planted = craft(origin, serial, now - dt.timedelta(hours=1), now + dt.timedelta(days=1))
     plant(origin.store_path(serial), planted)
     assert origin.get(req)[2] == planted
     # the planted response has only a SHA-1 SingleResponse: a SHA-256 CertID can't be answered from it
     assert_error(origin.get(request_for(origin.issuer, serial, "sha256")), UNAUTHORIZED)
 
 
-def test_cached_bytes_until_ban_or_purge(origin: Origin) -> None:
+def test_republished_or_deleted_object_is_never_answered_from_memory(origin: Origin) -> None:
+    # cache_ttl is 1 h here: only the per-hit stat of the object can notice a new one
     demo, server = origin.demo, origin.server
     serial = demo.serials["good"][7]
     req = request_for(origin.issuer, serial)
-    original = origin.store_path(serial).read_bytes()
+    path = origin.store_path(serial)
+    original = path.read_bytes()
     assert origin.get(req)[2] == original  # now cached
     now = dt.datetime.now(UTC).replace(microsecond=0)
-    versions = [craft(demo, serial, now - dt.timedelta(hours=h), now + dt.timedelta(days=1)) for h in (1, 2, 3)]
-    key = {"X-OCSP-Key": f"{origin.issuer.id}/{serial:040x}"}
+    versions = sign_tbs(origin, [tbs_good(origin.issuer, serial, now, now + dt.timedelta(days=1, hours=h))
+                                 for h in (1, 2)])
+    served = original
+    for version in versions:
+        before = server.metrics()
+        assert origin.get(req)[2] == served  # from memory
+        plant(path, version)
+        assert origin.get(req)[2] == version  # at once, without a purge
+        assert origin.get(req, encoded=True)[2] == version  # and from memory again
+        after = server.metrics()
+        assert after["ocspmint_serve_cache_hits_total"] - before["ocspmint_serve_cache_hits_total"] == 2
+        assert after["ocspmint_serve_cache_misses_total"] - before["ocspmint_serve_cache_misses_total"] == 1
+        served = version
+    path.unlink()
+    try:
+        assert_error(origin.get(req), UNAUTHORIZED)  # deleted: not answered from memory either
+    finally:
+        plant(path, original)
+    assert origin.get(req)[2] == original
 
-    plant(origin.store_path(serial), versions[0])
-    assert origin.get(req)[2] == original
+
+def test_ban_and_purge_drop_cached_entries(origin: Origin) -> None:
+    server = origin.server
+    serial = origin.demo.serials["good"][6]
+    req = request_for(origin.issuer, serial)
+    key = {"X-OCSP-Key": f"{origin.issuer.id}/{serial:040x}"}
+    stored = origin.store_path(serial).read_bytes()
+
+    def misses() -> float:
+        return server.metrics()["ocspmint_serve_cache_misses_total"]
+
+    assert origin.get(req)[2] == stored  # now cached
     assert server.request("BAN", "/", key, source="127.0.0.2")[0] == 405  # not in purge_from
-    assert origin.get(req)[2] == original
     status, _, text = server.request("BAN", "/", key)
     assert (status, text) == (200, b"purged 1\n")
-    assert origin.get(req)[2] == versions[0]
-
-    plant(origin.store_path(serial), versions[1])
-    assert origin.get(req, encoded=True)[2] == versions[0]
-    assert server.request("PURGE", get_paths(req)[-1])[0] == 200
-    assert origin.get(req)[2] == versions[1]
-
-    plant(origin.store_path(serial), versions[2])
-    assert origin.get(req)[2] == versions[1]
-    assert server.request("BAN", "/", {"X-OCSP-Issuer": origin.issuer.id})[0] == 200
-    assert origin.get(req)[2] == versions[2]
-
+    before = misses()
+    assert origin.get(req)[2] == stored
+    assert misses() == before + 1  # read from the store again
+    status, _, text = server.request("PURGE", get_paths(req)[-1])
+    assert (status, text) == (200, b"purged 1\n")
+    assert origin.get(req)[2] == stored
+    status, _, text = server.request("BAN", "/", {"X-OCSP-Issuer": origin.issuer.id})
+    assert status == 200 and int(text.split()[1]) >= 1
     assert server.request("BAN", "/", {"X-OCSP-Key": "nonsense"})[0] == 400
     assert server.request("PURGE", "/MEIxxx")[0] == 400
-    plant(origin.store_path(serial), original)
-    assert server.request("BAN", "/", key)[0] == 200
-    assert origin.get(req)[2] == original
+
+
+def test_status_change_published_by_run_is_served_at_once(tmp_path: Path) -> None:
+    """The review's probe14: `ocspmint run` republishes a serial as revoked;
+    no purge reaches the origin; the next request gets `revoked`."""
+    own = build_demo(tmp_path / "demo", certs=2, precerts=0, revoke=0)
+    config = write_config(own, tmp_path, hashes='["sha1"]')
+    assert run_json(own, config=config)[0] == 0
+    ident = issuer_identity(load_config(config).issuers[0])
+    serial = own.serials["good"][0]
+    path = get_paths(request_for(ident, serial))[0]
+    server = Server(config)
+    try:
+        for _ in range(2):  # the second from memory
+            status, headers, body = server.request("GET", path)
+            assert status == 200 and ocsp.load_der_ocsp_response(body).certificate_status == ocsp.OCSPCertStatus.GOOD
+            assert "public" in headers["cache-control"]
+        assert server.metrics()["ocspmint_serve_cache_hits_total"] >= 1
+        revoke(own, serial, "keyCompromise")
+        code, summary = run_json(own, config=config)
+        assert code == 0, summary
+        status, headers, body = server.request("GET", path)
+        resp = ocsp.load_der_ocsp_response(body)
+        assert status == 200 and resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
+        assert resp.revocation_reason == x509.ReasonFlags.key_compromise
+        assert headers["etag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+    finally:
+        assert server.stop() == 0
+
+
+def test_cache_ttl_default_is_off_for_a_store_without_revalidation(demo: Demo, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # S3Store needs credentials, never used: no request is made
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    s3 = S3Store("s3://bucket/prefix", StoreSettings(url="s3://bucket/prefix", endpoint="http://127.0.0.1:9",
+                                                     region="us-east-1"))
+    try:
+        for serve, file_ttl, s3_ttl in (("", 60, 0), ('cache_ttl = "PT30S"', 30, 30), ('cache_ttl = "PT0S"', 0, 0)):
+            cfg = load_config(write_config(demo, tmp_path, serve=serve))
+            ident = issuer_identity(cfg.issuers[0])
+            assert Responder(cfg, [ident], FileStore(tmp_path / "responses")).cache.ttl == file_ttl, serve
+            assert Responder(cfg, [ident], s3).cache.ttl == s3_ttl, serve
+    finally:
+        s3.close()
 
 
 def test_response_past_next_update_is_served_uncached(origin: Origin) -> None:
+    # the demo's responder certificate is minutes old: a response that verifies cannot have
+    # expired yet, so this server's clock runs two days ahead (libfaketime)
     demo = origin.demo
     serial = demo.serials["expired"][0]
-    now = dt.datetime.now(UTC).replace(microsecond=0)
-    stale = craft(demo, serial, now - dt.timedelta(days=8), now - dt.timedelta(days=1))
+    this_update = origin.issuer.signer.cert.not_valid_before_utc
+    next_update = this_update + dt.timedelta(hours=8)
+    stale = craft(origin, serial, this_update, next_update)
     path = origin.store_path(serial)
-    before = origin.server.metrics()
+    req = get_paths(request_for(origin.issuer, serial))[0]
     plant(path, stale)
+    server = Server(origin.config, env=faked("+2d"))
     try:
-        status, headers, body = origin.get(request_for(origin.issuer, serial))
+        try:
+            status, headers, body = server.request("GET", req)
+        finally:
+            path.unlink()
+        assert (status, body) == (200, stale)
+        assert headers["cache-control"] == "max-age=0, no-cache"
+        assert http_time(headers["expires"]) == next_update
+        assert server.metrics()["ocspmint_serve_requests_total{result=expired}"] == 1
+        assert_error(server.request("GET", req), UNAUTHORIZED)  # gone from the store: not cached
     finally:
-        path.unlink()
-    assert (status, body) == (200, stale)
-    assert headers["cache-control"] == "max-age=0, no-cache"
-    assert http_time(headers["expires"]) == now - dt.timedelta(days=1)
-    after = origin.server.metrics()
-    assert after["ocspmint_serve_requests_total{result=expired}"] == before["ocspmint_serve_requests_total{result=expired}"] + 1
-    assert_error(origin.get(request_for(origin.issuer, serial)), UNAUTHORIZED)  # gone from the store: not cached
+        assert server.stop() == 0
 
 
 def test_mis_keyed_stored_response_is_an_internal_error(origin: Origin) -> None:
     asked, other = never_issued(origin.demo, 4), never_issued(origin.demo, 5)
     now = dt.datetime.now(UTC).replace(microsecond=0)
     path = origin.store_path(asked)
-    plant(path, craft(origin.demo, other, now - dt.timedelta(hours=1), now + dt.timedelta(days=1)))
+    plant(path, craft(origin, other, now - dt.timedelta(hours=1), now + dt.timedelta(days=1)))
     try:
         assert_error(origin.get(request_for(origin.issuer, asked)), bytes.fromhex("3003 0a01 02"))
     finally:
         path.unlink()
     assert "another serial" in origin.server.wait_event("error")["error"]
+
+
+def test_stored_objects_failing_verification_are_internal_errors(origin: Origin) -> None:
+    """The review's probe12/probe16: a flipped signature bit, `unknown`,
+    another issuer's CertID, a future thisUpdate. Each is signed with the
+    real responder key (the first before its bit is flipped), so only the
+    planted defect is wrong; each passes the structure check."""
+    ident = origin.issuer
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    serials = [never_issued(origin.demo, n) for n in range(10, 14)]
+    day, hour = dt.timedelta(days=1), dt.timedelta(hours=1)
+    tbs = [tbs_good(ident, s, now - hour, now + day) for s in serials[:3]]
+    integer = der.integer(serials[1])
+    tbs[1] = tbs[1].replace(integer + b"\x80\x00", integer + b"\x82\x00")  # good -> unknown [2] NULL
+    tbs[2] = tbs[2].replace(ident.name_hash["sha1"], os.urandom(20))  # another issuer's CertID
+    tbs.append(tbs_good(ident, serials[3], now + 2 * hour, now + day, produced_at=now + 2 * hour))
+    good, unknown, other_issuer, future = sign_tbs(origin, tbs)
+    sig = ocsp.load_der_ocsp_response(good).signature
+    at = good.rindex(sig) + len(sig) // 2
+    flipped = good[:at] + bytes((good[at] ^ 0x01,)) + good[at + 1 :]
+    cases = [(flipped, "signature: invalid"), (unknown, "status: unknown"),
+             (other_issuer, "certid: issuerNameHash (sha1) does not match issuer"),
+             (future, "is in the future")]
+    server = Server(origin.config)  # its own error log and rate limit
+    try:
+        for n, (serial, (body, finding)) in enumerate(zip(serials, cases)):
+            assert finding in " ".join(verify_response(body, ident, None, dt.datetime.now(UTC)))
+            assert parse_stored(body, "x").certids == {("sha1", serial)}  # the structure is fine
+            path = origin.store_path(serial)
+            plant(path, body)
+            req = request_for(ident, serial)
+            try:
+                for _ in range(2):  # never cached
+                    assert_error(server.request("GET", get_paths(req)[0]), INTERNAL_ERROR)
+                if n == 0:  # later lines fall under the one-a-second limit
+                    line = server.wait_event("error")
+                    assert line["key"] == object_key(ident.id, serial) and line["finding"].startswith(finding)
+                    assert line["key"] in line["error"]
+                    plant(path, good)  # the failure was not cached: the intact response is served at once
+                    assert server.request("GET", get_paths(req)[0])[::2] == (200, good)
+            finally:
+                path.unlink()
+        assert server.metrics()["ocspmint_serve_requests_total{result=error}"] == 2 * len(cases)
+    finally:
+        assert server.stop() == 0
+
+
+def test_get_and_post_under_path_prefix(origin: Origin, tmp_path: Path) -> None:
+    """The review's probe17: an AIA URL http://host/ocsp; GET is
+    {url}/{url-encoding of base64} (RFC 6960 App. A.1)."""
+    config = write_config(origin.demo, tmp_path, store=origin.root / "responses",
+                          serve=SERVE + '\npath_prefix = "/ocsp"')
+    serial = origin.demo.serials["good"][5]
+    stored = origin.store_path(serial).read_bytes()
+    plain = request_for(origin.issuer, serial)
+    n = 0
+    while "/" not in base64.b64encode(req := _with_nonce(plain, n.to_bytes(8, "big"))).decode():
+        n += 1  # a request whose base64 holds a "/": not just the last path segment
+    server = Server(config)
+    try:
+        for path in (*get_paths(plain), *get_paths(req), "//" + base64.b64encode(req).decode()):
+            status, headers, body = server.request("GET", "/ocsp" + path + "?q=1")
+            assert (status, body) == (200, stored), path
+            assert headers["x-ocsp-key"] == f"{origin.issuer.id}/{serial:040x}"
+        assert server.request("HEAD", "/ocsp" + get_paths(plain)[0])[0] == 200
+        for path in ("/ocsp", "/ocsp/"):
+            reply = server.request("POST", path, {"Content-Type": "application/ocsp-request"}, plain)
+            assert reply[::2] == (200, stored), path
+        url = f"http://127.0.0.1:{server.port}/ocsp"
+        out = openssl_url(origin, serial, url=url)
+        assert "Response verify OK" in out and re.search(rf"^0x{serial:x}: good$", out, re.M | re.I), out
+        for path in (get_paths(plain)[0], "/ocspx" + get_paths(plain)[0], "/other" + get_paths(plain)[0],
+                     "/ocsp", "/ocsp/", "/ocsp/MEIxxx"):
+            assert_error(server.request("GET", path), MALFORMED)
+        for path in ("/", "/other"):
+            assert_error(server.request("POST", path, {"Content-Type": "application/ocsp-request"}, plain), MALFORMED)
+        assert server.request("PURGE", "/ocsp" + get_paths(plain)[-1])[::2] == (200, b"purged 1\n")
+        assert server.request("GET", "/healthz")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("serve", "key"), [
+    ('max_age = "-PT2H"', "$.serve.max_age"),
+    ('max_age = "PT0S"', "$.serve.max_age"),
+    ('cache_ttl = "-PT1M"', "$.serve.cache_ttl"),
+    ("cache_bytes = -1", "$.serve.cache_bytes"),
+    ('path_prefix = "ocsp"', "$.serve.path_prefix"),
+    ('path_prefix = "/ocsp/"', "$.serve.path_prefix"),
+    ('path_prefix = "/"', "$.serve.path_prefix"),
+    ('path_prefix = "/a//b"', "$.serve.path_prefix"),
+    ('path_prefix = "/a?b"', "$.serve.path_prefix"),
+    ('purge_from = ["127.0.0.1", "nonsense"]', "$.serve.purge_from[1]"),
+])
+def test_serve_settings_that_make_no_sense_are_refused(demo: Demo, tmp_path: Path, serve: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(write_config(demo, tmp_path, serve=serve))
+
+
+def test_serve_refuses_a_negative_max_age_naming_the_key(demo: Demo, tmp_path: Path) -> None:
+    """The review's negmaxage.toml: it started and sent max-age=-7200."""
+    config = write_config(demo, tmp_path, serve='max_age = "-PT2H"')
+    p = subprocess.run([str(BIN / "ocspmint"), "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "$.serve.max_age" in p.stderr, p.stderr
+    for serve in ('path_prefix = "/ocsp"\ncache_ttl = "PT0S"\ncache_bytes = 0', 'path_prefix = "/a/b-1.c"', ""):
+        cfg = load_config(write_config(demo, tmp_path, serve=serve)).serve
+        assert cfg.max_age == dt.timedelta(days=1) and cfg.path_prefix in ("/ocsp", "/a/b-1.c", "")
 
 
 # --- /metrics and /healthz ----------------------------------------------------
@@ -479,6 +712,26 @@ def test_metrics_count_results_and_cache(origin: Origin) -> None:
     assert delta("ocspmint_serve_cache_misses_total") == 1
     assert 0 < after["ocspmint_serve_cache_hit_ratio"] <= 1
     assert after["ocspmint_serve_cache_entries"] >= 1 and after["ocspmint_serve_cache_bytes"] > 0
+
+
+def test_a_client_hanging_up_mid_post_is_aborted_not_an_error(origin: Origin) -> None:
+    """An alert on result=error must not fire because clients give up:
+    a POST cut off inside its body counts as ``aborted``."""
+    server = origin.server
+    before = server.metrics()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+                  b"Content-Length: 100\r\n\r\n0\x01")
+        time.sleep(0.2)  # the server is inside the body read when the client leaves
+    for _ in range(100):  # the server notices the hang-up in its own time
+        after = server.metrics()
+        if after.get("ocspmint_serve_requests_total{result=aborted}", 0) > before.get(
+                "ocspmint_serve_requests_total{result=aborted}", 0):
+            break
+        time.sleep(0.05)
+    assert after["ocspmint_serve_requests_total{result=aborted}"] == before.get(
+        "ocspmint_serve_requests_total{result=aborted}", 0) + 1
+    assert after["ocspmint_serve_requests_total{result=error}"] == before["ocspmint_serve_requests_total{result=error}"]
 
 
 def test_healthz_follows_the_store_and_serve_refuses_a_missing_store(demo: Demo, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -161,6 +161,18 @@ def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate |
         signer=signer,
         config=issuer,
     )
+
+
+def signed_by(issuer: IssuerIdentity, responder: x509.Certificate | None) -> IssuerIdentity:
+    """``issuer`` with another signer: ``responder``, a delegated responder
+    certificate checked like a configured one (issued directly by the CA,
+    EKU id-kp-OCSPSigning, RFC 6960 §4.2.2.2), or None for the CA's own key.
+    For responses signed before or after a responder certificate rollover.
+    Raises IdentityError."""
+    label = f"responder certificate {responder.subject.rfc4514_string()!r}" if responder else issuer.config.cert
+    if responder is not None:
+        _check_delegate(responder, issuer.cert, label)
+    return replace(issuer, signer=_signer_identity(responder or issuer.cert, responder is not None, label))
 
 
 def load_issuers(config: Config) -> dict[str, IssuerIdentity]:

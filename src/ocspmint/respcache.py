@@ -9,14 +9,14 @@ import calendar
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from ocspmint import der
 from ocspmint.encoder import OCSP_BASIC_OID
 from ocspmint.request import HASH_OIDS
 
-RESULTS = ("ok", "unauthorized", "malformed", "not_modified", "expired", "error")
+RESULTS = ("ok", "unauthorized", "malformed", "not_modified", "expired", "aborted", "error")
 ENTRY_OVERHEAD = 400  # bytes counted per cache entry beside its body
 
 
@@ -30,7 +30,9 @@ class Stored:
     ``this_update``/``next_update``: POSIX seconds (the first SingleResponse's
     thisUpdate, the earliest nextUpdate); ``certids``: the (hash name, serial)
     of every SingleResponse; ``etag``: quoted hex SHA-256 of ``body``;
-    ``label``: ``<issuer id>/<040x serial>`` (the X-OCSP-Key header)."""
+    ``label``: ``<issuer id>/<040x serial>`` (the X-OCSP-Key header);
+    ``version``: the store's token of the object read (``FileStore.version``),
+    None for a store that has none."""
 
     body: bytes
     this_update: int
@@ -38,6 +40,7 @@ class Stored:
     certids: frozenset[tuple[str, int]]
     etag: str
     label: str
+    version: Hashable = None
 
 
 def _gtime(buf: bytes, start: int, end: int) -> int:
@@ -49,7 +52,7 @@ def _gtime(buf: bytes, start: int, end: int) -> int:
     return calendar.timegm((int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[8:10]), int(t[10:12]), int(t[12:14])))
 
 
-def parse_stored(body: bytes, label: str) -> Stored:
+def parse_stored(body: bytes, label: str, version: Hashable = None) -> Stored:
     """Read the times and CertIDs of a stored DER OCSPResponse (RFC 6960
     §4.2.1) with ``ocspmint.der``; once per cache fill, ~10 µs. Raises
     ValueError when it is not a successful basic response whose every
@@ -109,7 +112,8 @@ def parse_stored(body: bytes, label: str) -> Stored:
         pos = single_end
     if pos != list_end or not certids or list_end > tbs_end:
         raise ValueError("stored response: bad responses list")
-    return Stored(body, this_update, next_update, frozenset(certids), f'"{hashlib.sha256(body).hexdigest()}"', label)
+    return Stored(body, this_update, next_update, frozenset(certids), f'"{hashlib.sha256(body).hexdigest()}"', label,
+                  version)
 
 
 # --- the in-memory cache ------------------------------------------------------

@@ -1,18 +1,26 @@
 """``ocspmint serve``: the RFC 5019 / RFC 9919 origin responder.
 
-It parses GET and POST OCSP requests (RFC 6960 App. A, ``ocspmint.request``),
-maps the CertID to a stored response (``store.object_key``) and answers
-with the cache headers of RFC 5019 §6 / RFC 9919 §6; anything it cannot
-answer gets one of the unsigned 5-byte error responses of RFC 6960 §4.2.1,
-never a 404, an empty body or a stack trace. docs/responder.md is the guide.
+It parses GET and POST OCSP requests (RFC 6960 App. A, ``ocspmint.request``)
+under ``[serve] path_prefix``, maps the CertID to a stored response
+(``store.object_key``) and answers with the cache headers of RFC 5019 §6 /
+RFC 9919 §6; anything it cannot answer gets one of the unsigned 5-byte
+error responses of RFC 6960 §4.2.1, never a 404, an empty body or a stack
+trace. docs/responder.md is the guide.
 
-Served objects are kept in a byte-bounded LRU (``[serve] cache_bytes``),
-each entry for at most ``cache_ttl`` and never past its nextUpdate; a store
-miss is never cached, so a newly published precertificate response is
-served as soon as it is in the store (BR 4.9.9's 15 minutes). PURGE and
-BAN from ``purge_from`` drop entries. ``/healthz`` and ``/metrics``
-(Prometheus) sit beside the OCSP paths: a GET request path is base64 of a
-DER SEQUENCE and always starts with "M", so they cannot collide.
+A stored object is checked once per cache fill with
+``verifier.verify_response`` (signature, CertID issuer, status, times);
+one that fails is answered with internalError, never served. Served
+objects are kept in a byte-bounded LRU (``[serve] cache_bytes``), each
+entry for at most ``cache_ttl`` and never past its nextUpdate. With a file
+store every hit is revalidated by a stat of the object
+(``FileStore.version``), so a republished or deleted object is never
+answered from memory; an S3 store has no such cheap check, and its default
+``cache_ttl`` is 0 (no cache). A store miss is never cached, so a newly
+published precertificate response is served as soon as it is in the store
+(BR 4.9.9's 15 minutes). PURGE and BAN from ``purge_from`` drop entries.
+``/healthz`` and ``/metrics`` (Prometheus) sit beside the OCSP paths: a GET
+request path is base64 of a DER SEQUENCE and always starts with "M", so
+they cannot collide.
 
 HTTP is aiohttp on uvloop, with aiohttp's pure-Python request parser:
 the C parser (llhttp) refuses the ``BAN`` method outright.
@@ -32,12 +40,17 @@ from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+
 from ocspmint.config import Config
 from ocspmint.encoder import MALFORMED_REQUEST, UNAUTHORIZED
-from ocspmint.issuer import IssuerIdentity, load_issuers
+from ocspmint.issuer import IdentityError, IssuerIdentity, load_issuers, signed_by
 from ocspmint.respcache import Cache, Metrics, Stored, parse_stored
 from ocspmint.request import IssuerMap, RequestError, parse_get_path, parse_request
 from ocspmint.store import CONTENT_TYPE, Store, StoreError, object_key, open_store
+from ocspmint.verifier import verify_response
 
 INTERNAL_ERROR = bytes.fromhex("3003 0a01 02")
 # What RFC 6960 §4.2.1 says the unsigned error responses are, byte for byte.
@@ -52,10 +65,23 @@ PROBE_KEY = "healthz/probe"  # a key no response has; fetching it proves the sto
 OCSP_METHODS = ("GET", "HEAD", "POST")
 ALLOW = "GET, HEAD, POST, PURGE, BAN"
 _HEX = frozenset("0123456789abcdef")
+FILE_CACHE_TTL = 60.0  # default [serve] cache_ttl, seconds, for a store whose hits are revalidated (file)
+MAX_SIGNERS = 64  # responder certificates remembered across rollovers
+EXPIRED_FINDING = "times: expired"  # a response past nextUpdate is served uncached (no-cache), not refused
 
 
 class ServeError(Exception):
     """The responder cannot start; the message says why (exit status 2)."""
+
+
+class UnservableResponse(ValueError):
+    """The stored object at ``key`` fails ``verify_response``; ``findings``
+    are the verifier's (never empty). Answered with internalError."""
+
+    def __init__(self, key: str, findings: list[str]) -> None:
+        more = f" (+{len(findings) - 1} more)" if len(findings) > 1 else ""
+        super().__init__(f"{key}: stored response fails verification: {findings[0]}{more}")
+        self.key, self.findings = key, findings
 
 
 def _log(event: str, **fields: Any) -> None:
@@ -95,11 +121,22 @@ class Responder:
     def __init__(self, config: Config, issuers: Iterable[IssuerIdentity], reader: Store,
                  clock: Callable[[], float] = time.time) -> None:
         serve = config.serve
+        issuers = list(issuers)
         self.issuers = IssuerMap(issuers)
+        self._by_id = {i.id: i for i in issuers}
+        self._signers: dict[tuple[str, bytes], IssuerIdentity | None] = {}  # (issuer, responder DER) → ``signed_by``
         self.reader = reader
         self.clock = clock
+        self.path_prefix = serve.path_prefix
         self.max_age = int(serve.max_age.total_seconds())
-        self.cache = Cache(serve.cache_bytes, serve.cache_ttl.total_seconds(), clock)
+        # a file store's object is stat'ed on every hit (FileStore.version); a store without
+        # such a check (S3) would serve a superseded object for cache_ttl: no cache by default
+        self._version: Callable[[str], Any] | None = getattr(reader, "version", None)
+        if serve.cache_ttl is not None:
+            ttl = serve.cache_ttl.total_seconds()
+        else:
+            ttl = FILE_CACHE_TTL if self._version is not None else 0.0
+        self.cache = Cache(serve.cache_bytes, ttl, clock)
         self.metrics = Metrics(self.cache)
         self.purge_from = _networks(serve.purge_from)
         self._inflight: dict[str, asyncio.Future[Stored | None]] = {}
@@ -124,6 +161,8 @@ class Responder:
         result = "error"
         try:
             result, response = await self._ocsp(request, path)
+        except ConnectionResetError:  # the client hung up mid-request: nothing to answer, not an error of ours
+            result, response = "aborted", self._error(INTERNAL_ERROR)
         except Exception as e:  # noqa: BLE001 - any failure is internalError, never a trace
             self._log_error(method, e)
             response = self._error(INTERNAL_ERROR)
@@ -132,13 +171,30 @@ class Responder:
 
     def _log_error(self, method: str, e: Exception) -> None:
         """Log an internalError, at most one line a second (a store outage
-        fails every request); ``suppressed`` counts the lines skipped."""
+        fails every request); ``suppressed`` counts the lines skipped. A
+        stored object failing verification names its ``key`` and the
+        verifier's first ``finding``."""
         now = time.monotonic()
         if now - self._last_error_log < 1.0:
             self._quiet_errors += 1
             return
-        _log("error", method=method, error=f"{type(e).__name__}: {str(e)[:200]}", suppressed=self._quiet_errors)
+        fields: dict[str, Any] = {}
+        if isinstance(e, UnservableResponse):
+            fields = {"key": e.key, "finding": e.findings[0][:300], "findings": len(e.findings)}
+        _log("error", method=method, error=f"{type(e).__name__}: {str(e)[:200]}", **fields,
+             suppressed=self._quiet_errors)
         self._last_error_log, self._quiet_errors = now, 0
+
+    def _unprefixed(self, path: str) -> str | None:
+        """``path`` (with its query) without ``path_prefix``: "/..." or
+        "" for the prefix itself; None when the path is outside it."""
+        prefix = self.path_prefix
+        if not prefix:
+            return path
+        route = path.partition("?")[0]
+        if route == prefix or route.startswith(prefix + "/"):
+            return path[len(prefix):]
+        return None
 
     def _error(self, body: bytes) -> Any:
         from aiohttp import web
@@ -167,6 +223,12 @@ class Responder:
     async def _ocsp(self, request: Any, path: str) -> tuple[str, Any]:
         from aiohttp import web
 
+        inner = self._unprefixed(path)
+        if inner is None:  # not under [serve] path_prefix: a bad path, as any other
+            response = self._error(MALFORMED_REQUEST)
+            if request.method == "POST":
+                response.force_close()  # the body is never read
+            return "malformed", response
         try:
             if request.method == "POST":
                 data = await self._read_body(request)
@@ -176,7 +238,7 @@ class Responder:
                     return "malformed", response
                 cids = parse_request(data)
             else:
-                cids = parse_get_path(path)
+                cids = parse_get_path(inner)
         except RequestError:
             return "malformed", self._error(MALFORMED_REQUEST)
         # RFC 5019 §2.1.1: one Request. Several are answered only when they
@@ -214,12 +276,16 @@ class Responder:
 
     async def _load(self, key: str) -> Stored | None:
         """The response at ``key``, from the cache or the store (one store
-        read per key at a time); None when the store has none. Raises
-        StoreError or ValueError (unreadable stored response)."""
+        read per key at a time); None when the store has none. A cached
+        entry of a file store is served only while the object's stat token
+        is the one read with it. Raises StoreError or ValueError
+        (unreadable stored response, UnservableResponse)."""
         hit = self.cache.get(key)
         if hit is not None:
-            self.metrics.hit()
-            return hit
+            if self._version is None or self._version(key) == hit.version:
+                self.metrics.hit()
+                return hit
+            self.cache.drop(key)  # republished or deleted since it was read
         self.metrics.miss()
         fut = self._inflight.get(key)
         if fut is None:
@@ -230,16 +296,66 @@ class Responder:
 
     async def _fill(self, key: str) -> Stored | None:
         bans = self._bans
+        # the token is taken before the read: a publication in between gives new bytes under
+        # the old token, which the next hit sees as changed (never old bytes under a new token)
+        version = self._version(key) if self._version is not None else None
         body = await self.reader.fetch(key)
         if body is None:
             return None  # never cached: a new precertificate must be served at once
         try:
-            stored = parse_stored(body, key.partition("/")[2])
+            stored = parse_stored(body, key.partition("/")[2], version)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
+        self._verify(key, stored)
         if bans == self._bans and self.clock() < stored.next_update:
             self.cache.put(key, stored)
         return stored
+
+    def _verify(self, key: str, stored: Stored) -> None:
+        """``verify_response`` of the object read at ``key`` against the
+        key's issuer (signature and signer, CertID issuer hashes, status
+        not unknown, times; not the ledger: expect None), once per fill
+        (~0.1 ms). A response past nextUpdate passes here: it is served
+        with no-cache, counted as expired. Raises UnservableResponse."""
+        issuer = self._signer_of(self._by_id[key.split("/")[1]], stored.body)
+        now = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
+        findings = [f for f in verify_response(stored.body, issuer, None, now) if not f.startswith(EXPIRED_FINDING)]
+        if findings:
+            raise UnservableResponse(key, findings)
+
+    def _signer_of(self, issuer: IssuerIdentity, body: bytes) -> IssuerIdentity:
+        """``issuer`` with the signer that made ``body``: the configured one,
+        or, across a responder certificate rollover (objects not re-signed
+        yet, or a ``serve`` started before it), the CA's own key or the
+        delegated responder certificate the response carries, accepted as
+        a client accepts it (issued by the CA, id-kp-OCSPSigning; RFC 6960
+        §4.2.2.2). Anything else: the configured signer, so the verifier
+        names the mismatch."""
+        try:
+            resp = ocsp.load_der_ocsp_response(body)
+            key_hash, certs = resp.responder_key_hash, resp.certificates
+        except ValueError:
+            return issuer
+        if key_hash is None or key_hash == issuer.signer.key_hash:
+            return issuer
+        for cert in [None, *certs]:
+            other = self._signed_by(issuer, cert)
+            if other is not None and other.signer.key_hash == key_hash:
+                return other
+        return issuer
+
+    def _signed_by(self, issuer: IssuerIdentity, cert: x509.Certificate | None) -> IssuerIdentity | None:
+        """``signed_by(issuer, cert)``, None when ``cert`` may not sign for
+        it; remembered (``MAX_SIGNERS``)."""
+        key = (issuer.name, b"" if cert is None else cert.public_bytes(serialization.Encoding.DER))
+        if key not in self._signers:
+            if len(self._signers) >= MAX_SIGNERS:  # a store full of foreign certificates
+                self._signers.pop(next(iter(self._signers)))
+            try:
+                self._signers[key] = signed_by(issuer, cert)
+            except IdentityError:
+                self._signers[key] = None
+        return self._signers[key]
 
     def _forget(self, keys: set[str], issuer_ids: set[str]) -> int:
         """Drop ``keys`` and every key of ``issuer_ids`` from the cache and
@@ -279,8 +395,10 @@ class Responder:
             return [v.strip().lower() for h in request.headers.getall(header, []) for v in h.split(",") if v.strip()]
 
         try:
-            if request.method == "PURGE":
-                keys = {k for c in parse_get_path(path) if (k := self.issuers.key(c)) is not None}
+            if request.method == "PURGE":  # the request path with or without path_prefix
+                inner = self._unprefixed(path)
+                cids = parse_get_path(path if inner is None else inner)
+                keys = {k for c in cids if (k := self.issuers.key(c)) is not None}
             else:
                 for value in values("X-OCSP-Key"):
                     issuer_id, _, serial = value.partition("/")
@@ -386,8 +504,8 @@ async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    _log("start", listen=[f"{h}:{p}" for h, p in bound], store=config.store.url,
-         issuers=[i.name for i in issuers], pid=os.getpid())
+    _log("start", listen=[f"{h}:{p}" for h, p in bound], store=config.store.url, path_prefix=config.serve.path_prefix,
+         cache_ttl=responder.cache.ttl, issuers=[i.name for i in issuers], pid=os.getpid())
     await stop.wait()
     await runner.cleanup()
     reader.close()
