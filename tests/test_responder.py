@@ -714,6 +714,23 @@ def test_metrics_count_results_and_cache(origin: Origin) -> None:
     assert after["ocspmint_serve_cache_entries"] >= 1 and after["ocspmint_serve_cache_bytes"] > 0
 
 
+def test_unparsable_http_is_one_json_log_line_and_a_long_get_an_ocsp_answer(origin: Origin) -> None:
+    """aiohttp answers what it cannot parse itself (HTTP 400); what it logs
+    must be ``http_error`` JSON lines, never a traceback any client can
+    trigger. A GET line past aiohttp's default 8,190 bytes is parsed and
+    answered malformedRequest like any bad GET."""
+    server = origin.server
+    mark = len(server.lines)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+            assert s.recv(64).split(b" ")[1] == b"400"
+    assert "InvalidHeader" in server.wait_event("http_error")["error"]
+    assert_error(server.request("GET", "/" + "A" * 9000), MALFORMED)
+    new = server.lines[mark:]
+    assert new and all(json.loads(line)["event"] in ("http_error", "error") for line in new), new
+
+
 def test_a_client_hanging_up_mid_post_is_aborted_not_an_error(origin: Origin) -> None:
     """An alert on result=error must not fire because clients give up:
     a POST cut off inside its body counts as ``aborted``."""

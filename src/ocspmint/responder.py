@@ -32,6 +32,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
@@ -65,6 +66,8 @@ PROBE_KEY = "healthz/probe"  # a key no response has; fetching it proves the sto
 OCSP_METHODS = ("GET", "HEAD", "POST")
 ALLOW = "GET, HEAD, POST, PURGE, BAN"
 _HEX = frozenset("0123456789abcdef")
+KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this (aiohttp's default: an hour)
+MAX_LINE = 4 * MAX_BODY  # request line: a GET of a request POST accepts, base64 then percent-encoded
 FILE_CACHE_TTL = 60.0  # default [serve] cache_ttl, seconds, for a store whose hits are revalidated (file)
 MAX_SIGNERS = 64  # responder certificates remembered across rollovers
 EXPIRED_FINDING = "times: expired"  # a response past nextUpdate is served uncached (no-cache), not refused
@@ -88,6 +91,35 @@ def _log(event: str, **fields: Any) -> None:
     """One JSON line on stderr (never PINs, credentials or request bodies)."""
     line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "event": event, **fields}
     print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+class _HttpErrorLog(logging.Handler):
+    """aiohttp's own errors (a request it cannot parse: over-long line, bad
+    header) as one ``http_error`` JSON line, at most one a second, without
+    the traceback aiohttp attaches: any client could otherwise flood the log
+    and break its one-line format."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last, self._quiet = 0.0, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._quiet += 1
+            return
+        error = record.exc_info[1] if record.exc_info else None
+        detail = f"{type(error).__name__}: {str(error).strip()[:200]}" if error else record.getMessage()[:200]
+        _log("http_error", error=detail, suppressed=self._quiet)
+        self._last, self._quiet = now, 0
+
+
+def _http_logger() -> logging.Logger:
+    logger = logging.getLogger("ocspmint.serve.http")
+    if not logger.handlers:
+        logger.addHandler(_HttpErrorLog())
+        logger.propagate = False
+    return logger
 
 
 # --- the responder ------------------------------------------------------------
@@ -489,7 +521,8 @@ async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: i
     except (StoreError, ServeError, OSError) as e:
         print(f"ocspmint serve: store {config.store.url} unusable: {e}", file=sys.stderr)
         return 2
-    server = web.Server(responder.handle, access_log=None)
+    server = web.Server(responder.handle, access_log=None, logger=_http_logger(), keepalive_timeout=KEEPALIVE_SECONDS,
+                        max_line_size=MAX_LINE)
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, host or None, port)
