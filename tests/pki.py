@@ -36,8 +36,12 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, oc
         .not_valid_after(NOW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if ocsp:
-        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+    if ca:  # digitalSignature: the CA's own key may sign OCSP (BR 7.1.2.10.7)
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+    if ocsp:  # the delegated responder profile of BR 7.1.2.8
+        b = (b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+             .add_extension(x509.OCSPNoCheck(), critical=False))
     alg = hashes.SHA384() if isinstance(issuer_key, ec.EllipticCurvePrivateKey) and issuer_key.curve.name == "secp384r1" else hashes.SHA256()
     return b.sign(issuer_key, alg)
 

@@ -1,7 +1,9 @@
 """Bad input to `ocspmint run`: malformed files in a certificate folder,
 serials stated twice, ledger rows and sources for an unknown issuer, and
-delegated responder certificates that are unusable (no id-kp-OCSPSigning,
-not issued by the CA) or expire before nextUpdate.
+delegated responder certificates that are unusable (not issued by the CA,
+or off the BR 7.1.2.8 profile: EKU, id-pkix-ocsp-nocheck, keyUsage), an
+issuing CA signing itself without keyUsage digitalSignature (BR 7.1.2.10.7),
+and signer certificates that expire before nextUpdate or are not valid yet.
 
 What each reader reports row by row is in test_ledger.py; bad index.txt
 lines, a missing certificate file and a token key that does not match the
@@ -34,7 +36,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from cryptography.x509 import ocsp as x509_ocsp
 
 from e2e import BIN, ocspmint, openssl_check, response_path, run_json
@@ -44,8 +46,10 @@ from ocspmint.ledger import openssl_hex
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint import pipeline
 from ocspmint.config import load_config
+from ocspmint.encoder import ResponseTemplate
+from ocspmint.issuer import IdentityError, load_issuers, signed_by
 from ocspmint.model import Kind, LedgerEntry, Status, serial_hex, utc_now
-from ocspmint.runner import Runner
+from ocspmint.runner import Runner, batch_times
 from ocspmint.signer import IN_FLIGHT_PER_WORKER
 
 UTC = dt.timezone.utc
@@ -354,41 +358,135 @@ def test_a_run_interrupted_during_a_long_pass_publishes_nothing_and_exits_cleanl
 # --------------------------------------------------------------- delegated responder certificates
 
 
+DS_ONLY = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+CA_USAGES = x509.KeyUsage(True, False, False, False, False, True, True, False, False)  # digitalSignature, keyCertSign, cRLSign
+
+
 def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None, lifetime: dt.timedelta = dt.timedelta(days=30),
-                  by_root: bool = False) -> x509.Certificate:
+                  by_root: bool = False, nocheck: str = "non-critical", ku: x509.KeyUsage | None = DS_ONLY,
+                  ku_critical: bool = True, not_before: dt.timedelta | None = None) -> x509.Certificate:
     """Replace ca/responder.pem by a certificate for the same token key, issued
-    by the issuing CA (or the root), with ``eku`` (None: no EKU extension)
-    and notAfter = now + ``lifetime`` (notBefore an hour before now or notAfter)."""
+    by the issuing CA (or the root), with ``eku`` (None: no EKU extension),
+    id-pkix-ocsp-nocheck ``nocheck`` ("non-critical", "critical", "absent" or
+    "malformed": an OCTET STRING where NULL belongs),
+    keyUsage ``ku`` (None: absent) critical or not, and notAfter = now +
+    ``lifetime``; notBefore now + ``not_before``, by default an hour before
+    now or notAfter. With the defaults but ``eku`` it has the BR 7.1.2.8 profile."""
     ca_path, key_path = (demo.root_ca, demo.root / "ca" / "root.key") if by_root else (demo.issuing_ca, demo.issuing_key)
     ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
     old = x509.load_pem_x509_certificate(demo.responder_cert.read_bytes())
     now = utc_now()
+    start = now + not_before if not_before is not None else now + min(lifetime, dt.timedelta(0)) - dt.timedelta(hours=1)
     b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.subject).public_key(old.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now + min(lifetime, dt.timedelta(0)) - dt.timedelta(hours=1))
+         .serial_number(x509.random_serial_number()).not_valid_before(start)
          .not_valid_after(now + lifetime)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False))
+    if ku is not None:
+        b = b.add_extension(ku, critical=ku_critical)
     if eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if nocheck == "malformed":
+        b = b.add_extension(x509.UnrecognizedExtension(ExtensionOID.OCSP_NO_CHECK, b"\x04\x00"), critical=False)
+    elif nocheck != "absent":
+        b = b.add_extension(x509.OCSPNoCheck(), critical=nocheck == "critical")
     cert = b.sign(serialization.load_pem_private_key(key_path.read_bytes(), None), hashes.SHA256())
     demo.responder_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert
 
 
+def new_issuing_ca(demo: Demo, *, ku: x509.KeyUsage = CA_USAGES, not_before: dt.timedelta | None = None) -> x509.Certificate:
+    """Replace ca/issuing-ca.pem by another certificate from the root for the
+    same name and key (the leaves and the responder certificate still chain
+    to it) with keyUsage ``ku`` and notBefore now + ``not_before`` (default:
+    the old notBefore)."""
+    root = x509.load_pem_x509_certificate(demo.root_ca.read_bytes())
+    root_key = serialization.load_pem_private_key((demo.root / "ca" / "root.key").read_bytes(), None)
+    old = x509.load_pem_x509_certificate(demo.issuing_ca.read_bytes())
+    cert = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(root.subject).public_key(old.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(old.not_valid_before_utc if not_before is None else utc_now() + not_before)
+            .not_valid_after(old.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(ku, critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(old.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256()))  # type: ignore[arg-type]
+    demo.issuing_ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+def assert_refused(demo: Demo, line: str) -> None:
+    """Every command that loads the issuers exits 2 with the one line ``line``
+    on stderr (``refresh`` and ``serve`` would otherwise keep running)."""
+    for command in ("run", "verify", "refresh", "serve"):
+        p = ocspmint(demo, command, timeout=60)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr[-2000:])
+        assert p.stderr.startswith(f"ocspmint: {line}") and p.stderr.count("\n") == 1, (command, p.stderr)
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+OCSP, SERVER = ExtendedKeyUsageOID.OCSP_SIGNING, ExtendedKeyUsageOID.SERVER_AUTH
+NO_DS = x509.KeyUsage(False, True, False, False, False, False, False, False, False)  # nonRepudiation only
+DS_KE = x509.KeyUsage(True, False, True, False, False, False, False, False, False)  # digitalSignature, keyEncipherment
+
+
 @pytest.mark.parametrize("kw,words", [
     ({"eku": None}, "responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)"),
-    ({"eku": [ExtendedKeyUsageOID.SERVER_AUTH]}, "responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)"),
-    ({"eku": [ExtendedKeyUsageOID.OCSP_SIGNING], "by_root": True}, "responder certificate is not issued by its issuer"),
-], ids=["no-eku", "serverAuth-only", "issued-by-root"])
+    ({"eku": [SERVER]}, "responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)"),
+    ({"eku": [OCSP], "by_root": True}, "responder certificate is not issued by its issuer"),
+    ({"eku": [OCSP, SERVER]},
+     "responder certificate has EKU serverAuth besides id-kp-OCSPSigning (BR 7.1.2.8.5: id-kp-OCSPSigning only)"),
+    ({"eku": [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE, OCSP]},
+     "responder certificate has EKU anyExtendedKeyUsage besides id-kp-OCSPSigning (BR 7.1.2.8.5: id-kp-OCSPSigning only)"),
+    ({"eku": [OCSP], "nocheck": "absent"}, "responder certificate lacks id-pkix-ocsp-nocheck (BR 7.1.2.8.6)"),
+    ({"eku": [OCSP], "nocheck": "critical"},
+     "responder certificate marks id-pkix-ocsp-nocheck critical (BR 7.1.2.8.2: non-critical)"),
+    ({"eku": [OCSP], "nocheck": "malformed"}, "responder certificate has a malformed extension: "),
+    ({"eku": [OCSP], "ku": None}, "responder certificate lacks keyUsage digitalSignature (BR 7.1.2.8.7)"),
+    ({"eku": [OCSP], "ku": NO_DS}, "responder certificate lacks keyUsage digitalSignature (BR 7.1.2.8.7)"),
+    ({"eku": [OCSP], "ku": DS_KE},
+     "responder certificate has keyUsage keyEncipherment besides digitalSignature (BR 7.1.2.8.7: digitalSignature only)"),
+    ({"eku": [OCSP], "ku_critical": False}, "responder certificate keyUsage is not critical (BR 7.1.2.8.2)"),
+], ids=["no-eku", "serverAuth-only", "issued-by-root", "serverAuth-too", "anyEKU-too", "no-nocheck", "critical-nocheck",
+        "malformed-nocheck", "no-keyUsage", "keyUsage-without-digitalSignature", "keyUsage-keyEncipherment-too", "keyUsage-not-critical"])
 def test_unusable_responder_certificate_is_refused_naming_the_file(tmp_path, kw, words):
     demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
-    new_responder(demo, **kw)
-    for command in ("run", "verify"):
-        p = ocspmint(demo, command)
-        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr[-2000:])
-        assert p.stderr.startswith(f"ocspmint: {demo.responder_cert}: {words}"), p.stderr
-    assert file_objects(demo) == {} and journal_rows(demo) == {}
+    configured = load_issuers(load_config(demo.config))["issuing-ca"]
+    cert = new_responder(demo, **kw)
+    assert_refused(demo, f"{demo.responder_cert}: {words}")
+    # the responder accepts a rolled-over responder certificate a response carries by the same rules
+    with pytest.raises(IdentityError) as refused:
+        signed_by(configured, cert)
+    assert words in str(refused.value)
+
+
+def test_conforming_responder_certificate_is_accepted(tmp_path):
+    """The profile new_responder makes by default (BR 7.1.2.8) passes every check."""
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
+    configured = load_issuers(load_config(demo.config))["issuing-ca"]
+    cert = new_responder(demo, eku=[OCSP])
+    assert signed_by(configured, cert).signer.cert == cert
+    code, summary = run_json(demo)
+    assert code == 0 and summary["published"] == len(unexpired(demo)), summary["failures"]
+    assert verify_clean(demo) == len(unexpired(demo))
+
+
+def test_issuing_ca_without_digital_signature_may_not_sign_itself(tmp_path):
+    """BR 7.1.2.10.7: keyUsage digitalSignature when the CA key signs OCSP;
+    with a delegated responder the CA needs no digitalSignature."""
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0, signer="issuer")
+    new_issuing_ca(demo, ku=x509.KeyUsage(False, False, False, False, False, True, True, False, False))
+    assert_refused(demo, f"{demo.issuing_ca}: issuer certificate lacks keyUsage digitalSignature, so its key cannot "
+                         "sign OCSP responses itself (BR 7.1.2.10.7)")
+
+    delegated = build_demo(tmp_path / "delegated", certs=2, precerts=1, revoke=0)
+    new_issuing_ca(delegated, ku=x509.KeyUsage(False, False, False, False, False, True, True, False, False))
+    ident = load_issuers(load_config(delegated.config))["issuing-ca"]
+    with pytest.raises(IdentityError, match="lacks keyUsage digitalSignature"):
+        signed_by(ident, None)  # a response signed by the CA key is not accepted for it either
+    code, summary = run_json(delegated)
+    assert code == 0 and summary["published"] == len(unexpired(delegated)), summary["failures"]
 
 
 def test_responder_expiring_before_next_update_cuts_next_update_to_its_not_after(tmp_path):
@@ -435,3 +533,38 @@ def test_responder_with_less_than_8h_left_fails_every_serial_clearly(tmp_path, l
                 "less than 8 h of validity left (BR 4.9.9)")
     assert all(f["stage"] == "sign" and f["message"] == expected for f in summary["failures"]), summary["failures"][0]
     assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+@pytest.mark.parametrize("signer", ["delegated", "issuer"])
+def test_signer_not_valid_yet_fails_every_serial_clearly(tmp_path, signer):
+    """A signer certificate whose notBefore is ahead of this host's clock (a
+    new certificate from a CA whose clock runs ahead) signs nothing, like an
+    expired one: thisUpdate may be neither in the future nor before it."""
+    demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0, signer=signer)
+    if signer == "delegated":
+        cert, path, what = new_responder(demo, eku=[OCSP], not_before=dt.timedelta(hours=1)), demo.responder_cert, "responder"
+    else:
+        cert, path, what = new_issuing_ca(demo, not_before=dt.timedelta(hours=1)), demo.issuing_ca, "issuer"
+    p = ocspmint(demo, "run", "--quiet", "--json")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    summary = json.loads(p.stdout)
+    assert summary["published"] == 0 and len(summary["failures"]) == 3
+    expected = (f"{what} certificate {path} is not valid until {cert.not_valid_before_utc.isoformat()}: "
+                "nothing is signed with it before then (thisUpdate never in the future, RFC 6960 §4.2.2.1)")
+    assert all(f["stage"] == "sign" and f["message"] == expected for f in summary["failures"]), summary["failures"][0]
+    assert file_objects(demo) == {} and journal_rows(demo) == {}
+
+
+def test_batch_times_of_a_signer_valid_from_now_on(tmp_path):
+    """The boundary of the case above: a second before notBefore is refused
+    by name, at notBefore thisUpdate = producedAt = notBefore."""
+    demo = build_demo(tmp_path, certs=1, precerts=0, revoke=0)
+    cert = new_responder(demo, eku=[OCSP], not_before=dt.timedelta(seconds=5))
+    config = load_config(demo.config)
+    ident = load_issuers(config)["issuing-ca"]
+    nb = cert.not_valid_before_utc
+    with pytest.raises(ValueError, match=f"^responder certificate {demo.responder_cert} is not valid until "):
+        batch_times(config, ident, nb - dt.timedelta(seconds=1))
+    times = batch_times(config, ident, nb)
+    assert times.produced_at == times.this_update == nb and times.next_update == nb + config.response.validity
+    ResponseTemplate(ident, ("sha1",)).time_fields(times)  # encodable

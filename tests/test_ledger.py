@@ -99,7 +99,9 @@ def make_ca(root: Path, name: str) -> CA:
     d.mkdir()
     run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=d)
     run("openssl", "req", "-new", "-x509", "-key", "ca.key", "-subj", CA_SUBJECT, "-days", "3650", "-out", "ca.pem",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        # digitalSignature: issuer_identity refuses a CA that signs OCSP itself without it (BR 7.1.2.10.7)
+        "-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign", cwd=d)
     run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "leaf.key", cwd=d)
     run("openssl", "req", "-new", "-key", "leaf.key", "-subj", "/CN=leaf", "-out", "leaf.csr", cwd=d)
     return CA(d, name)

@@ -61,7 +61,10 @@ def make_cert(
         .not_valid_after(NOW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if not ca:
+    if ca:  # digitalSignature: the CA's own key may sign OCSP (BR 7.1.2.10.7)
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+    else:  # the delegated responder profile of BR 7.1.2.8
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
         b = b.add_extension(x509.OCSPNoCheck(), critical=False)
     return b.sign(issuer_key, sig_hash(issuer_key))

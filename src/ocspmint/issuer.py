@@ -1,8 +1,12 @@
 """Issuer and signer identities: the hashes CertID and ResponderID use.
 
 ``load_issuers(config)`` reads every issuer certificate and its signer
-certificate and checks the delegation rules of RFC 6960 §4.2.2.2 and
-BR 7.1.2.8. Errors raise IdentityError naming the file.
+certificate and checks the signer certificate profile: a delegated
+responder certificate as RFC 6960 §4.2.2.2 and BR 7.1.2.8 require it
+(issued directly by the CA, EKU id-kp-OCSPSigning only, id-pkix-ocsp-nocheck
+non-critical, keyUsage critical digitalSignature only); a CA certificate
+whose own key signs with keyUsage digitalSignature (BR 7.1.2.10.7).
+Errors raise IdentityError naming the file and the rule.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from ocspmint import der
 from ocspmint.config import Config, Issuer
@@ -66,7 +70,9 @@ class SignerIdentity:
     ``key_hash`` is SHA-1 of its subjectPublicKey (ResponderID byKey,
     RFC 6960 §4.2.1, RFC 9919 §3.2.2); ``key_type`` "ec"/"rsa";
     ``hash_name`` the signature hash (BR 7.1.3.2); ``sig_alg`` its
-    AlgorithmIdentifier DER; ``cert_der`` goes in ``certs`` when delegated.
+    AlgorithmIdentifier DER; ``cert_der`` goes in ``certs`` when delegated;
+    ``source`` names the certificate in messages: the file it was read
+    from, or the subject of one a response carries (``signed_by``).
     """
 
     cert: x509.Certificate
@@ -78,6 +84,7 @@ class SignerIdentity:
     sig_alg: bytes
     not_before: dt.datetime
     not_after: dt.datetime
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,21 +122,97 @@ def _signer_identity(cert: x509.Certificate, delegated: bool, path: str) -> Sign
         sig_alg=SIG_ALG[(key_type, hash_name)],
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
+        source=path,
     )
 
 
+# keyUsage bits by their RFC 5280 §4.2.1.3 names (encipherOnly/decipherOnly
+# are only read when keyAgreement is set).
+_KU_BITS = (("digitalSignature", "digital_signature"), ("nonRepudiation", "content_commitment"),
+            ("keyEncipherment", "key_encipherment"), ("dataEncipherment", "data_encipherment"),
+            ("keyAgreement", "key_agreement"), ("keyCertSign", "key_cert_sign"), ("cRLSign", "crl_sign"))
+
+
+def _key_usages(ku: x509.KeyUsage) -> list[str]:
+    names = [name for name, attr in _KU_BITS if getattr(ku, attr)]
+    if ku.key_agreement:
+        names += [name for name, attr in (("encipherOnly", "encipher_only"), ("decipherOnly", "decipher_only"))
+                  if getattr(ku, attr)]
+    return names
+
+
+def _extensions(cert: x509.Certificate, path: str, what: str) -> x509.Extensions:
+    try:
+        return cert.extensions
+    except ValueError as e:  # a duplicate or undecodable extension
+        raise IdentityError(f"{path}: {what} certificate has a malformed extension: {e}") from None
+
+
 def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> None:
-    """RFC 6960 §4.2.2.2: issued directly by the CA, EKU id-kp-OCSPSigning."""
+    """A delegated responder certificate: issued directly by the CA
+    (RFC 6960 §4.2.2.2) with the BR 7.1.2.8 profile: EKU id-kp-OCSPSigning
+    and nothing else (7.1.2.8.5), id-pkix-ocsp-nocheck present and
+    non-critical (7.1.2.8.6, 7.1.2.8.2), keyUsage present, critical
+    (7.1.2.8.2), digitalSignature and no other bit (7.1.2.8.7). Raises
+    IdentityError naming ``path`` and the rule."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as e:
         raise IdentityError(f"{path}: responder certificate is not issued by its issuer: {e}") from None
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is None or ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+    exts = _extensions(cert, path, "responder")
+    eku = _ext(exts, ExtensionOID.EXTENDED_KEY_USAGE)
+    if eku is None or ExtendedKeyUsageOID.OCSP_SIGNING not in eku.value:
         raise IdentityError(f"{path}: responder certificate lacks EKU id-kp-OCSPSigning (RFC 6960 §4.2.2.2)")
+    others = [_eku_name(o) for o in eku.value if o != ExtendedKeyUsageOID.OCSP_SIGNING]
+    if others:
+        raise IdentityError(f"{path}: responder certificate has EKU {', '.join(others)} besides id-kp-OCSPSigning "
+                            "(BR 7.1.2.8.5: id-kp-OCSPSigning only)")
+    nocheck = _ext(exts, ExtensionOID.OCSP_NO_CHECK)
+    if nocheck is None:
+        raise IdentityError(f"{path}: responder certificate lacks id-pkix-ocsp-nocheck (BR 7.1.2.8.6)")
+    if nocheck.critical:
+        raise IdentityError(f"{path}: responder certificate marks id-pkix-ocsp-nocheck critical "
+                            "(BR 7.1.2.8.2: non-critical)")
+    ku = _ext(exts, ExtensionOID.KEY_USAGE)
+    if ku is None or not ku.value.digital_signature:
+        raise IdentityError(f"{path}: responder certificate lacks keyUsage digitalSignature (BR 7.1.2.8.7)")
+    others = [n for n in _key_usages(ku.value) if n != "digitalSignature"]
+    if others:
+        raise IdentityError(f"{path}: responder certificate has keyUsage {', '.join(others)} besides digitalSignature "
+                            "(BR 7.1.2.8.7: digitalSignature only)")
+    if not ku.critical:
+        raise IdentityError(f"{path}: responder certificate keyUsage is not critical (BR 7.1.2.8.2)")
+
+
+def _check_ca_signs(ca: x509.Certificate, path: str) -> None:
+    """A CA certificate whose own key signs OCSP responses: keyUsage with
+    digitalSignature (BR 7.1.2.10.7; RFC 5280 §4.2.1.3). Raises
+    IdentityError naming ``path`` and the rule."""
+    ku = _ext(_extensions(ca, path, "issuer"), ExtensionOID.KEY_USAGE)
+    if ku is None or not ku.value.digital_signature:
+        raise IdentityError(f"{path}: issuer certificate lacks keyUsage digitalSignature, so its key cannot sign OCSP "
+                            "responses itself (BR 7.1.2.10.7); configure a delegated responder certificate (signer.cert)")
+
+
+def _ext(exts: x509.Extensions, oid: x509.ObjectIdentifier) -> x509.Extension | None:
+    try:
+        return exts.get_extension_for_oid(oid)
+    except x509.ExtensionNotFound:
+        return None
+
+
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+
+
+def _eku_name(oid: x509.ObjectIdentifier) -> str:
+    return _EKU_NAMES.get(oid, oid.dotted_string)
 
 
 def issuer_identity(issuer: Issuer) -> IssuerIdentity:
@@ -139,6 +222,8 @@ def issuer_identity(issuer: Issuer) -> IssuerIdentity:
     if issuer.signer.cert:
         responder = load_certificate(issuer.signer.cert)
         _check_delegate(responder, ca, issuer.signer.cert)
+    else:
+        _check_ca_signs(ca, issuer.cert)
     return identity(issuer, ca, responder)
 
 
@@ -166,12 +251,15 @@ def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate |
 def signed_by(issuer: IssuerIdentity, responder: x509.Certificate | None) -> IssuerIdentity:
     """``issuer`` with another signer: ``responder``, a delegated responder
     certificate checked like a configured one (issued directly by the CA,
-    EKU id-kp-OCSPSigning, RFC 6960 §4.2.2.2), or None for the CA's own key.
+    RFC 6960 §4.2.2.2, with the BR 7.1.2.8 profile: ``_check_delegate``),
+    or None for the CA's own key (keyUsage digitalSignature, BR 7.1.2.10.7).
     For responses signed before or after a responder certificate rollover.
     Raises IdentityError."""
     label = f"responder certificate {responder.subject.rfc4514_string()!r}" if responder else issuer.config.cert
     if responder is not None:
         _check_delegate(responder, issuer.cert, label)
+    else:
+        _check_ca_signs(issuer.cert, label)
     return replace(issuer, signer=_signer_identity(responder or issuer.cert, responder is not None, label))
 
 

@@ -359,10 +359,10 @@ class Responder:
         """``issuer`` with the signer that made ``body``: the configured one,
         or, across a responder certificate rollover (objects not re-signed
         yet, or a ``serve`` started before it), the CA's own key or the
-        delegated responder certificate the response carries, accepted as
-        a client accepts it (issued by the CA, id-kp-OCSPSigning; RFC 6960
-        §4.2.2.2). Anything else: the configured signer, so the verifier
-        names the mismatch."""
+        delegated responder certificate the response carries, checked as a
+        configured one (``issuer.signed_by``: issued by the CA, RFC 6960
+        §4.2.2.2, and the BR 7.1.2.8 profile). Anything else: the configured
+        signer, so the verifier names the mismatch."""
         try:
             resp = ocsp.load_der_ocsp_response(body)
             key_hash, certs = resp.responder_key_hash, resp.certificates

@@ -45,12 +45,21 @@ def batch_times(config: Config, issuer: IssuerIdentity, now: dt.datetime) -> Tim
     signer certificate's notBefore; nextUpdate = thisUpdate + validity, cut
     back to the signer certificate's notAfter (rules file).
 
-    Raises ValueError when that leaves less than BR 4.9.9's 8 hours.
+    Raises ValueError, naming the signer certificate, when its notBefore is
+    after ``now`` (thisUpdate would be in the future and after producedAt,
+    RFC 6960 §4.2.2.1: a certificate not valid yet, or the CA's clock ahead
+    of this host's), or when what is left leaves less than BR 4.9.9's
+    8 hours.
     """
-    this_update = max(now - config.response.backdate, issuer.signer.not_before)
-    next_update = min(this_update + config.response.validity, issuer.signer.not_after.replace(microsecond=0))
+    signer = issuer.signer
+    if signer.not_before > now:
+        what = "responder" if signer.delegated else "issuer"
+        raise ValueError(f"{what} certificate {signer.source} is not valid until {signer.not_before.isoformat()}: "
+                         "nothing is signed with it before then (thisUpdate never in the future, RFC 6960 §4.2.2.1)")
+    this_update = max(now - config.response.backdate, signer.not_before)
+    next_update = min(this_update + config.response.validity, signer.not_after.replace(microsecond=0))
     if next_update - this_update + dt.timedelta(seconds=1) < MIN_INTERVAL:
-        raise ValueError(f"signer certificate of {issuer.name} expires {issuer.signer.not_after.isoformat()}: "
+        raise ValueError(f"signer certificate of {issuer.name} expires {signer.not_after.isoformat()}: "
                          "less than 8 h of validity left (BR 4.9.9)")
     return Times(now, this_update, next_update)
 
@@ -164,10 +173,10 @@ class Runner:
         ident, template = self.issuers[issuer], self.templates[issuer]
         try:
             times = batch_times(self.config, ident, utc_now())
+            fields = template.time_fields(times)
         except ValueError as e:
             self.fail_all([entry for entry, _ in planned], "sign", str(e))
             return None
-        fields = template.time_fields(times)
         tbs, kept, whys = [], [], []
         for e, why in planned:
             try:
