@@ -114,7 +114,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out["clean"] = audit(demo)
     time.sleep(max(0.0, (published + dt.timedelta(seconds=2) - dt.datetime.now(dt.UTC)).total_seconds()))
     stale = demo.root / "stale.toml"  # the demo config with a 2 s refresh point
-    stale.write_text(demo.config.read_text() + '\n[response]\nbackdate = "PT1S"\nrefresh_after = "PT2S"\n')
+    stale.write_text(demo.config.read_text() + '\n[response]\nbackdate = "PT0S"\nrefresh_after = "PT2S"\n')
     out["stale"] = audit(demo, config=stale)
 
     g = out["good"] = list(demo.serials["good"])  # revoke() below changes the demo's list

@@ -17,6 +17,8 @@ from typing import Literal
 
 import msgspec
 
+from ocspmint import pkcs11uri
+
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
 
@@ -30,8 +32,11 @@ class Signer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     ``cert`` is the delegated responder certificate; when empty the issuing
     CA's own key signs (then the token key must be the CA's). The PIN comes
-    from ``pin_env`` (an environment variable name) or ``pin_file``, or a
-    ``pin-source=file:`` attribute of the URI; never from the config itself.
+    from exactly one of ``pin_env`` (an environment variable name),
+    ``pin_file`` or a ``pin-source=file:`` attribute of the URI (relative
+    to the config folder, like ``pin_file``); never from the config itself.
+    The URI is checked at load (``pkcs11uri.parse``: only the attributes
+    both signing backends match); ``module`` or its ``module-path``.
 
     Instead of ``uri``: ``key_file``, a PEM private key signed with in
     software (``key_password_env`` names the variable holding its
@@ -227,6 +232,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                 i.signer,
                 cert=_resolve(base, i.signer.cert),
                 pin_file=_resolve(base, i.signer.pin_file),
+                uri=pkcs11uri.with_pin_source(i.signer.uri, base) if i.signer.uri else "",
                 key_file=_resolve(base, i.signer.key_file),
             ),
         )
@@ -249,26 +255,72 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     )
 
 
+def _whole_seconds(key: str, t: dt.timedelta) -> None:
+    if t.microseconds:
+        raise ConfigError(f"{key}: {t.total_seconds()} s has a fraction of a second; give whole seconds "
+                          "(thisUpdate and nextUpdate are GeneralizedTime without fractions, RFC 5280 §4.1.2.5.2)")
+
+
 def check_response_rules(r: Response) -> None:
     """Raise ConfigError if the timing breaks BR 4.9.9 or Microsoft's 7-day cap.
 
-    Inclusive interval (nextUpdate − thisUpdate + 1 s) must lie in [8 h, 7 d]
-    (BR allows 10 d; Microsoft caps at 7 d). Interval ≥ 16 h: refresh at
-    most 4 d after thisUpdate and at least 8 h before nextUpdate; < 16 h:
-    before half the interval.
+    Every duration is whole seconds (the response times derived from them
+    carry no fraction). Inclusive interval (nextUpdate − thisUpdate + 1 s)
+    must lie in [8 h, 7 d] (BR allows 10 d; Microsoft caps at 7 d).
+    Interval ≥ 16 h: refresh at most 4 d after thisUpdate and at least 8 h
+    before nextUpdate; < 16 h: before half the interval. 0 ≤ backdate ≤
+    refresh_after / 4: `ocspmint refresh` re-signs a response between
+    refresh_after/2 and refresh_after after thisUpdate (planner.refresh_at),
+    and thisUpdate = producedAt − backdate, so a response comes due again at
+    least refresh_after/4 after it was signed, never at once.
     """
+    for key in ("validity", "refresh_after", "backdate"):
+        _whole_seconds(f"$.response.{key}", getattr(r, key))
     interval = r.validity + dt.timedelta(seconds=1)
     if not (8 * HOUR <= interval <= 7 * DAY):
         raise ConfigError(f"$.response.validity: inclusive interval {interval} must lie in [8h, 7d] (BR 4.9.9, Microsoft)")
+    if r.refresh_after <= dt.timedelta(0):
+        raise ConfigError("$.response.refresh_after: must be > 0")
     if interval >= 16 * HOUR:
         if r.refresh_after > 4 * DAY or r.validity - r.refresh_after < 8 * HOUR:
             raise ConfigError("$.response.refresh_after: must be ≤ 4 days and ≥ 8 h before nextUpdate (BR 4.9.9)")
     elif r.refresh_after >= interval / 2:
         raise ConfigError("$.response.refresh_after: must be before half the validity interval (BR 4.9.9)")
-    if r.refresh_after <= dt.timedelta(0) or r.backdate < dt.timedelta(0) or r.backdate >= r.refresh_after:
-        raise ConfigError("$.response: need 0 ≤ backdate < refresh_after and refresh_after > 0")
+    if r.backdate < dt.timedelta(0):
+        raise ConfigError("$.response.backdate: must be ≥ 0")
+    if r.backdate * 4 > r.refresh_after:
+        raise ConfigError(f"$.response.backdate: {r.backdate} exceeds refresh_after / 4 ({r.refresh_after / 4}): "
+                          "`ocspmint refresh` re-signs a response between refresh_after/2 and refresh_after after "
+                          "thisUpdate = producedAt − backdate, so a longer backdate makes it due again (almost) as "
+                          "soon as it is signed; need backdate ≤ refresh_after / 4")
     if not r.certid_hashes or len(set(r.certid_hashes)) != len(r.certid_hashes):
         raise ConfigError("$.response.certid_hashes: give sha1, sha256 or both, once each")
+
+
+def _check_signer(n: int, sig: Signer) -> None:
+    """The PKCS#11 settings of ``$.issuers[n].signer``: a URI that parses
+    and names what both backends match (pkcs11uri.parse), one module, one
+    PIN source."""
+    key = f"$.issuers[{n}].signer"
+    if sig.key_password_env:
+        raise ConfigError(f"{key}.key_password_env: only with key_file")
+    if not sig.uri:
+        raise ConfigError(f"{key}: give uri (an RFC 7512 PKCS#11 URI) or key_file")
+    try:
+        uri = pkcs11uri.parse(sig.uri)
+    except pkcs11uri.UriError as e:
+        raise ConfigError(f"{key}.uri: {e}") from None
+    module_path = uri.query.get("module-path", "")
+    if not sig.module and not module_path:
+        raise ConfigError(f"{key}.module: no PKCS#11 module: give module, or module-path in the URI")
+    if sig.module and module_path and sig.module != module_path:
+        raise ConfigError(f"{key}.module: {sig.module!r} differs from the URI's module-path {module_path!r}; give one")
+    sources = [name for name, given in (("pin_env", sig.pin_env), ("pin_file", sig.pin_file),
+                                        ("pin-source in the URI", "pin-source" in uri.query)) if given]
+    if not sources:
+        raise ConfigError(f"{key}: no PIN source: give pin_env, pin_file or pin-source in the URI")
+    if len(sources) > 1:
+        raise ConfigError(f"{key}: give one PIN source, not {' and '.join(sources)}")
 
 
 def _check(cfg: Config) -> None:
@@ -283,23 +335,13 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(f"$.issuers[{n}].signer.key_file: a software key excludes uri, module, pin_env "
                                   "and pin_file (those address a PKCS#11 key)")
             continue
-        if sig.key_password_env:
-            raise ConfigError(f"$.issuers[{n}].signer.key_password_env: only with key_file")
-        if not sig.uri:
-            raise ConfigError(f"$.issuers[{n}].signer: give uri (an RFC 7512 PKCS#11 URI) or key_file")
-        if not sig.uri.startswith("pkcs11:"):
-            raise ConfigError(f"$.issuers[{n}].signer.uri: must be an RFC 7512 PKCS#11 URI (pkcs11:...)")
-        if "pin-value" in sig.uri:
-            raise ConfigError(f"$.issuers[{n}].signer.uri: pin-value is refused; use pin_env, pin_file or pin-source")
+        _check_signer(n, sig)
     for n, s in enumerate(cfg.sources):
         if s.type == "openssl-index" and (not s.issuer or not s.certs_dir):
             raise ConfigError(f"$.sources[{n}]: openssl-index needs issuer and certs_dir")
         if s.issuer and s.issuer not in names:
             raise ConfigError(f"$.sources[{n}].issuer: no issuer named {s.issuer!r}")
-    if cfg.signing.workers < 0 or cfg.signing.batch_size < 1 or cfg.signing.retries < 1:
-        raise ConfigError("$.signing: workers ≥ 0, batch_size ≥ 1, retries ≥ 1")
-    if not 1 <= cfg.signing.sessions <= 256:
-        raise ConfigError("$.signing.sessions: 1 to 256 sessions per key and worker")
+    check_signing(cfg.signing)
     if not cfg.store.url.startswith(("file:", "s3://")):
         raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH or s3://BUCKET/PREFIX)")
     if cfg.store.concurrency < 1 or cfg.store.retries < 0:
@@ -311,6 +353,21 @@ def _check(cfg: Config) -> None:
     sample = cfg.verify_served.sample
     if sample != "all" and sample < 0:
         raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
+
+
+def check_signing(s: Signing) -> None:
+    """Raise ConfigError naming the [signing] key whose value makes no sense."""
+    if s.workers < 0:
+        raise ConfigError(f"$.signing.workers: {s.workers} must be ≥ 0 (0: the CPU count)")
+    if s.batch_size < 1:
+        raise ConfigError(f"$.signing.batch_size: {s.batch_size} must be ≥ 1")
+    if s.retries < 1:
+        raise ConfigError(f"$.signing.retries: {s.retries} must be ≥ 1 (attempts per batch)")
+    if s.timeout <= dt.timedelta(0):
+        raise ConfigError(f"$.signing.timeout: {_seconds(s.timeout)} must be > 0 (a worker silent this long "
+                          "with batches in hand is killed)")
+    if not 1 <= s.sessions <= 256:
+        raise ConfigError("$.signing.sessions: 1 to 256 sessions per key and worker")
 
 
 # A [serve] path_prefix: "/"-separated non-empty segments of RFC 3986

@@ -35,7 +35,8 @@ from ocspmint.journal import Journal, Record
 from ocspmint.model import Kind, LedgerEntry, Reason, Status
 
 
-REFRESH_MARGIN = dt.timedelta(hours=8)  # BR 4.9.9: re-signed at least 8 h before nextUpdate
+REFRESH_MARGIN = dt.timedelta(hours=8)  # BR 4.9.9: re-signed at least 8 h before nextUpdate (interval ≥ 16 h)
+SHORT_INTERVAL = dt.timedelta(hours=16)  # BR 4.9.9: below it, re-signed before half the interval
 LOOKUP_CHUNK = 500  # serials per journal query while planning a whole ledger
 
 
@@ -54,9 +55,13 @@ class Force(msgspec.Struct, frozen=True):
 
 def refresh_point(this_update: dt.datetime, next_update: dt.datetime, refresh_after: dt.timedelta) -> dt.datetime:
     """The latest time a response may be re-signed: thisUpdate +
-    refresh_after, or 8 h before nextUpdate when that comes first (a
-    nextUpdate cut back to the signer certificate's notAfter; BR 4.9.9)."""
-    return min(this_update + refresh_after, next_update - REFRESH_MARGIN)
+    refresh_after, or BR 4.9.9's latest point when that comes first (a
+    nextUpdate cut back to the signer certificate's notAfter): 8 h before
+    nextUpdate for an inclusive interval of 16 h or more, else half the
+    interval before nextUpdate."""
+    interval = next_update - this_update + dt.timedelta(seconds=1)
+    latest = next_update - (REFRESH_MARGIN if interval >= SHORT_INTERVAL else interval / 2)
+    return min(this_update + refresh_after, latest)
 
 
 def refresh_at(this_update: dt.datetime, next_update: dt.datetime, serial: int, refresh_after: dt.timedelta,

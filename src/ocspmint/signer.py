@@ -416,7 +416,8 @@ class SignerPool:
 def signer_pool(config: Config, issuers: dict[str, IssuerIdentity]) -> SignerPool:
     """The pool ``config.signing`` describes for ``issuers`` (not started);
     with ``signing.verify`` its workers verify what they sign. Raises
-    UriError for an unusable signer URI."""
+    UriError for an unusable signer URI or PIN source: the PIN is read and
+    checked here (``key_spec``), before any worker logs in."""
     s, hashes = config.signing, tuple(config.response.certid_hashes)
     checks = [_issuer_check(i, hashes) for i in issuers.values()] if s.verify else None
     return SignerPool([key_spec(i) for i in issuers.values()], s.workers, s.retries, s.timeout.total_seconds(),

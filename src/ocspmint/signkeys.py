@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ocspmint.encoder import ecdsa_signature
 from ocspmint.issuer import IssuerIdentity
-from ocspmint.pkcs11uri import UriError, parse, read_pin
+from ocspmint.pkcs11uri import Pkcs11Uri, UriError, parse, read_pin
 
 # python-pkcs11 exception names that do not spell their CK_RV (the CKR_ names of pkcs11t.h)
 _CKR_SPELLING = {
@@ -95,7 +95,11 @@ def describe_rv(rv: int) -> str:
 
 
 def key_spec(issuer: IssuerIdentity) -> KeySpec:
-    """The worker-side description of ``issuer``'s signer; raises UriError."""
+    """The worker-side description of ``issuer``'s signer; raises UriError
+    naming the issuer. The PIN is read and checked here, in the parent,
+    before any worker logs in (``read_pin``: an empty, garbled or unreadable
+    PIN stops the command at once instead of costing the token a failed
+    login per worker); it is not kept: each worker reads it again."""
     s = issuer.config.signer
     spki = issuer.signer.cert.public_key().public_bytes(serialization.Encoding.DER,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -103,12 +107,24 @@ def key_spec(issuer: IssuerIdentity) -> KeySpec:
     if s.key_file:
         return KeySpec(issuer.name, "", "", "", "", issuer.signer.key_type, issuer.signer.hash_name,
                        key_file=s.key_file, key_password_env=s.key_password_env, cert=cert, spki=spki)
-    uri = parse(s.uri)
+    try:
+        uri = parse(s.uri)
+        read_pin(uri, s.pin_env, s.pin_file, os.environ)
+    except UriError as e:
+        raise UriError(f"issuer {issuer.name}: {e}") from None
     module = s.module or uri.query.get("module-path", "")
     if not module:
         raise UriError(f"issuer {issuer.name}: no PKCS#11 module (signer.module or module-path in the URI)")
     return KeySpec(issuer.name, module, s.uri, s.pin_env, s.pin_file, issuer.signer.key_type, issuer.signer.hash_name,
                    cert=cert, spki=spki)
+
+
+def _pin(spec: KeySpec, uri: Pkcs11Uri) -> str:
+    """The PIN for a worker's login (``read_pin``); UriError names the issuer."""
+    try:
+        return read_pin(uri, spec.pin_env, spec.pin_file, os.environ)
+    except UriError as e:
+        raise UriError(f"issuer {spec.issuer}: {e}") from None
 
 
 def resolve_backend(backend: str) -> str:
@@ -276,7 +292,7 @@ class _Keys:
             token = lib.get_token(token_label=uri.text("token"), token_serial=uri.path.get("serial"))
         except pkcs11.exceptions.PKCS11Error as e:
             raise SignerError(f"issuer {spec.issuer}: token of {spec.uri} not found: {describe_error(e)}") from None
-        pin = read_pin(uri, spec.pin_env, spec.pin_file, dict(os.environ))
+        pin = _pin(spec, uri)
         try:
             session = token.open(user_pin=pin)
         except pkcs11.exceptions.PKCS11Error as e:
@@ -307,7 +323,7 @@ class _Keys:
                 desc = describe_rv(e.rv) if e.rv is not None else str(e)
                 raise SignerError(f"issuer {spec.issuer}: PKCS#11 module {spec.module} for {spec.uri} "
                                   f"unusable: {desc}") from None
-        pin = read_pin(uri, spec.pin_env, spec.pin_file, dict(os.environ))
+        pin = _pin(spec, uri)
         try:
             signer = native.Signer(module, token_label=uri.text("token"), token_serial=uri.text("serial"),
                                    pin=pin.encode(), key_label=uri.text("object"), key_id=uri.path.get("id"),
