@@ -751,6 +751,18 @@ def test_a_client_hanging_up_mid_post_is_aborted_not_an_error(origin: Origin) ->
     assert after["ocspmint_serve_requests_total{result=error}"] == before["ocspmint_serve_requests_total{result=error}"]
 
 
+def test_serve_warns_at_start_when_one_certid_hash_will_be_unauthorized(demo: Demo, tmp_path: Path) -> None:
+    """With certid_hashes = ["sha1"], every SHA-256 (RFC 9919) request gets
+    unauthorized, assigned serial or not: the operator is told at start."""
+    (tmp_path / "responses").mkdir()
+    server = Server(write_config(demo, tmp_path, hashes='["sha1"]'))
+    try:
+        warning = server.wait_event("warning")
+        assert warning["certid_hashes"] == ["sha1"] and "SHA-256 CertIDs are answered unauthorized" in warning["message"]
+    finally:
+        assert server.stop() == 0
+
+
 def test_healthz_follows_the_store_and_serve_refuses_a_missing_store(demo: Demo, tmp_path: Path) -> None:
     store = tmp_path / "responses"
     store.mkdir()

@@ -539,6 +539,13 @@ async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: i
         loop.add_signal_handler(sig, stop.set)
     _log("start", listen=[f"{h}:{p}" for h, p in bound], store=config.store.url, path_prefix=config.serve.path_prefix,
          cache_ttl=responder.cache.ttl, issuers=[i.name for i in issuers], pid=os.getpid())
+    missing = [h for h in ("sha1", "sha256") if h not in config.response.certid_hashes]
+    if missing:  # an assigned serial asked for with that hash gets unauthorized
+        _log("warning", certid_hashes=list(config.response.certid_hashes),
+             message=f"requests with {' or '.join(h.upper().replace('SHA', 'SHA-') for h in missing)} CertIDs are "
+                     "answered unauthorized, even for assigned serials: the stored responses have no such "
+                     "SingleResponse; set [response] certid_hashes = [\"sha1\", \"sha256\"] and re-sign "
+                     "(RFC 9919 clients ask with SHA-256)")
     await stop.wait()
     await runner.cleanup()
     reader.close()
