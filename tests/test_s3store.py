@@ -29,7 +29,7 @@ from seaweed import SeaweedS3
 from ocspmint import s3store
 from ocspmint.config import Store as StoreSettings
 from ocspmint.s3store import S3Store, cache_control, parse_s3_url
-from ocspmint.store import PutItem, object_key, open_store
+from ocspmint.store import PutItem, StoreError, object_key, open_store
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 THIS = NOW - dt.timedelta(hours=1)
@@ -310,3 +310,38 @@ def test_timeout_is_retried(aws_env: SeaweedS3, proxy_factory: Any) -> None:
     with s:
         assert s.submit(items(1, "stall")).result(timeout=60) == [None]
     assert len(proxy.log) == 2
+
+
+# --- store URL and endpoint checks (config.s3_url_problem, http_url_problem) -
+
+
+@pytest.mark.parametrize("url", ["s3://b/a//b", "s3://b/a/../b", "s3://b/./b", "s3:///p", "s3://k:TOPSECRET@b/p"])
+def test_unusable_s3_urls_are_a_store_error(url: str) -> None:
+    """obstore raised a bare ValueError (a traceback) for "a//b"."""
+    with pytest.raises(StoreError) as e:
+        parse_s3_url(url)
+    assert "TOPSECRET" not in str(e.value)
+    with pytest.raises(StoreError):
+        S3Store(url, StoreSettings(url=url, endpoint="http://127.0.0.1:9"))
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "http://127.0.0.1:83x3", "http://key:TOPSECRET@127.0.0.1:8333"])
+def test_an_endpoint_without_http_is_refused_before_any_put(aws_env: SeaweedS3, endpoint: str) -> None:
+    """obstore took "127.0.0.1:8333" and panicked in every PUT ("rust
+    future panicked", a Rust backtrace on stderr)."""
+    with pytest.raises(StoreError) as e:
+        S3Store(f"s3://{aws_env.bucket}/ep", settings(aws_env, endpoint))
+    assert "S3 endpoint" in str(e.value) and "TOPSECRET" not in str(e.value)
+
+
+def test_an_upper_case_http_endpoint_works(aws_env: SeaweedS3) -> None:
+    """"HTTP://..." passes the config check (URL schemes are case-insensitive),
+    so plain HTTP must be allowed for it too."""
+    s = S3Store(f"s3://{aws_env.bucket}/upper-{secrets.token_hex(4)}",
+                settings(aws_env, aws_env.endpoint.replace("http://", "HTTP://")))
+    try:
+        batch = items(2, "upper")
+        assert s.submit(batch).result(timeout=60) == [None, None]
+        assert s.get(batch[0].key) == batch[0].data
+    finally:
+        s.close()

@@ -12,6 +12,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -101,7 +102,9 @@ class Store(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     credentials come from the standard AWS environment/profile chain, never
     from this file. ``concurrency``: PUTs in flight; ``retries``: attempts
     per PUT after 5xx, SlowDown or a timeout (exponential backoff, full
-    jitter); ``timeout``: per request.
+    jitter); ``timeout``: per request. Checked at load (``check_store``):
+    the S3 bucket and prefix (no empty, "." or ".." segment), the endpoint
+    (an http:// or https:// URL), ``timeout`` > 0.
     """
 
     url: str = "file:responses"
@@ -141,7 +144,10 @@ class Purge(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     type ``cloudfront``: CreateInvalidation on ``distribution_id``; an
     issuer with more than ``wildcard_over`` paths in one invalidation gets
     wildcard paths instead. ``name`` identifies the target in the journal's
-    purge queue; changing it re-queues nothing.
+    purge queue: purges queued under a name no longer configured are
+    reported as pending by every run until they are cleared (docs/purge.md).
+    Paths purged are the GET paths under ``[serve] path_prefix``. Each URL
+    is checked at load (``http_url_problem``): no user:password.
     """
 
     name: str
@@ -249,7 +255,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     ]
     store = cfg.store
     if store.url.startswith("file:") and not store.url.startswith("file:/"):
-        store = Store(url="file:" + _resolve(base, store.url[5:]))
+        store = msgspec.structs.replace(store, url="file:" + _resolve(base, store.url[5:]))
     return msgspec.structs.replace(
         cfg, issuers=issuers, sources=sources, store=store, state_dir=_resolve(base, cfg.state_dir)
     )
@@ -342,17 +348,12 @@ def _check(cfg: Config) -> None:
         if s.issuer and s.issuer not in names:
             raise ConfigError(f"$.sources[{n}].issuer: no issuer named {s.issuer!r}")
     check_signing(cfg.signing)
-    if not cfg.store.url.startswith(("file:", "s3://")):
-        raise ConfigError(f"$.store.url: unsupported store {cfg.store.url!r} (file:PATH or s3://BUCKET/PREFIX)")
-    if cfg.store.concurrency < 1 or cfg.store.retries < 0:
-        raise ConfigError("$.store: concurrency ≥ 1, retries ≥ 0")
+    check_store(cfg.store)
     _check_purge(cfg.purge)
     check_serve(cfg.serve)
     if cfg.refresh.tick <= dt.timedelta(0) or cfg.refresh.routine_rate < 0:
         raise ConfigError("$.refresh: tick > 0 and routine_rate ≥ 0")
-    sample = cfg.verify_served.sample
-    if sample != "all" and sample < 0:
-        raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
+    check_verify_served(cfg.verify_served)
 
 
 def check_signing(s: Signing) -> None:
@@ -405,8 +406,132 @@ def _check_purge(purges: list[Purge]) -> None:
     for n, p in enumerate(purges):
         if p.type == "http" and not p.urls:
             raise ConfigError(f"$.purge[{n}].urls: an http purge needs at least one base URL")
+        if p.type == "http":
+            for m, url in enumerate(p.urls):
+                if problem := http_url_problem(url, "a purge URL"):
+                    raise ConfigError(f"$.purge[{n}].urls[{m}]: {shown_url(url)!r}: {problem}")
         if p.type == "cloudfront" and not p.distribution_id:
             raise ConfigError(f"$.purge[{n}].distribution_id: required for cloudfront")
+        if p.timeout <= dt.timedelta(0):
+            raise ConfigError(f"$.purge[{n}].timeout: {_seconds(p.timeout)} must be > 0 (per purge request)")
+
+
+def check_verify_served(v: VerifyServed) -> None:
+    """Raise ConfigError naming the [verify_served] key whose value makes no sense."""
+    if v.url and (problem := http_url_problem(v.url, "the verify_served URL")):
+        raise ConfigError(f"$.verify_served.url: {shown_url(v.url)!r}: {problem}")
+    if v.sample != "all" and v.sample < 0:
+        raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
+    if v.timeout <= dt.timedelta(0):
+        raise ConfigError(f"$.verify_served.timeout: {_seconds(v.timeout)} must be > 0 (per request)")
+
+
+def check_store(s: Store) -> None:
+    """Raise ConfigError naming the [store] key whose value makes no sense:
+    the URL (``file:PATH``; ``s3://BUCKET[/PREFIX]`` per ``s3_url_problem``),
+    the S3 endpoint (``http_url_problem``), the numbers."""
+    if s.url.startswith("s3://"):
+        if problem := s3_url_problem(s.url):
+            raise ConfigError(f"$.store.url: {problem}")
+    elif not s.url.startswith("file:"):
+        raise ConfigError(f"$.store.url: unsupported store {shown_url(s.url)!r} (file:PATH or s3://BUCKET/PREFIX)")
+    elif s.url == "file:":
+        raise ConfigError("$.store.url: \"file:\" without a path (e.g. \"file:responses\")")
+    if s.endpoint and (problem := http_url_problem(s.endpoint, "an S3 endpoint")):
+        raise ConfigError(f"$.store.endpoint: {shown_url(s.endpoint)!r}: {problem} (e.g. \"https://s3.example.net\" "
+                          "or \"http://127.0.0.1:8333\")")
+    if s.concurrency < 1:
+        raise ConfigError(f"$.store.concurrency: {s.concurrency} must be ≥ 1")
+    if s.retries < 0:
+        raise ConfigError(f"$.store.retries: {s.retries} must be ≥ 0")
+    if s.timeout <= dt.timedelta(0):
+        raise ConfigError(f"$.store.timeout: {_seconds(s.timeout)} must be > 0 (per S3 request)")
+
+
+# Bucket names: AWS's rules for new buckets are stricter (3-63 lower-case
+# letters, digits, "." and "-"); legacy buckets and S3-compatible stores
+# also have upper case and "_". Anything else would be read as part of the
+# request URL.
+_BUCKET = re.compile(r"[A-Za-z0-9._-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` → (bucket, prefix without surrounding
+    slashes, may be ""); ValueError (``s3_url_problem``'s text) when it is
+    not usable."""
+    if problem := s3_url_problem(url):
+        raise ValueError(problem)
+    bucket, _, prefix = url[5:].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def s3_url_problem(url: str) -> str:
+    """"" when ``url`` is a usable ``s3://BUCKET[/PREFIX]``, else what is
+    wrong, never quoting a user:password. The prefix's segments are
+    object_store path parts: none empty ("a//b"), "." or "..", no control
+    character; leading and trailing "/" are dropped."""
+    if not url.startswith("s3://"):
+        return f"not an S3 store URL: {shown_url(url)!r}"
+    bucket, _, prefix = url[5:].partition("/")
+    if "@" in bucket:
+        return (f"{shown_url(url)!r}: user:password (an \"@\") in the store URL is not supported; "
+                "credentials come from the AWS environment or profile chain, never from the config")
+    if not bucket:
+        return f"S3 store URL without a bucket: {url!r} (s3://BUCKET/PREFIX)"
+    if not _BUCKET.fullmatch(bucket):
+        return f"bucket {bucket!r}: letters, digits, \".\", \"-\" and \"_\" only (s3://BUCKET/PREFIX)"
+    prefix = prefix.strip("/")
+    if not prefix:
+        return ""
+    if _CONTROL.search(prefix):
+        return f"prefix {prefix!r} contains a control character"
+    segments = prefix.split("/")
+    if "" in segments:
+        return f"prefix {prefix!r} has an empty segment (\"//\"): S3 keys under it cannot be addressed; write one \"/\""
+    if "." in segments or ".." in segments:
+        return f"prefix {prefix!r} has a \".\" or \"..\" segment; name the folder itself"
+    return ""
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit for a message, a log or the journal: whatever lies
+    between "://" (or the start) and the last "@" (a user:password) is
+    replaced by "***"."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    head = f"{scheme}://" if sep else ""
+    return f"{head}***@{(rest if sep else url).rpartition('@')[2]}"
+
+
+def http_url_problem(url: str, what: str = "a URL") -> str:
+    """"" when ``url`` is an ``http://`` or ``https://`` URL with a host,
+    a port (if given) from 1 to 65535, an ASCII path and no user:password
+    ("@"), query, fragment, space or control character; else what is
+    wrong, never quoting the URL (show it through ``shown_url``).
+    ``what`` names it in the text ("a purge URL")."""
+    if "@" in url:
+        return (f"user:password (an \"@\") in {what} is not supported: it would be taken for part of the host "
+                "name and shown in messages; ocspmint sends no credentials (docs/purge.md)")
+    if _CONTROL.search(url) or " " in url:
+        return f"{what} cannot contain a space or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:  # a port that is no number or out of range, a bad [IPv6] host
+        return f"{e} ({what} is http[s]://HOST[:PORT][/PATH])"
+    if parts.scheme not in ("http", "https") or not url.partition(":")[2].startswith("//"):
+        return f"{what} starts with http:// or https://"
+    if not parts.hostname:
+        return f"no host in {what}"
+    if port == 0:
+        return f"port 0 in {what}"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return f"{what} takes no query (\"?\") or fragment (\"#\")"
+    if not parts.path.isascii():
+        return f"the path of {what} is not ASCII: percent-encode it"
+    return ""
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -20,6 +20,13 @@ Targets:
   ``wildcard_over`` paths gets one wildcard per (CertID hash, serial
   length, encoding) instead: the base64 prefix that the issuer's name and
   key hashes fix.
+
+Every GET path (PURGE targets, CloudFront paths and wildcards) lies under
+``[serve] path_prefix``, as the requests a cache holds do. Purges queued
+under a target name no longer configured, or for an issuer no longer
+configured, are reported pending (never sent, never dropped) until an
+operator clears them (docs/purge.md). No message names a URL's
+user:password (``config.shown_url``; the config refuses them anyway).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from ocspmint.config import Config, Purge
+from ocspmint.config import Config, Purge, http_url_problem, shown_url
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.journal import Journal
 from ocspmint.model import serial_hex
@@ -58,22 +65,24 @@ def _path(p: str) -> str:
     return p if p.startswith("/") else "/" + p
 
 
-def serial_paths(ident: IssuerIdentity, serial: int, hashes: list[str]) -> list[str]:
-    """Every canonical GET path (leading "/") of ``serial``'s request."""
-    return sorted({_path(p) for h in hashes for p in get_paths(request_for(ident, serial, h))})
+def serial_paths(ident: IssuerIdentity, serial: int, hashes: list[str], prefix: str = "") -> list[str]:
+    """Every canonical GET path (leading "/") of ``serial``'s request,
+    under ``prefix`` (``[serve] path_prefix``: "" or "/ocsp")."""
+    return sorted({prefix + _path(p) for h in hashes for p in get_paths(request_for(ident, serial, h))})
 
 
-def issuer_wildcards(ident: IssuerIdentity, serials: list[int], hashes: list[str]) -> list[str]:
-    """Wildcard paths covering every GET path of ``serials``: per CertID
-    hash and serial length, the base64 characters fixed by the bytes before
-    the serial's content (the request's last bytes: no extensions)."""
+def issuer_wildcards(ident: IssuerIdentity, serials: list[int], hashes: list[str], prefix: str = "") -> list[str]:
+    """Wildcard paths covering every GET path of ``serials`` (under
+    ``prefix``): per CertID hash and serial length, the base64 characters
+    fixed by the bytes before the serial's content (the request's last
+    bytes: no extensions)."""
     by_length = {s.bit_length() // 8 + 1: s for s in serials}  # DER INTEGER content octets
     out = set()
     for h in hashes:
         for length, sample in by_length.items():
             der = request_for(ident, sample, h)
             fixed = (len(der) - length) // 3 * 4
-            out.update(_path(_fixed_prefix(p, fixed)) + "*" for p in get_paths(der))
+            out.update(prefix + _path(_fixed_prefix(p, fixed)) + "*" for p in get_paths(der))
     return sorted(out)
 
 
@@ -89,19 +98,21 @@ def _fixed_prefix(path: str, chars: int) -> str:
 
 
 class HttpTarget:
-    """PURGE/BAN to each base URL of an ``http`` target, in order."""
+    """PURGE/BAN to each base URL of an ``http`` target, in order; PURGE
+    paths lie under ``prefix`` (``[serve] path_prefix``), after the base
+    URL's own path."""
 
     CHUNK = 1000  # keys acknowledged per journal transaction
 
-    def __init__(self, target: Purge, issuers: dict[str, IssuerIdentity], hashes: list[str]) -> None:
-        self.target, self.issuers, self.hashes = target, issuers, hashes
+    def __init__(self, target: Purge, issuers: dict[str, IssuerIdentity], hashes: list[str], prefix: str = "") -> None:
+        self.target, self.issuers, self.hashes, self.prefix = target, issuers, hashes, prefix
 
     def _requests(self, keys: list[Key]) -> list[tuple[str, str, dict[str, str]]]:
         out: list[tuple[str, str, dict[str, str]]] = []
         for name, serials in _by_issuer(keys).items():
             ident = self.issuers[name]
             if self.target.method == "purge":
-                out += [("PURGE", p, {}) for s in serials for p in serial_paths(ident, s, self.hashes)]
+                out += [("PURGE", p, {}) for s in serials for p in serial_paths(ident, s, self.hashes, self.prefix)]
             elif len(serials) > self.target.wildcard_over:
                 out.append(("BAN", "/", {"X-OCSP-Issuer": ident.id}))
             else:
@@ -109,43 +120,54 @@ class HttpTarget:
         return out
 
     def send(self, keys: list[Key]) -> None:
-        """Raise PurgeError unless every base URL answered 2xx to every request."""
+        """Raise PurgeError unless every base URL answered 2xx to every
+        request; never anything else. A base URL that is no usable http(s)
+        URL (the config refuses those at load) fails without a connection;
+        no message holds a URL's user:password."""
         requests = self._requests(keys)
         for base in self.target.urls:
-            url = urllib.parse.urlsplit(base)
-            conn_type = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-            conn = conn_type(url.netloc, timeout=self.target.timeout.total_seconds())
+            shown = shown_url(base)
+            if problem := http_url_problem(base, "a purge URL"):
+                raise PurgeError(f"{shown}: {problem}")
+            conn: http.client.HTTPConnection | None = None
             try:
+                url = urllib.parse.urlsplit(base)
+                conn_type = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+                conn = conn_type(url.netloc, timeout=self.target.timeout.total_seconds())
                 for method, path, headers in requests:
                     conn.request(method, url.path.rstrip("/") + path, headers=headers)
                     reply = conn.getresponse()
                     reply.read()
                     if not 200 <= reply.status < 300:
-                        raise PurgeError(f"{method} {base.rstrip('/')}{path} answered HTTP {reply.status} {reply.reason}")
-            except (OSError, http.client.HTTPException) as e:
-                raise PurgeError(f"{base}: {e}") from None
+                        raise PurgeError(f"{method} {shown.rstrip('/')}{path} answered HTTP {reply.status} {reply.reason}")
+            except (OSError, http.client.HTTPException, ValueError) as e:  # InvalidURL is an HTTPException
+                raise PurgeError(f"{shown}: {str(e) or type(e).__name__}") from None
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
 
 
 class CloudFrontTarget:
-    """CreateInvalidation on one distribution (boto3 client injected)."""
+    """CreateInvalidation on one distribution (boto3 client injected); the
+    paths lie under ``prefix`` (``[serve] path_prefix``), as viewers ask."""
 
     CHUNK = None  # the whole queue in one invalidation
 
-    def __init__(self, target: Purge, issuers: dict[str, IssuerIdentity], hashes: list[str], client: Any) -> None:
-        self.target, self.issuers, self.hashes, self.client = target, issuers, hashes, client
+    def __init__(self, target: Purge, issuers: dict[str, IssuerIdentity], hashes: list[str], client: Any,
+                 prefix: str = "") -> None:
+        self.target, self.issuers, self.hashes, self.client, self.prefix = target, issuers, hashes, client, prefix
 
     def paths(self, keys: list[Key]) -> list[str]:
         """Paths for ``keys``: exact, or wildcards for issuers over the
         threshold, or for every issuer when exact paths exceed MAX_PATHS."""
         groups = [(self.issuers[n], s) for n, s in _by_issuer(keys).items()]
-        exact = {ident.name: [p for s in serials for p in serial_paths(ident, s, self.hashes)] for ident, serials in groups}
+        exact = {ident.name: [p for s in serials for p in serial_paths(ident, s, self.hashes, self.prefix)]
+                 for ident, serials in groups}
         over = sum(len(v) for v in exact.values()) > MAX_PATHS
         out: list[str] = []
         for ident, serials in groups:
             wide = over or len(exact[ident.name]) > self.target.wildcard_over
-            out += issuer_wildcards(ident, serials, self.hashes) if wide else exact[ident.name]
+            out += issuer_wildcards(ident, serials, self.hashes, self.prefix) if wide else exact[ident.name]
         return out
 
     def send(self, keys: list[Key]) -> None:
@@ -175,34 +197,69 @@ def invalidate(config: Config, issuers: dict[str, IssuerIdentity], journal: Jour
 
     Each chunk is tried ``ATTEMPTS`` times with doubling pauses; a chunk
     that still fails stays queued (attempts and last error recorded) and
-    the target's remaining chunks wait for the next run.
+    the target's remaining chunks wait for the next run. Purges queued for
+    an issuer, or under a target name, no longer configured stay queued
+    and count as pending (the run is not OK): the result of a target no
+    longer configured is under its old name.
     """
     hashes = list(config.response.certid_hashes)
+    prefix = config.serve.path_prefix
     results: dict[str, PurgeResult] = {}
     for target in config.purge:
         result = results[target.name] = PurgeResult()
         queued = journal.queued_purges(target.name)
         orphans = sorted({name for name, _ in queued if name not in issuers})
+        errors: list[str] = []
         if orphans:
             queued = [k for k in queued if k[0] in issuers]
             result.pending = len(journal.queued_purges(target.name)) - len(queued)
-            result.error = f"{target.name}: purges queued for issuers no longer configured: {', '.join(orphans)}"
-        if not queued:
-            continue
-        backend = (HttpTarget(target, issuers, hashes) if target.type == "http"
-                   else CloudFrontTarget(target, issuers, hashes, cloudfront(config)))
-        size = backend.CHUNK or len(queued)
-        for start in range(0, len(queued), size):
-            chunk = queued[start : start + size]
-            error = _send(backend, chunk, pause)
+            errors.append(f"purges queued for issuers no longer configured: {', '.join(orphans)}")
+        if queued:
+            try:
+                backend = (HttpTarget(target, issuers, hashes, prefix) if target.type == "http"
+                           else CloudFrontTarget(target, issuers, hashes, cloudfront(config), prefix))
+            except Exception as e:  # noqa: BLE001 - boto3 client creation (ProfileNotFound, NoRegionError...)
+                error = f"cannot create the {target.type} client: {type(e).__name__}: {e}"
+                journal.purge_failed(target.name, queued, error)
+                result.pending += len(queued)
+            else:
+                error = _drain(backend, target.name, queued, journal, result, pause)
             if error:
-                journal.purge_failed(target.name, queued[start:], error)
-                result.pending += len(queued) - start
-                result.error = f"{target.name}: {error}"
-                break
-            journal.purged(target.name, chunk)
-            result.sent += len(chunk)
+                errors.append(error)
+        if errors:
+            result.error = f"{target.name}: {'; '.join(errors)}"
+    configured = {target.name for target in config.purge}
+    for name, count in sorted(_queued_by_target(journal).items()):
+        if name not in configured:
+            results[name] = PurgeResult(pending=count, error=(
+                f"{name}: {count} purges queued under this target name, which no [[purge]] has any more "
+                "(renamed or removed): not sent; name the target so again, or move or delete them "
+                "(docs/purge.md, \"Renaming or removing a target\")"))
     return results
+
+
+def _queued_by_target(journal: Journal) -> dict[str, int]:
+    """Purges queued per target name, every name in the journal's
+    ``purges`` table (journal.py documents its schema)."""
+    return dict(journal._db.execute("SELECT target, count(*) FROM purges GROUP BY target"))  # noqa: SLF001
+
+
+def _drain(backend: HttpTarget | CloudFrontTarget, name: str, queued: list[Key], journal: Journal,
+           result: PurgeResult, pause: float) -> str:
+    """Send ``queued`` to ``backend`` chunk by chunk, counting into
+    ``result``; at the first chunk that still fails, leave it and the rest
+    queued and return its error ("" when all went)."""
+    size = backend.CHUNK or len(queued)
+    for start in range(0, len(queued), size):
+        chunk = queued[start : start + size]
+        error = _send(backend, chunk, pause)
+        if error:
+            journal.purge_failed(name, queued[start:], error)
+            result.pending += len(queued) - start
+            return error
+        journal.purged(name, chunk)
+        result.sent += len(chunk)
+    return ""
 
 
 def _send(backend: HttpTarget | CloudFrontTarget, chunk: list[Key], pause: float) -> str:

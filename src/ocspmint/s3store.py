@@ -46,6 +46,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Self
 import obstore
 from obstore.store import S3Store as _ObStore
 
+from ocspmint.config import http_url_problem, shown_url, split_s3_url
 from ocspmint.store import CONTENT_TYPE, PutItem, StoreError
 
 if TYPE_CHECKING:
@@ -76,13 +78,13 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket[/prefix]`` → (bucket, prefix without surrounding
-    slashes, may be ""); StoreError when the bucket is missing."""
-    if not url.startswith("s3://"):
-        raise StoreError(f"not an S3 store URL: {url!r}")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise StoreError(f"S3 store URL without a bucket: {url!r}")
-    return bucket, prefix.strip("/")
+    slashes, may be ""); StoreError when the bucket is missing or invalid,
+    or the prefix has an empty, "." or ".." segment (config.s3_url_problem:
+    the checks a config gets at load)."""
+    try:
+        return split_s3_url(url)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
 
 
 def cache_control(next_update: dt.datetime, now: dt.datetime | None = None) -> str:
@@ -154,8 +156,8 @@ class S3Store:
         from ocspmint.config import Store as StoreSettingsCls
 
         s = settings or StoreSettingsCls(url=url)
-        self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
+        self.url = url.rstrip("/")
         self.retries = s.retries
         self._base = self.prefix + "/" if self.prefix else ""
         kw, self._secrets = _obstore_config(s)
@@ -163,8 +165,11 @@ class S3Store:
         if self.prefix:
             kw["prefix"] = self.prefix
         # writes: no retry inside obstore, ours below; reads: obstore's own
-        self._put_store = _ObStore(**kw, retry_config={"max_retries": 0})
-        self._read_store = _ObStore(**kw, retry_config={"max_retries": s.retries})
+        try:
+            self._put_store = _ObStore(**kw, retry_config={"max_retries": 0})
+            self._read_store = _ObStore(**kw, retry_config={"max_retries": s.retries})
+        except Exception as e:  # noqa: BLE001 - obstore's ValueError and its own classes
+            raise StoreError(self._scrub(f"{self.url}: {type(e).__name__}: {e}")) from None
         self._loop = _new_loop()
         self._concurrency = s.concurrency
         self._queue: deque[tuple[_Batch, int, PutItem]] = deque()
@@ -338,8 +343,14 @@ def _obstore_config(s: StoreSettings) -> tuple[dict[str, Any], list[str]]:
     Environment keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     AWS_SESSION_TOKEN) are read by obstore itself unless ``profile`` is set;
     otherwise boto3 resolves the profile / shared config / SSO / instance
-    chain and obstore asks it for fresh credentials. StoreError when none.
+    chain and obstore asks it for fresh credentials. StoreError when none,
+    or when the endpoint is no http(s) URL (obstore would panic on every
+    request) or ``timeout`` is not positive.
     """
+    if s.endpoint and (problem := http_url_problem(s.endpoint, "an S3 endpoint")):
+        raise StoreError(f"S3 endpoint {shown_url(s.endpoint)!r}: {problem}")
+    if s.timeout <= dt.timedelta(0):
+        raise StoreError(f"S3 timeout {s.timeout.total_seconds():g} s: must be > 0")
     timeout = s.timeout
     kw: dict[str, Any] = {
         "checksum_algorithm": "sha256",
@@ -347,7 +358,7 @@ def _obstore_config(s: StoreSettings) -> tuple[dict[str, Any], list[str]]:
             "timeout": timeout,
             "connect_timeout": min(timeout, dt.timedelta(seconds=10)),
             "pool_max_idle_per_host": str(max(s.concurrency, 1)),
-            "allow_http": s.endpoint.startswith("http://"),
+            "allow_http": urllib.parse.urlsplit(s.endpoint).scheme == "http",
         },
     }
     if s.endpoint:
