@@ -5,25 +5,40 @@ response checked is clean); 1 something due was not done or a finding was
 reported; 2 the config, an issuer or a signer setting is unusable, or a
 file or folder the command needs cannot be opened (the `ingest --into`
 ledger database, the state folder or its journal, a response file given
-to `verify`, a ledger source `verify` reads, the `demo --dir` folder).
-Every such error is one line on stderr, ``ocspmint: <path>: <why>``, never
-a traceback.
+to `verify`, a ledger source `verify` reads, the `demo --dir` folder, the
+store a command writes to), the state folder is in use by another
+ocspmint, or the journal failed while written (locked by another program,
+disk full: ``JournalError``). Every such error is one line on stderr,
+``ocspmint: <path>: <why>``, never a traceback.
+
+A command that writes the journal or the store (`run`, `reissue` but
+`--dry-run`, `refresh`, `audit --fix`, `demo`) holds the state folder's
+lock (``ocspmint.statelock``) while it runs; a second one exits 2 at once
+naming the holder.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sqlite3
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from ocspmint.config import Config, ConfigError, load_config
 from ocspmint.issuer import IdentityError
+from ocspmint.journal import JournalError
 from ocspmint.model import LedgerError
 from ocspmint.pkcs11uri import UriError
+from ocspmint.store import StoreError
+
+if TYPE_CHECKING:
+    from ocspmint.report import Summary
 
 
 class Unusable(Exception):
@@ -35,26 +50,54 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _state(cfg: Config, journal: bool = True) -> None:
+def _state(cfg: Config, journal: bool = True, lock: str = "") -> ExitStack:
     """Check before any work that the state folder can be made and, with
     ``journal``, that its journal opens (the journal creates or migrates
     itself here, as the command would next). Raises Unusable: without this
     check the pipeline, audit and reissue fail deep inside with a Python
-    traceback (FileExistsError, sqlite3.DatabaseError, ...)."""
+    traceback (FileExistsError, sqlite3.DatabaseError, ...).
+
+    With ``lock`` (the command's name), first take the state folder's
+    exclusive lock for this process (``statelock``): Unusable at once when
+    another ocspmint holds it. The lock is held until the returned
+    ExitStack closes (``with _state(...):`` around the command's work) or
+    the process ends."""
     from ocspmint.journal import Journal
+    from ocspmint.statelock import LOCK_NAME, StateBusy, acquire
 
     state = Path(cfg.state_dir)
+    held = ExitStack()
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = "it is not a folder" if isinstance(e, FileExistsError) else e.strerror
         raise Unusable(f"{state}: cannot use state folder: {why}") from None
+    if lock:
+        try:
+            held.callback(os.close, acquire(state, lock))
+        except StateBusy as e:
+            raise Unusable(str(e)) from None
+        except OSError as e:
+            raise Unusable(f"{state / LOCK_NAME}: cannot open the state folder's lock file: {e.strerror}") from None
     if not journal:
-        return
+        return held
     try:
         Journal(state).close()
+    except JournalError as e:  # names the file already: "PATH: cannot open journal: WHY"
+        held.close()
+        raise Unusable(str(e)) from None
     except (sqlite3.Error, OSError) as e:
+        held.close()
         raise Unusable(f"{state / 'journal.sqlite'}: cannot open journal: {e}") from None
+    return held
+
+
+def _store_unusable(cfg: Config, e: StoreError) -> Unusable:
+    """A store that cannot be opened at start (no credentials, a bad URL):
+    one line naming it. Failures of single objects later are per-item
+    failures in the summary, not this."""
+    text = str(e)
+    return Unusable(text if text.startswith(cfg.store.url) else f"{cfg.store.url}: cannot open the store: {text}")
 
 
 def _open_hint(path: str) -> str:
@@ -71,10 +114,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ocspmint.pipeline import run
 
     cfg = _config(args)
-    _state(cfg)
-    summary = run(cfg, show_progress=not args.quiet, incremental=args.incremental)
+    with _state(cfg, lock="run"):
+        try:
+            summary = run(cfg, show_progress=not args.quiet, incremental=args.incremental)
+        except StoreError as e:
+            raise _store_unusable(cfg, e) from None
+        _unfinished_clock_recovery(cfg, summary)
     sys.stdout.write(summary.to_json().decode() + "\n" if args.json else summary.text() + "\n")
     return 0 if summary.ok else 1
+
+
+def _unfinished_clock_recovery(cfg: Config, summary: Summary) -> None:
+    """Fail the run while a `reissue --clock-was-fast` job is unfinished:
+    the clock was accepted, but responses dated in the future may still be
+    published, and `run` does not re-sign them before their refresh time."""
+    from ocspmint.journal import Journal
+    from ocspmint.reissue import CLOCK_JOB
+    from ocspmint.report import Failure
+
+    with Journal(cfg.state_dir) as journal:
+        job = journal.unfinished_job(CLOCK_JOB)
+    if job is not None:
+        summary.failures.append(Failure(
+            "clock", f"reissue job {job.id} (--clock-was-fast: {job.reason}) is not finished: responses dated in the "
+                     "future may still be published; run `ocspmint reissue --clock-was-fast --reason ...` again"))
+        summary.ok = False
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -119,17 +183,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ocspmint.audit import audit_command
 
     cfg = _config(args)
-    _state(cfg, journal=args.fix)  # its work file lives in the state folder; --fix runs the pipeline
-    return audit_command(cfg, as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
-                         issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
-                         show_progress=not args.quiet)
+    # its work file lives in the state folder; --fix runs the pipeline (journal, store: the lock)
+    with _state(cfg, journal=args.fix, lock="audit --fix" if args.fix else ""):
+        return audit_command(cfg, as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
+                             issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
+                             show_progress=not args.quiet)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     from ocspmint.refresh import refresh_service
 
-    _state(_config(args))  # the service loads the config itself; a SIGHUP reload is not checked here
-    return refresh_service(args.config)
+    cfg = _config(args)
+    # the service loads the config itself; a SIGHUP reload is not checked here (nor locked: the lock
+    # stays on the state folder of the config it started with)
+    with _state(cfg, lock="refresh"):
+        try:
+            return refresh_service(args.config)
+        except StoreError as e:
+            raise _store_unusable(cfg, e) from None
 
 
 def _utc(text: str) -> dt.datetime:
@@ -144,28 +215,48 @@ def _utc(text: str) -> dt.datetime:
 
 def cmd_reissue(args: argparse.Namespace) -> int:
     from ocspmint.audit import AuditError
-    from ocspmint.reissue import dry_run, reissue
+    from ocspmint.reissue import clock_dry_run, dry_run, recover_clock, reissue
     from ocspmint.selection import SelectionError, selection
 
     cfg = _config(args)
-    _state(cfg)
-    try:
-        sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
-        if args.dry_run:
-            plan = dry_run(cfg, sel, args.reason, args.rate)
-            print(msgspec.json.encode(plan).decode() if args.json else plan.text())
-            return 0 if plan.ok else 1
-        out = reissue(cfg, sel, args.reason, args.rate, not args.no_purge, not args.quiet)
-    except SelectionError as e:
-        print(f"ocspmint: {e}", file=sys.stderr)
+    selectors = args.issuer or args.serials or args.issued_after or args.issued_before or args.status or args.all
+    if args.clock_was_fast and selectors:
+        print("ocspmint: --clock-was-fast selects the responses dated in the future itself: give no --issuer, "
+              "--serials, --issued-after, --issued-before, --status or --all with it", file=sys.stderr)
         return 2
-    except AuditError as e:  # the closing audit of the selection cannot run (a ledger source unusable)
-        print(f"ocspmint: {e}; REISSUE NOT DONE: run the same command again to resume", file=sys.stderr)
-        return 2
+    # a dry run only reads the journal: it takes no lock, so it may estimate while another command runs
+    with _state(cfg, lock="" if args.dry_run else "reissue --clock-was-fast" if args.clock_was_fast else "reissue"):
+        try:
+            if args.dry_run:
+                if args.clock_was_fast:
+                    plan = clock_dry_run(cfg, args.rate)
+                else:
+                    sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
+                    plan = dry_run(cfg, sel, args.reason, args.rate)
+                print(msgspec.json.encode(plan).decode() if args.json else plan.text())
+                return 0 if plan.ok else 1
+            if args.clock_was_fast:
+                out = recover_clock(cfg, args.reason, args.rate, not args.no_purge, not args.quiet)
+            else:
+                sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
+                out = reissue(cfg, sel, args.reason, args.rate, not args.no_purge, not args.quiet)
+        except SelectionError as e:
+            print(f"ocspmint: {e}", file=sys.stderr)
+            return 2
+        except AuditError as e:  # the closing audit of the selection cannot run (a ledger source unusable)
+            print(f"ocspmint: {e}; REISSUE NOT DONE: run the same command again to resume", file=sys.stderr)
+            return 2
+        except StoreError as e:
+            raise _store_unusable(cfg, e) from None
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(out), indent=2).decode() + "\n")
+    elif out.job == 0:  # --clock-was-fast with nothing to recover
+        print(f"{out.clock.text()}: nothing to recover")
+        print("REISSUE OK")
     else:
         print(f"reissue job {out.job} ({'resumed' if out.resumed else 'new'}): {out.reason}")
+        if out.clock is not None:
+            print(out.clock.text())
         print(out.summary.text())
         print(f"audit of the selection: {out.audit.get('text', '')}")
         print("REISSUE OK" if out.ok else "REISSUE NOT DONE: run the same command again to resume")
@@ -188,10 +279,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise Unusable(f"{root}: cannot make the demo folder: {e.strerror}") from None
     demo = build_demo(root)
     print(f"demo CA, SoftHSM2 token and config made in {root}")
-    import os
-
     os.environ["SOFTHSM2_CONF"] = str(demo.softhsm_conf)  # inherited by the spawned signers
-    summary = run(load_config(demo.config), show_progress=not args.quiet)
+    cfg = load_config(demo.config)
+    with _state(cfg, journal=False, lock="demo"):
+        summary = run(cfg, show_progress=not args.quiet)
     print(summary.text())
     exe = Path(sys.argv[0]).resolve()
     print(f"\nresponses in {root / 'responses'}; run again with:\n  SOFTHSM2_CONF={demo.softhsm_conf} {exe} run --config {demo.config}")
@@ -251,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     ri.add_argument("--rate", type=float, default=0.0, help="at most this many responses/s (0: no cap)")
     ri.add_argument("--no-purge", action="store_true", help="do not purge the CDN (routine re-signing)")
     ri.add_argument("--dry-run", action="store_true", help="print what would be done and how long it would take")
+    ri.add_argument("--clock-was-fast", action="store_true",
+                    help="the clock ran fast and is right now (you checked it): accept it although it is behind the "
+                         "journal's latest time, and re-sign every response dated in the future (docs/faults.md)")
     ri.add_argument("--json", action="store_true")
     ri.add_argument("--quiet", action="store_true")
     ri.set_defaults(func=cmd_reissue)
@@ -265,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, IdentityError, UriError, Unusable) as e:
+    except (ConfigError, IdentityError, UriError, Unusable, JournalError) as e:
         print(f"ocspmint: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # a store unusable as a whole, where no command names it (see _store_unusable)
+        print(f"ocspmint: store: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

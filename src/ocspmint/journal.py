@@ -26,7 +26,10 @@ finished (NULL while unfinished: a re-run resumes it), published.
 Schema ``runs``: one row per run (started, seconds, published), the
 measured rate `reissue --dry-run` estimates with. Schema ``meta``:
 ``clock`` is the latest wall-clock time any run saw; a clock earlier than
-it means the clock jumped backwards (``ClockError``).
+it means the clock jumped backwards (``ClockError``). Schema
+``clock_resets``: at, recorded (Unix seconds), reason: every time an
+operator accepted a clock earlier than ``clock`` (`ocspmint reissue
+--clock-was-fast`, ``accept_clock``; docs/faults.md).
 
 Schema ``purges`` (the durable purge queue, docs/purge.md): target TEXT
 (a purge target's name), issuer TEXT, serial TEXT, queued INTEGER (Unix
@@ -34,14 +37,23 @@ seconds), attempts INTEGER, last_error TEXT; primary key (target, issuer,
 serial). Rows are queued in the same transaction as the ``published`` rows
 whose served status changed, and deleted when the target acknowledged the
 purge, so a purge is never lost between publication and the cache.
+
+Errors: SQLite's own (another connection holding the write lock past
+``BUSY_SECONDS``: "database is locked"; "database or disk is full"; a
+damaged file) are raised as ``JournalError``, whose message names the
+journal file and what to do. Only one ocspmint writes a state folder at a
+time (``ocspmint.statelock``), so a lock held that long is another program
+(an ``sqlite3`` shell, a backup tool).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
@@ -64,6 +76,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS runs (
   started INTEGER NOT NULL, seconds REAL NOT NULL, published INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clock_resets (at INTEGER NOT NULL, recorded INTEGER NOT NULL, reason TEXT NOT NULL);
 """
 ADDED_COLUMNS = {"why": "TEXT", "kind": "TEXT", "not_after": "INTEGER", "refresh_at": "INTEGER", "produced_at": "INTEGER"}
 CLOCK_SLACK = dt.timedelta(seconds=2)
@@ -73,10 +86,48 @@ CACHE_KIB = 64 * 1024  # page cache: random-serial upserts touch b-tree pages al
 # SQLite's default (1,000) checkpointed after every one; 64 MiB of WAL cut
 # journaling from ~53 to ~47 µs a row in a 1M-row journal (bench/scale_causes.py).
 WAL_CHECKPOINT_PAGES = 16384
+BUSY_SECONDS = 5.0  # how long a statement waits for another connection's write lock
+CLOCK_REMEDY = ("if it ran fast before and is right now, see docs/faults.md: "
+                "ocspmint reissue --clock-was-fast --reason WHY")
 
 
 class ClockError(Exception):
     """The wall clock is earlier than a time a previous run recorded."""
+
+
+class JournalError(Exception):
+    """The journal cannot be read or written; the message names the file."""
+
+
+def _why(e: sqlite3.Error) -> str:
+    text = str(e)
+    if "locked" in text or "busy" in text:
+        return (f"{text}: another program kept the journal locked for more than {BUSY_SECONDS:.0f} s "
+                "(an sqlite3 shell, a backup?); end it, then run again")
+    if "full" in text:
+        return f"{text}: free space on its file system, then run again"
+    return text
+
+
+_T = TypeVar("_T")
+
+
+def _named(doing: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Raise SQLite's run-time errors of a Journal method as JournalError
+    naming the file (and what the method was ``doing``), not a traceback.
+    IntegrityError and ProgrammingError are bugs and pass unchanged."""
+    def wrap(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def named(self: Journal, *args: object, **kw: object) -> _T:
+            try:
+                return method(self, *args, **kw)
+            except sqlite3.DatabaseError as e:  # OperationalError among them
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                    raise
+                what = "cannot open journal" if doing == "open" else f"journal {doing} failed"
+                raise JournalError(f"{self.path}: {what}: {_why(e)}") from None
+        return named
+    return wrap
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -137,8 +188,16 @@ class Journal:
     def __init__(self, state_dir: str | Path, cache_kib: int = CACHE_KIB) -> None:
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(state_dir) / "journal.sqlite"
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_SECONDS)
         self._clock_passed: int | None = None  # the second of the last check_clock that passed
+        try:
+            self._setup(cache_kib)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @_named("open")
+    def _setup(self, cache_kib: int) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA cache_size=-{cache_kib}")
@@ -162,11 +221,13 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    @_named("read")
     def get(self, issuer: str, serial: int) -> Record | None:
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM published WHERE issuer=? AND serial=?", (issuer, serial_hex(serial))).fetchone()
         return None if row is None else _record(row)
 
+    @_named("read")
     def get_many(self, issuer: str, serials: list[int]) -> dict[int, Record]:
         """The records of up to 500 ``serials`` of ``issuer`` (serial → Record;
         absent when never published): one indexed query instead of one per
@@ -176,6 +237,7 @@ class Journal:
                                 (issuer, *map(serial_hex, serials)))
         return {(r := _record(row)).serial: r for row in rows}
 
+    @_named("read")
     def due_by(self, now: dt.datetime, limit: int) -> list[Record]:
         """Up to ``limit`` records whose refresh_at ≤ ``now``, earliest
         first (an index range scan: cost grows with what is due, not with
@@ -187,10 +249,25 @@ class Journal:
     def due_all(self, now: dt.datetime) -> Iterator[Record]:
         """Every record whose refresh_at ≤ ``now``, earliest first, streamed
         (``due_by`` without a limit; do not write to the journal meanwhile)."""
-        for row in self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at",
-                                    (_ts(now),)):
+        rows = self._rows(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at", (_ts(now),))
+        for row in rows:
             yield _record(row)
 
+    def _rows(self, sql: str, params: tuple) -> Iterator[tuple]:
+        """The rows of a query, streamed; errors as JournalError (``_named``)."""
+        cursor = self._query(sql, params)
+        while batch := self._fetch(cursor):
+            yield from batch
+
+    @_named("read")
+    def _query(self, sql: str, params: tuple) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    @_named("read")
+    def _fetch(self, cursor: sqlite3.Cursor) -> list[tuple]:
+        return cursor.fetchmany(1024)
+
+    @_named("write")
     def retire(self, keys: list[tuple[str, int]]) -> None:
         """Stop scheduling (issuer, serial) pairs (their certificate expired)."""
         with self._db:
@@ -198,6 +275,7 @@ class Journal:
             self._db.executemany("UPDATE published SET refresh_at=NULL WHERE issuer=? AND serial=?",
                                  [(i, serial_hex(s)) for i, s in keys])
 
+    @_named("read")
     def unscheduled(self, after: tuple[str, int], limit: int) -> list[Record]:
         """Up to ``limit`` records after (issuer, serial) ``after`` that
         have no refresh_at and an unexpired notAfter (a journal from before
@@ -207,10 +285,12 @@ class Journal:
                                 (after[0], serial_hex(after[1]), _ts(utc_now()), limit))
         return [_record(r) for r in rows]
 
+    @_named("write")
     def unschedule_all(self) -> None:
         """Clear every refresh_at (refresh_after changed: ``unscheduled`` then lists them all)."""
         self._db.execute("UPDATE published SET refresh_at=NULL WHERE refresh_at IS NOT NULL")
 
+    @_named("write")
     def complete(self, entries: list[tuple[LedgerEntry, dt.datetime | None]]) -> None:
         """Fill kind, not_after and refresh_at of records journaled before
         those columns existed, from their ledger entries."""
@@ -219,6 +299,7 @@ class Journal:
             self._db.executemany("UPDATE published SET kind=?, not_after=?, refresh_at=? WHERE issuer=? AND serial=?",
                                  [(e.kind.value, _ts(e.not_after), _ts(at), e.issuer, serial_hex(e.serial)) for e, at in entries])
 
+    @_named("write")
     def schedule(self, times: list[tuple[str, int, dt.datetime]]) -> None:
         """Set refresh_at of (issuer, serial, time) triples."""
         with self._db:
@@ -226,20 +307,24 @@ class Journal:
             self._db.executemany("UPDATE published SET refresh_at=? WHERE issuer=? AND serial=?",
                                  [(_ts(t), i, serial_hex(s)) for i, s, t in times])
 
+    @_named("read")
     def setting(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]
 
+    @_named("write")
     def set_setting(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
 
+    @_named("read")
     def oldest(self, issuer: str) -> dt.datetime | None:
         """The oldest thisUpdate among ``issuer``'s scheduled records (staleness; an index lookup)."""
         row = self._db.execute("SELECT min(this_update) FROM published WHERE issuer=? AND refresh_at IS NOT NULL",
                                (issuer,)).fetchone()
         return _dt(row[0])
 
+    @_named("write")
     def check_clock(self, now: dt.datetime) -> None:
         """Record ``now`` (whole seconds) as the latest time seen; raise
         ClockError when it is more than CLOCK_SLACK before the latest time
@@ -252,17 +337,60 @@ class Journal:
         latest = _dt(int(seen)) if seen else now
         if now < latest - CLOCK_SLACK:
             raise ClockError(f"the clock reads {now.isoformat()}, earlier than {latest.isoformat()} "
-                             f"recorded in {self.path}: it jumped backwards; fix it before signing")
+                             f"recorded in {self.path}: it jumped backwards; fix it before signing ({CLOCK_REMEDY})")
         if seen is None or stamp > int(seen):
             self.set_setting("clock", str(stamp))
         self._clock_passed = stamp
 
+    @_named("read")
+    def latest_clock(self) -> dt.datetime | None:
+        """The latest wall-clock time recorded (``check_clock``), if any."""
+        seen = self.setting("clock")
+        return _dt(int(seen)) if seen else None
+
+    @_named("write")
+    def accept_clock(self, now: dt.datetime, reason: str) -> dt.datetime | None:
+        """Accept ``now`` as the clock although it is earlier than the latest
+        time recorded (the clock ran fast and was corrected; the operator
+        confirmed it, `reissue --clock-was-fast`): the recorded time becomes
+        ``now``, and the reset is logged in ``clock_resets`` with ``reason``,
+        in one transaction. Returns the time it replaced, or None when the
+        clock was not behind it (nothing changed)."""
+        stamp = int(now.timestamp())
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            seen = self.setting("clock")
+            if seen is None or int(seen) <= stamp:
+                return None
+            self._db.execute("INSERT INTO clock_resets VALUES (?,?,?)", (stamp, int(seen), reason))
+            self.set_setting("clock", str(stamp))
+        self._clock_passed = None
+        return _dt(int(seen))
+
+    @_named("read")
+    def clock_resets(self) -> list[tuple[dt.datetime, dt.datetime, str]]:
+        """(when, the time it replaced, reason) of every accepted clock, oldest first."""
+        return [(_dt(at), _dt(recorded), reason) for at, recorded, reason in
+                self._db.execute("SELECT at, recorded, reason FROM clock_resets ORDER BY rowid")]
+
+    @_named("read")
+    def future_dated(self, now: dt.datetime) -> list[Record]:
+        """The records whose producedAt or thisUpdate is later than ``now``
+        (beyond CLOCK_SLACK): signed while the clock ran fast. A full scan:
+        for the one-off recovery only."""
+        after = _ts(now + CLOCK_SLACK)
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE produced_at > ? OR this_update > ?",
+                                (after, after))
+        return [_record(r) for r in rows]
+
+    @_named("read")
     def unfinished_job(self, selector: str) -> Job | None:
         """The oldest unfinished job with this selector, if any."""
         row = self._db.execute("SELECT id, reason, started FROM jobs WHERE selector=? AND finished IS NULL ORDER BY id LIMIT 1",
                                (selector,)).fetchone()
         return None if row is None else Job(row[0], row[1], selector, _dt(row[2]), True)
 
+    @_named("write")
     def job(self, reason: str, selector: str, now: dt.datetime) -> Job:
         """The unfinished job with this selector (resumed), else a new one."""
         if (job := self.unfinished_job(selector)) is not None:
@@ -270,12 +398,15 @@ class Journal:
         cur = self._db.execute("INSERT INTO jobs (reason, selector, started) VALUES (?,?,?)", (reason, selector, _ts(now)))
         return Job(cur.lastrowid, reason, selector, now, False)
 
+    @_named("write")
     def finish_job(self, job: Job, published: int, now: dt.datetime) -> None:
         self._db.execute("UPDATE jobs SET finished=?, published=published+? WHERE id=?", (_ts(now), published, job.id))
 
+    @_named("write")
     def add_run(self, started: dt.datetime, seconds: float, published: int) -> None:
         self._db.execute("INSERT INTO runs VALUES (?,?,?)", (_ts(started), seconds, published))
 
+    @_named("read")
     def measured_rate(self, min_published: int = 1) -> float | None:
         """Median responses/s of the last 10 runs that published at least
         ``min_published``; None before there is one."""
@@ -284,6 +415,7 @@ class Journal:
             (min_published,)))
         return rates[len(rates) // 2] if rates else None
 
+    @_named("write")
     def record(self, records: list[Record], purge: list[tuple[str, int]] = (), targets: list[str] = ()) -> None:
         """Upsert ``records`` and queue a purge of each (issuer, serial) in
         ``purge`` for every target name in ``targets``, in one durable
@@ -300,12 +432,14 @@ class Journal:
             self._db.executemany(f"INSERT OR REPLACE INTO published ({_COLUMNS}) VALUES ({','.join('?' * 14)})", rows)
             self._db.executemany("INSERT OR REPLACE INTO purges (target, issuer, serial, queued) VALUES (?,?,?,?)", queued)
 
+    @_named("read")
     def queued_purges(self, target: str, limit: int | None = None) -> list[tuple[str, int]]:
         """(issuer, serial) pairs waiting for ``target``, oldest first."""
         rows = self._db.execute("SELECT issuer, serial FROM purges WHERE target=? ORDER BY queued, issuer, serial LIMIT ?",
                                 (target, -1 if limit is None else limit))
         return [(issuer, int(serial, 16)) for issuer, serial in rows]
 
+    @_named("write")
     def purged(self, target: str, done: list[tuple[str, int]]) -> None:
         """Remove acknowledged purges from the queue."""
         with self._db:
@@ -313,6 +447,7 @@ class Journal:
             self._db.executemany("DELETE FROM purges WHERE target=? AND issuer=? AND serial=?",
                                  [(target, i, serial_hex(s)) for i, s in done])
 
+    @_named("write")
     def purge_failed(self, target: str, pending: list[tuple[str, int]], error: str) -> None:
         """Count a failed attempt; the purges stay queued for the next run."""
         with self._db:
