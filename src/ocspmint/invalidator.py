@@ -229,19 +229,13 @@ def invalidate(config: Config, issuers: dict[str, IssuerIdentity], journal: Jour
         if errors:
             result.error = f"{target.name}: {'; '.join(errors)}"
     configured = {target.name for target in config.purge}
-    for name, count in sorted(_queued_by_target(journal).items()):
+    for name, count in sorted(journal.queued_by_target().items()):
         if name not in configured:
             results[name] = PurgeResult(pending=count, error=(
                 f"{name}: {count} purges queued under this target name, which no [[purge]] has any more "
                 "(renamed or removed): not sent; name the target so again, or move or delete them "
                 "(docs/purge.md, \"Renaming or removing a target\")"))
     return results
-
-
-def _queued_by_target(journal: Journal) -> dict[str, int]:
-    """Purges queued per target name, every name in the journal's
-    ``purges`` table (journal.py documents its schema)."""
-    return dict(journal._db.execute("SELECT target, count(*) FROM purges GROUP BY target"))  # noqa: SLF001
 
 
 def _drain(backend: HttpTarget | CloudFrontTarget, name: str, queued: list[Key], journal: Journal,

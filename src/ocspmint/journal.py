@@ -439,6 +439,11 @@ class Journal:
                                 (target, -1 if limit is None else limit))
         return [(issuer, int(serial, 16)) for issuer, serial in rows]
 
+    @_named("read")
+    def queued_by_target(self) -> dict[str, int]:
+        """Purges waiting, per target name (configured or not any more)."""
+        return dict(self._db.execute("SELECT target, count(*) FROM purges GROUP BY target"))
+
     @_named("write")
     def purged(self, target: str, done: list[tuple[str, int]]) -> None:
         """Remove acknowledged purges from the queue."""
