@@ -3,7 +3,9 @@ database, SoftHSM2 and an `ocspmint serve` origin as its purge target.
 
 The module's tests share one running service and run in file order:
 catch-up, a new precertificate, a revocation, routine re-signing,
-metrics, SIGHUP, SIGTERM.
+metrics, SIGHUP, SIGTERM. Faults (a pulled token, a store that cannot
+write a serial, dead purge targets, unusable reloads, a clock behind) are
+in tests/test_refresh_faults.py.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def test_metrics_report_due_published_latency_and_staleness(service):
     assert values["ocspmint_upload_batch_seconds_count"] >= 3
     oldest = values['ocspmint_oldest_this_update_seconds{issuer="issuing-ca"}']
     assert time.time() - 120 < oldest <= time.time()
+    assert values["ocspmint_ledger_changes_pending"] == 0  # everything the ledger said is published
+    assert values['ocspmint_purges_pending{target="origin"}'] == 0  # the revocation's purge was acknowledged
 
 
 def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(service):

@@ -13,9 +13,14 @@ SIGN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class RefreshMetrics:
-    """Counters: ``ocspmint_due_total{reason}``, ``ocspmint_published_total{issuer}``,
-    ``ocspmint_failed_total{stage}``. Gauge: ``ocspmint_oldest_this_update_seconds{issuer}``
-    (Unix time of the oldest thisUpdate still scheduled: staleness). Histograms:
+    """Counters: ``ocspmint_due_total{reason}`` (responses planned, once per
+    signing attempt), ``ocspmint_published_total{issuer}``,
+    ``ocspmint_failed_total{stage}`` (one per ``failure`` log line).
+    Gauges: ``ocspmint_oldest_this_update_seconds{issuer}`` (Unix time of the
+    oldest thisUpdate still scheduled: staleness),
+    ``ocspmint_ledger_changes_pending`` (ledger changes not published yet,
+    retried with backoff), ``ocspmint_purges_pending{target}`` (purges
+    queued in the journal for a target, after its last attempt). Histograms:
     ``ocspmint_ledger_to_published_seconds`` (ledger change seen → response
     stored, acknowledged and journaled), ``ocspmint_sign_batch_seconds`` (one
     batch sent to the HSM → signatures back), ``ocspmint_upload_batch_seconds``
@@ -24,9 +29,15 @@ class RefreshMetrics:
     def __init__(self, listen: str) -> None:
         disable_created_metrics()
         self.registry = r = CollectorRegistry()
-        self.due = Counter("ocspmint_due", "Responses found due, by planner reason", ["reason"], registry=r)
+        self.due = Counter("ocspmint_due", "Responses planned for signing (once per attempt), by planner reason",
+                           ["reason"], registry=r)
         self.published = Counter("ocspmint_published", "Responses published and journaled", ["issuer"], registry=r)
-        self.failed = Counter("ocspmint_failed", "Due responses not published, by stage", ["stage"], registry=r)
+        self.failed = Counter("ocspmint_failed", "Failures logged: responses not published at an attempt, unreadable "
+                              "ledger rows or sources, clock refusals; by stage", ["stage"], registry=r)
+        self.changes_pending = Gauge("ocspmint_ledger_changes_pending",
+                                     "Ledger changes not published yet (retried with backoff)", registry=r)
+        self.purges_pending = Gauge("ocspmint_purges_pending", "Purges queued in the journal, by target",
+                                    ["target"], registry=r)
         self.oldest = Gauge("ocspmint_oldest_this_update_seconds", "Oldest scheduled thisUpdate (Unix time)",
                             ["issuer"], registry=r)
         self.ledger_to_published = Histogram("ocspmint_ledger_to_published_seconds",

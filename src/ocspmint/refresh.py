@@ -1,27 +1,37 @@
 """`ocspmint refresh`: the continuous service (docs/refresh.md).
 
 Start-up (and every SIGHUP reload) opens the journal, store and signer pool
-once, remembers each ledger source's position (``ledger.tail.Tail``), then
-catches up with one full planner pass, like `ocspmint run`. After that,
-every ``refresh.tick``:
+once, probes every issuer's key, remembers each ledger source's position
+(``ledger.tail.Tail``), then catches up with one full planner pass, like
+`ocspmint run`. After that, every ``refresh.tick``:
 
 1. ledger changes since the last tick (new precertificates and
-   certificates, revocations) are planned and signed first, uncapped: the
-   BR 4.9.10 / MRSP 15-minute limit becomes seconds;
+   certificates, revocations), and the pending ones whose backoff passed,
+   are planned and signed first, uncapped: the BR 4.9.10 / MRSP 15-minute
+   limit becomes seconds;
 2. routine re-signing takes the journal records whose ``refresh_at`` came
    (an index range scan: cost grows with what is due, not with the
-   ledger), at most ``refresh.routine_rate`` per second; ``refresh_at`` is
-   spread by serial over the second half of ``refresh_after``
-   (``planner.refresh_at``), so a population signed at once comes due
-   spread out and the HSM sees a flat load;
-3. queued CDN purges are sent (``invalidator.invalidate``).
+   ledger), at most ``refresh.routine_rate`` per second, but never a
+   serial with a pending ledger change (its journal record states the old
+   status); ``refresh_at`` is spread by serial over the second half of
+   ``refresh_after`` (``planner.refresh_at``), so a population signed at
+   once comes due spread out and the HSM sees a flat load.
+
+A ledger change (catch-up or tick) that was not published stays pending in
+``Session.pending`` and is planned again after a backoff of its own (1 s
+doubling to ``RETRY_MAX``) until it is published or the ledger and journal
+agree; a reload hands it to the new Session. Queued CDN purges are sent by
+one ``Purger`` thread per target, so a slow or dead target never delays
+signing; what fails stays queued in the journal.
 
 SIGTERM/SIGINT: stop dispatching, let the in-flight batches finish and be
 journaled, exit 0 (what was not dispatched is simply due at the next
-start). SIGHUP: reload the config at the next tick (a bad config is
-logged and the old one kept). A ledger row that cannot be read is logged
-and counted, never fatal: the service keeps every other response fresh.
-Prometheus metrics on ``refresh.metrics_listen`` (``RefreshMetrics``).
+start). SIGHUP: at the next tick boundary, build and probe a Session from
+the new config while the old one is still open; on any failure log
+``reload_failed`` and keep serving with the old one. A ledger row that
+cannot be read is logged and counted, never fatal: the service keeps every
+other response fresh. Prometheus metrics on ``refresh.metrics_listen``
+(``RefreshMetrics``).
 """
 
 from __future__ import annotations
@@ -33,13 +43,16 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
-from collections.abc import Callable, Iterable, Iterator
 
-from ocspmint.config import Config, ConfigError, load_config
+from ocspmint.config import Config, ConfigError, Purge, load_config
 from ocspmint.invalidator import invalidate
-from ocspmint.issuer import IdentityError, load_issuers
+from ocspmint.issuer import IdentityError, IssuerIdentity, load_issuers
 from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
@@ -48,45 +61,228 @@ from ocspmint.model import LedgerEntry, LedgerError, utc_now
 from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_planner, report_unrevoked
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
-from ocspmint.report import Failure, Summary
-from ocspmint.signer import SignerError, key_spec, signer_pool
-from ocspmint.store import open_store
+from ocspmint.report import Failure, PurgeResult, Summary
+from ocspmint.signer import SignerError, signer_pool
+from ocspmint.store import StoreError, open_store
 
 ROUTINE_MAX = 50_000  # journal records taken per tick at most
 SCHEDULE_PAGE = 10_000
-RETRY_MAX = 60.0  # seconds between retries of ledger changes that keep failing
+RETRY_FIRST = 1.0  # seconds before the first retry of a ledger change (or purge target) that failed
+RETRY_MAX = 60.0  # seconds between retries of one that keeps failing
+PURGE_LOG_EVERY = 60.0  # seconds between two ``purge_pending`` lines of one target
+PURGE_JOIN = 2.0  # seconds a closing Session waits for a purge in progress (it stays queued if cut off)
+
+Key = tuple[str, int]  # (issuer, serial)
+_log_lock = threading.Lock()
 
 
 def log(event: str, **fields: object) -> None:
-    """One JSON line on stderr (structured log)."""
-    print(json.dumps({"time": utc_now().isoformat(), "event": event, **fields}, default=str), file=sys.stderr, flush=True)
+    """One JSON line on stderr (structured log), whole even when threads log at once."""
+    line = json.dumps({"time": utc_now().isoformat(), "event": event, **fields}, default=str) + "\n"
+    with _log_lock:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` (≥ 1) consecutive failures: RETRY_FIRST doubling to RETRY_MAX."""
+    return min(RETRY_MAX, RETRY_FIRST * 2 ** min(failures - 1, 16))
+
+
+def describe(e: BaseException) -> str:
+    """An exception as a log field: our own errors by their message, others with their type."""
+    known = (ConfigError, IdentityError, UriError, SignerError, LedgerError, StoreError)
+    return str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A ledger change not published yet: planned again from ``retry_at``
+    (monotonic) on; ``failures`` in a row so far set the backoff."""
+
+    entry: LedgerEntry
+    failures: int
+    retry_at: float
+
+
+class _Runner(Runner):
+    """The Runner of a Session: reports each failed entry to it (``fail``,
+    through which every per-entry failure goes) and the purges it is about
+    to queue (``flush``), before the journal transaction queues them."""
+
+    def __init__(self, session: Session, summary: Summary) -> None:
+        super().__init__(session.config, session.issuers, session.journal, session.store, summary)
+        self.session = session
+        self.observer = session
+
+    def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
+        super().fail(e, stage, message)
+        self.session.failed(e)
+
+    def flush(self) -> None:
+        keys = [(entry.issuer, entry.serial) for entry, _, urgent in self.acked if urgent]
+        self.session.purging(keys)
+        super().flush()
+        if keys:
+            self.session.poke_purgers()
+
+
+class _PurgeQueue:
+    """The journal as ``invalidate`` sees it from a Purger thread.
+    ``purged`` leaves queued any purge the signing thread queued again
+    while the pass ran (``Purger.queued``): its new response may have been
+    stored after the purge went out, so it must be sent again. A closed
+    Purger (its Session replaced or stopped) removes nothing: it no longer
+    hears of what is queued again, and the next Purger sends it again."""
+
+    def __init__(self, journal: Journal, purger: Purger) -> None:
+        self._journal, self._purger = journal, purger
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._journal, name)
+
+    def purged(self, target: str, done: list[Key]) -> None:
+        with self._purger.lock:
+            if not self._purger.closed:
+                again = self._purger.window or set()
+                self._journal.purged(target, [k for k in done if k not in again])
+
+
+class Purger:
+    """Sends one target's queued purges (``invalidate``) on a thread of its
+    own, with its own journal connection: a slow or dead target never
+    delays signing, and never delays another target. Runs at start, when
+    poked (purges were just queued) and every tick; after a failed attempt
+    it waits ``retry_delay`` (1 s doubling to 60 s), pokes or not. Sets
+    ``ocspmint_purges_pending{target}`` after every attempt and logs
+    ``purge_pending`` (at most once per ``PURGE_LOG_EVERY``) while purges
+    stay queued, ``purge_recovered`` once they went out. What fails stays
+    queued in the journal, as with `ocspmint run`."""
+
+    def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], target: Purge,
+                 metrics: RefreshMetrics) -> None:
+        self.config = msgspec.structs.replace(config, purge=[target])
+        self.issuers, self.target, self.metrics = issuers, target, metrics
+        self.lock = threading.Lock()
+        self.window: set[Key] | None = None  # keys queued again during a pass (None: no pass running)
+        self.closed = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"purge-{target.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def queued(self, keys: list[Key]) -> None:
+        """The signing thread is about to queue purges of ``keys``."""
+        with self.lock:
+            if self.window is not None:
+                self.window.update(keys)
+
+    def close(self) -> None:
+        """Stop; a purge still being sent after PURGE_JOIN is left to finish
+        on its own (daemon thread): it stays queued, and is sent again."""
+        with self.lock:
+            self.closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(PURGE_JOIN)
+
+    def _run(self) -> None:
+        name, period = self.target.name, self.config.refresh.tick.total_seconds()
+        failures, logged, reported = 0, -PURGE_LOG_EVERY, False
+        journal: Journal | None = None
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()  # a poke from now on runs another pass
+                with self.lock:
+                    self.window = set()
+                pending: int | None = None
+                try:
+                    if journal is None:
+                        journal = Journal(self.config.state_dir)
+                    queued = journal.queued_purges(name)
+                    orphans = sum(1 for issuer, _ in queued if issuer not in self.issuers)
+                    result = invalidate(self.config, self.issuers, _PurgeQueue(journal, self))[name] \
+                        if queued else PurgeResult()
+                    pending, failed, error = result.pending, result.pending > orphans, result.error
+                except Exception as e:  # a journal or client error: retried like a failed send
+                    result, failed, error = PurgeResult(), True, f"{name}: {describe(e)}"
+                finally:
+                    with self.lock:
+                        self.window = None
+                if self._stop.is_set():  # closed meanwhile: the target's gauge and log belong to the next Purger
+                    break
+                if pending is not None:
+                    self.metrics.purges_pending.labels(name).set(pending)
+                failures = failures + 1 if failed else 0
+                now = time.monotonic()
+                if pending or failed:  # still queued: orphans (issuers no longer configured) or a failed send
+                    if now - logged >= PURGE_LOG_EVERY:
+                        log("purge_pending", target=name, pending=pending, sent=result.sent, attempts=failures,
+                            error=error)
+                        logged, reported = now, True
+                elif reported:
+                    log("purge_recovered", target=name, sent=result.sent)
+                    logged, reported = -PURGE_LOG_EVERY, False
+                if failures:
+                    self._stop.wait(retry_delay(failures))  # pokes do not shorten a backoff
+                else:
+                    self._wake.wait(period)
+        finally:
+            if journal is not None:
+                journal.close()
 
 
 class Session:
-    """One loaded config: issuers, journal, store, signer pool and tails."""
+    """One loaded config: issuers, journal, store, signer pool, tails and
+    purgers. ``Session(...)`` loads and opens (closing what it opened when
+    something fails); entering it starts and probes the signer pool and
+    starts the tails; ``catch_up`` starts the purgers and makes the full
+    pass; then ``tick``. ``close`` (or leaving ``with``) is idempotent."""
 
     def __init__(self, config: Config, metrics: RefreshMetrics, stopping: Callable[[], bool]) -> None:
         self.config, self.metrics, self.stopping = config, metrics, stopping
         # a bad ledger row is logged and skipped whatever on_error says: the service keeps everything else fresh
         self.reading = msgspec.structs.replace(config, on_error="quarantine")
         self.issuers = load_issuers(config)
-        self.journal = Journal(config.state_dir)
-        self.store = open_store(config.store.url, config.store)
-        self.pool = signer_pool(config, self.issuers)
-        self.tails = [Tail(s, self.issuers) for s in config.sources]
-        self.seen: dict[tuple[str, int], float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
-        self.retry: list[LedgerEntry] = []  # ledger changes planned but not published yet: planned again later
-        self.backoff = 0.0  # seconds before the next retry (doubling to RETRY_MAX while they keep failing)
-        self.retry_at = 0.0  # monotonic
+        self._open = ExitStack()
+        try:
+            self.journal = self._open.enter_context(Journal(config.state_dir))
+            self.store = open_store(config.store.url, config.store)
+            self._open.callback(self.store.close)
+            self.pool = signer_pool(config, self.issuers)
+            self._open.callback(self.pool.close)  # harmless before it started
+            self.tails = [Tail(s, self.issuers) for s in config.sources]
+        except BaseException:
+            self._open.close()
+            raise
+        self.purgers = [Purger(config, self.issuers, t, metrics) for t in config.purge]
+        self._entered = False
+        self.seen: dict[Key, float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
+        self.pending: dict[Key, Pending] = {}  # ledger changes not published yet
         self._seen_at = 0.0
-        self.published: set[tuple[str, int]] = set()  # keys journaled by the current ``_sign``
+        self.published: set[Key] = set()  # keys journaled by the current ``_sign``
+        self._failed: dict[Key, LedgerEntry] = {}  # ledger changes failed in the current ``_sign``
+        self._routine_keys: set[Key] = set()  # routine work of the current tick (stays due in the journal)
 
     def __enter__(self) -> Session:
+        """Start the signer pool (once: a second pool would double the
+        workers and HSM logins), probe every key, start the tails."""
+        if self._entered:
+            raise RuntimeError("a refresh Session is entered once")
+        self._entered = True
         try:
             self.pool.__enter__()
             log("signer_started", backends=self.pool.backends, workers=self.pool.workers,
                 sessions=self.config.signing.sessions)
             probe_keys(self.pool, self._runner(Summary(started=utc_now())))
+            for tail in self.tails:
+                tail.start()
         except BaseException:
             self.close()
             raise
@@ -96,14 +292,29 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        self.pool.close()
-        self.store.close()
-        self.journal.close()
+        for purger in self.purgers:
+            purger.close()
+        self._open.close()
+
+    def adopt(self, old: Session) -> None:
+        """Take over the ledger changes ``old`` (closed: a reload) did not
+        publish, backoff included (issuers no longer configured: dropped;
+        the catch-up pass reports their rows), and drop the purge gauges
+        of targets no longer configured."""
+        for key, p in old.pending.items():
+            if key[0] in self.issuers:
+                self.pending[key] = p
+                if key in old.seen:
+                    self.seen[key] = old.seen[key]
+        self.metrics.changes_pending.set(len(self.pending))
+        for target in {t.name for t in old.config.purge} - {t.name for t in self.config.purge}:
+            try:
+                self.metrics.purges_pending.remove(target)
+            except KeyError:
+                pass
 
     def _runner(self, summary: Summary) -> Runner:
-        runner = Runner(self.config, self.issuers, self.journal, self.store, summary)
-        runner.observer = self
-        return runner
+        return _Runner(self, summary)
 
     # Observer (pipeline.Observer)
     def signed(self, seconds: float, count: int) -> None:
@@ -117,16 +328,33 @@ class Session:
         self.published.update((e.issuer, e.serial) for e in entries)
         for e in entries:
             self.metrics.published.labels(e.issuer).inc()
+            self.pending.pop((e.issuer, e.serial), None)
             if (t := self.seen.pop((e.issuer, e.serial), None)) is not None:
                 self.metrics.ledger_to_published.observe(now - t)
 
+    # _Runner hooks
+    def failed(self, entry: LedgerEntry) -> None:
+        key = (entry.issuer, entry.serial)
+        if key not in self._routine_keys:  # routine work stays due in the journal
+            self._failed[key] = entry
+
+    def purging(self, keys: list[Key]) -> None:
+        for purger in self.purgers:
+            purger.queued(keys)
+
+    def poke_purgers(self) -> None:
+        for purger in self.purgers:
+            purger.poke()
+
     def catch_up(self) -> Summary:
-        """Remember every tail's position, then plan and sign the whole ledger once."""
-        for tail in self.tails:
-            tail.start()
+        """Start the purgers, then plan and sign the whole ledger once (the
+        tails remembered their position when the Session was entered)."""
+        for purger in self.purgers:
+            purger.start()
         self._reschedule_if_changed()
         summary = Summary(started=utc_now())
         planner = make_planner(self.config, self.issuers, self.journal)
+        self._routine_keys = set()
         with Spool(self.config.state_dir) as spool:
             try:
                 for planned in planner.due(ledger_entries(self.reading, self.issuers, summary)):
@@ -156,29 +384,34 @@ class Session:
         self.journal.set_setting("refresh_after", str(period.total_seconds()))
 
     def tick(self) -> Summary:
-        """Ledger changes first, then routine refreshes, then purges."""
+        """Ledger changes (new ones, and pending ones whose backoff passed) first, then routine refreshes."""
         summary = Summary(started=utc_now())
         planner = make_planner(self.config, self.issuers, self.journal)
-        retrying = self.retry if time.monotonic() >= self.retry_at else []
-        urgent = [planned for e in retrying if (planned := planner.judge(e))]
+        now = time.monotonic()
+        # a newer state of a serial (from a tail) replaces its pending one
+        changes: dict[Key, tuple[LedgerEntry, float | None]] = {
+            key: (p.entry, None) for key, p in self.pending.items() if p.retry_at <= now}
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers, self._changes(tail), summary):
-                    if planned := planner.judge(entry):
-                        urgent.append(planned)
-                        self.seen.setdefault((entry.issuer, entry.serial), self._seen_at)
+                    changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
+        urgent: list[Planned] = []
+        for key, (entry, seen_at) in changes.items():
+            if planned := planner.judge(entry):
+                urgent.append(planned)
+                if seen_at is not None:
+                    self.seen.setdefault(key, seen_at)
+            elif self.pending.pop(key, None) is not None:  # the journal states it now (or it expired)
+                self.seen.pop(key, None)
         report_unrevoked(planner, summary)
-        keys = {(e.issuer, e.serial) for e, _ in urgent}
-        scheduled = [(e, "refresh") for e in self._routine(summary.started) if (e.issuer, e.serial) not in keys]
+        busy = self.pending.keys() | {(e.issuer, e.serial) for e, _ in urgent}
+        scheduled = [(e, "refresh") for e in self._routine(summary.started) if (e.issuer, e.serial) not in busy]
+        self._routine_keys = {(e.issuer, e.serial) for e, _ in scheduled}
         if scheduled:
             planner.counts["refresh"] += len(scheduled)
-        published = self._sign(urgent + scheduled, summary, planner.counts)
-        failed = [e for e, _ in urgent if (e.issuer, e.serial) not in published]
-        self.retry = failed + ([] if retrying else self.retry)
-        self.backoff = 0.0 if not failed else min(RETRY_MAX, max(1.0, 2 * self.backoff))
-        self.retry_at = time.monotonic() + self.backoff
+        self._sign(urgent + scheduled, summary, planner.counts)
         return summary
 
     def _changes(self, tail: Tail) -> Iterator[LedgerEntry | LedgerError]:
@@ -190,36 +423,42 @@ class Session:
         limit = ROUTINE_MAX
         if self.config.refresh.routine_rate:
             limit = max(1, round(self.config.refresh.routine_rate * self.config.refresh.tick.total_seconds()))
-        expired: list[tuple[str, int]] = []
+        expired: list[Key] = []
         entries = list(routine(self.journal.due_by(now, limit), self.issuers, now, expired))
         if expired:
             self.journal.retire(expired)
         return entries
 
-    def _sign(self, planned: Iterable[Planned | None], summary: Summary, counts: Counter[str]) -> set[tuple[str, int]]:
-        """Sign ``planned``, send queued purges, finish ``summary`` with the
-        planner's ``counts`` and update metrics; return the keys published."""
+    def _sign(self, planned: Iterable[Planned | None], summary: Summary, counts: Counter[str]) -> None:
+        """Sign ``planned``; keep the ledger changes that failed pending
+        (with their next backoff); finish ``summary`` with the planner's
+        ``counts``; log each failure and count it once; update metrics."""
         runner = self._runner(summary)
-        self.published = set()
+        self.published, self._failed = set(), {}
         try:
             sign_all(self.pool, runner, planned, None, 0.0, self.stopping)
             self.journal.check_clock(utc_now())
         except ClockError as e:
             log("clock", error=str(e))
-            self.metrics.failed.labels("clock").inc()
             summary.failures.append(Failure("clock", str(e)))
-        if self.config.purge:
-            summary.purges = invalidate(self.config, self.issuers, self.journal)
+        now = time.monotonic()
+        for key, entry in self._failed.items():
+            if key not in self.published:
+                failures = p.failures + 1 if (p := self.pending.get(key)) else 1
+                self.pending[key] = Pending(entry, failures, now + retry_delay(failures))
         for f in summary.failures:
             self.metrics.failed.labels(f.stage).inc()
-            log("failure", stage=f.stage, issuer=f.issuer, serial=f.serial, source=f.source, message=f.message)
+            retry: dict[str, object] = {}
+            if f.serial and (key := (f.issuer, int(f.serial, 16))) in self._failed and (p := self.pending.get(key)):
+                retry = {"attempt": p.failures, "retry_in": retry_delay(p.failures)}
+            log("failure", stage=f.stage, issuer=f.issuer, serial=f.serial, source=f.source, message=f.message, **retry)
+        self.metrics.changes_pending.set(len(self.pending))
         for issuer in self.issuers:
             if (oldest := self.journal.oldest(issuer)) is not None:
                 self.metrics.oldest.labels(issuer).set(oldest.timestamp())
         summary.finish(counts)
         for why, n in summary.due.items():
             self.metrics.due.labels(why).inc(n)
-        return self.published
 
 
 class Service:
@@ -239,49 +478,72 @@ class Service:
         self.reload = True
         self.wake.set()
 
+    def _session(self, config: Config, metrics: RefreshMetrics) -> Session:
+        """A Session for ``config``, entered (pool started, keys probed, tails started)."""
+        return Session(config, metrics, lambda: self.stop).__enter__()
+
     def serve(self) -> int:
         config = load_config(self.path)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         metrics = RefreshMetrics(config.refresh.metrics_listen)
-        while not self.stop:
-            try:
-                session = Session(config, metrics, lambda: self.stop).__enter__()
-            except SignerError as e:
-                log("signer_failed", error=str(e))
-                print(f"ocspmint refresh: {e}", file=sys.stderr)
-                return 1
-            with session:
-                try:
+        try:
+            session = self._session(config, metrics)
+        except SignerError as e:
+            log("signer_failed", error=str(e))
+            print(f"ocspmint refresh: {e}", file=sys.stderr)
+            return 1
+        except LedgerError as e:  # a source unusable at start: nothing to tail from
+            log("ledger_failed", error=str(e))
+            print(f"ocspmint refresh: {e}", file=sys.stderr)
+            return 1
+        try:
+            fresh = True
+            while not self.stop:
+                if fresh:
                     first = session.catch_up()
-                except LedgerError as e:  # a source unusable at start: nothing to tail from
-                    log("ledger_failed", error=str(e))
-                    print(f"ocspmint refresh: {e}", file=sys.stderr)
-                    return 1
-                log("caught_up", published=first.published, due=first.due, failures=len(first.failures),
-                    seconds=first.seconds)
-                self._loop(session, config)
-            if self.reload:
-                self.reload = False
-                try:
-                    new = load_config(self.path)
-                    [key_spec(i) for i in load_issuers(new).values()]
-                    config = new
-                    log("reloaded", config=self.path)
-                except (ConfigError, IdentityError, UriError) as e:
-                    log("reload_failed", error=str(e))
+                    log("caught_up", published=first.published, due=first.due, failures=len(first.failures),
+                        pending=len(session.pending), seconds=first.seconds)
+                    fresh = False
+                self._loop(session)
+                if self.reload and not self.stop:
+                    self.reload = False
+                    if (new := self._reloaded(session, metrics)) is not None:
+                        session.close()
+                        new.adopt(session)
+                        session, fresh = new, True
+        finally:
+            session.close()
         log("stopped")
         return 0
 
-    def _loop(self, session: Session, config: Config) -> None:
-        period = config.refresh.tick.total_seconds()
+    def _reloaded(self, old: Session, metrics: RefreshMetrics) -> Session | None:
+        """A Session built and probed from the config file as it is now
+        (``old`` stays open meanwhile); None (``reload_failed`` logged)
+        when anything about it fails: ``old`` goes on serving."""
+        try:
+            config = load_config(self.path)
+            before, after = Path(old.config.state_dir).resolve(), Path(config.state_dir).resolve()
+            if after != before:  # the CLI locked ``before`` for this process (statelock), not ``after``
+                log("reload_failed", error=f"state_dir changed from {before} to {after}: the running service keeps "
+                                          "its state folder (journal, lock); restart it to move to another")
+                return None
+            new = self._session(config, metrics)
+        except Exception as e:  # whatever it is, the running Session is better than none
+            log("reload_failed", error=describe(e))
+            return None
+        log("reloaded", config=self.path)
+        return new
+
+    def _loop(self, session: Session) -> None:
+        period = session.config.refresh.tick.total_seconds()
         while not self.stop and not self.reload:
             started = time.monotonic()
             summary = session.tick()
             if summary.published or summary.failures:
                 log("tick", published=summary.published, due=summary.due, failures=len(summary.failures),
-                    seconds=summary.seconds)
+                    pending=len(session.pending), seconds=summary.seconds)
             self.wake.wait(max(0.0, period - (time.monotonic() - started)))
             self.wake.clear()
 
