@@ -4,7 +4,8 @@ add new fixtures under their own clearly named heading."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,3 +69,26 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
     with start_seaweed(tmp_path_factory.mktemp("seaweed")) as sw:
         yield sw
+
+
+# --- test_store_faults, test_state_lock: a small tmpfs for full disks ---------
+
+Mount = Callable[[Path, str], None]
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Mount]:
+    """``mount(path, options)``: a tmpfs at ``path`` (made if missing),
+    unmounted at teardown; skips when this machine does not allow mounts."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, options: str) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ocspmint-test", str(path)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
+import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -80,3 +81,15 @@ def verify_clean(demo: Demo, env: dict[str, str] | None = None, config: Path | N
     m = re.search(r'"checked":\s*(\d+)', p.stdout)
     assert m, p.stdout[-2000:]
     return int(m.group(1))
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 60, step: float = 0.1) -> object:
+    """``check()``'s first truthy result, polled every ``step`` s; an
+    AssertionError naming ``what`` after ``timeout`` s (tests never time,
+    they wait for what they need to see)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import pytest
 
 from cdn import free_port, serve
 from e2e import BIN, ocspmint, openssl_check, response_path
+from faultkit import wait_for
 from ocspmint.demo import Demo, build_demo, issue, revoke
 from ocspmint.planner import refresh_at
 
@@ -60,15 +61,6 @@ class Service:
     def journal(self, sql: str) -> list[tuple]:
         with sqlite3.connect(self.demo.root / "state" / "journal.sqlite", timeout=10) as db:
             return db.execute(sql).fetchall()
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,13 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cdn import free_port
 from e2e import BIN, ocspmint, openssl_check, response_path
-from faultkit import SOFTHSM, use_module
+from faultkit import SOFTHSM, use_module, wait_for
 from ocspmint.config import load_config
 from ocspmint.demo import Demo, build_demo, issue, revoke
 from ocspmint.metrics import RefreshMetrics
@@ -39,15 +39,6 @@ from ocspmint.model import Status
 from ocspmint.refresh import Session
 
 ISSUER = "issuing-ca"
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Refresh:

@@ -17,27 +17,18 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from e2e import BIN, ocspmint, run_json
-from faultkit import SOFTHSM, assert_journal_matches_store, edit_config, file_objects, use_module, verify_clean
+from faultkit import SOFTHSM, assert_journal_matches_store, edit_config, file_objects, use_module, verify_clean, wait_for
 from ocspmint.demo import Demo, build_demo, issue
 
 BUSY = re.compile(r"^ocspmint: (?P<state>\S+): in use by another ocspmint \(pid (?P<pid>\d+), (?P<command>[^)]+)\); .+$")
 REFRESH = '\n[refresh]\ntick = "PT0.5S"\nmetrics_listen = ""\n'
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start(demo: Demo, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -220,24 +211,6 @@ def test_a_journal_locked_by_another_program_stops_refresh_with_one_line(refresh
     code, summary = run_json(demo)
     assert code == 0 and summary["published"] == 1, summary
     assert len(assert_journal_matches_store(demo, file_objects(demo).get)) == 6
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Callable[[Path, str], None]]:
-    """``mount(path, options)``: a tmpfs at ``path``, unmounted at teardown;
-    skips when this machine does not allow mounts (as test_store_faults)."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, options: str) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ocspmint-test", str(path)], capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-        mounted.append(path)
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_a_journal_on_a_full_disk_is_one_line_and_the_next_run_resumes(tmp_path, tmpfs):

@@ -32,9 +32,6 @@ from seaweed import SeaweedS3
 
 # --------------------------------------------------------------- file store: disk full
 
-Mount = Callable[[Path, str], None]
-
-
 def run_cmd(*cmd: str) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, f"{' '.join(cmd)}: {p.stdout}{p.stderr}"
@@ -42,24 +39,6 @@ def run_cmd(*cmd: str) -> None:
 
 def mount_options(path: Path, options: str) -> None:
     run_cmd("mount", "-o", f"remount,{options}", str(path))
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Mount]:
-    """``mount(path, options)``: a tmpfs at ``path`` (made if missing),
-    unmounted at teardown; skips when this machine does not allow mounts."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, options: str) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ocspmint-test", str(path)], capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-        mounted.append(path)
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.mark.parametrize("full,freed", [

@@ -37,7 +37,7 @@ import msgspec
 
 from ocspmint.config import Config
 from ocspmint.issuer import load_issuers
-from ocspmint.journal import CLOCK_SLACK, Journal, Record
+from ocspmint.journal import CLOCK_SLACK, Job, Journal, Record
 from ocspmint.model import LedgerEntry, utc_now
 from ocspmint.pipeline import LedgerStop, ledger_entries, make_planner, run
 from ocspmint.planner import Force
@@ -167,22 +167,23 @@ def reissue(config: Config, sel: Selection, reason: str, rate: float, purge: boo
     if selector.no_not_before:
         summary.failures.append(_no_not_before(selector.no_not_before))
         summary.ok = False
-    outcome = Outcome(job.id, reason, job.resumed, sel, summary)
-    outcome.audit = _audit(config, selector)
-    outcome.ok = summary.ok and not outcome.audit.get("findings")
+    return _finish(config, job, Outcome(job.id, reason, job.resumed, sel, summary), selector.matches)
+
+
+def _finish(config: Config, job: Job, outcome: Outcome, select: Callable[[LedgerEntry], bool]) -> Outcome:
+    """Audit the job's selection; ``ok`` and the job finished in the journal
+    when the run was ok and the audit found nothing."""
+    outcome.audit = audit_selection_of(config, select)
+    outcome.ok = outcome.summary.ok and not outcome.audit.get("findings")
     if outcome.ok:
         with Journal(config.state_dir) as journal:
-            journal.finish_job(job, summary.published, utc_now())
+            journal.finish_job(job, outcome.summary.published, utc_now())
     return outcome
 
 
 def _no_not_before(n: int) -> Failure:
     return Failure("ledger", f"{n} entries have no notBefore in the ledger, so the issued time range could not "
                              "select them (re-ingest the ledger to record notBefore)")
-
-
-def _audit(config: Config, selector: Selector) -> dict:
-    return audit_selection_of(config, selector.matches)
 
 
 def _live(records: list[Record], now: dt.datetime) -> list[Record]:
@@ -244,13 +245,7 @@ def recover_clock(config: Config, reason: str, rate: float, purge: bool, show_pr
                                                  f"{after:%Y-%m-%dT%H:%M:%SZ} in the journal (not re-signed: see the "
                                                  "failures above, or serials no longer in the ledger)"))
         summary.ok = False
-    outcome = Outcome(job.id, reason, job.resumed, Selection(), summary, clock=clock)
-    outcome.audit = audit_selection_of(config, select)
-    outcome.ok = summary.ok and not outcome.audit.get("findings")
-    if outcome.ok:
-        with Journal(config.state_dir) as journal:
-            journal.finish_job(job, summary.published, utc_now())
-    return outcome
+    return _finish(config, job, Outcome(job.id, reason, job.resumed, Selection(), summary, clock=clock), select)
 
 
 def audit_selection_of(config: Config, select: Callable[[LedgerEntry], bool]) -> dict:
