@@ -366,3 +366,19 @@ def test_a_pending_change_backs_off_on_its_own_and_every_failure_is_counted_once
     assert len(svc.events("clock")) == sum(e["stage"] == "clock" and not e["serial"] for e in failed)
     assert "Traceback" not in svc.log.read_text()
 
+
+
+def test_purges_queued_under_a_target_no_longer_configured_are_logged_at_start(tmp_path):
+    """A renamed [[purge]] target leaves its queued purges behind: `run`
+    reports them, and the service says so at start (it sent nothing and
+    said nothing before)."""
+    demo = build_demo(tmp_path / "demo", certs=2, precerts=0, revoke=0)
+    configure(demo, '\n[refresh]\ntick = "PT0.2S"\nmetrics_listen = ""\n')
+    assert ocspmint(demo, "run", "--quiet").returncode == 0
+    with sqlite3.connect(demo.root / "state" / "journal.sqlite") as db:
+        db.execute("INSERT INTO purges (target, issuer, serial, queued) VALUES ('old-cdn', ?, ?, 0)",
+                   (ISSUER, f"{demo.serials['good'][0]:040x}"))
+    with refresh(demo, tmp_path / "refresh.log") as svc:
+        [orphaned] = wait_for(lambda: svc.events("purge_orphaned"), "the purge_orphaned line")
+        assert orphaned["target"] == "old-cdn" and orphaned["pending"] == 1
+        assert svc.stop() == 0

@@ -262,6 +262,11 @@ class Session:
             self._open.close()
             raise
         self.purgers = [Purger(config, self.issuers, t, metrics) for t in config.purge]
+        configured = {t.name for t in config.purge}
+        for name, count in sorted(self.journal.queued_by_target().items()):
+            if name not in configured:  # renamed or removed: never sent (docs/purge.md says how to move them)
+                log("purge_orphaned", target=name, pending=count,
+                    message="purges queued under a [[purge]] name no longer configured: not sent")
         self._entered = False
         self.seen: dict[Key, float] = {}  # planned ledger change → when the ledger recorded it (Unix time)
         self.pending: dict[Key, Pending] = {}  # ledger changes not published yet
