@@ -16,6 +16,7 @@ import codecs
 import datetime as dt
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -459,3 +460,17 @@ def test_pin_from_a_variable_signs(token, tmp_path):
     config = _variant(token, tmp_path, [URI, f'module = "{SOFTHSM}"', 'pin_env = "CHECKS_PIN"'])
     p = _cli(token, config, "run", "--quiet", env={"CHECKS_PIN": token.pin_file.read_text().strip()})
     assert p.returncode == 0 and _published(config) == _unexpired(token), p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("text,key", [("issuers = []\n", "$.issuers: no issuer"),
+                                      ('[[issuers]]\nname = ""\ncert = "a.pem"\n[issuers.signer]\n' + SIGNER,
+                                       "$.issuers[0].name: empty"),
+                                      ('[[issuers]]\nname = "a"\ncert = " "\n[issuers.signer]\n' + SIGNER,
+                                       "$.issuers[0].cert: empty")])
+def test_no_issuer_or_an_empty_issuer_name_or_cert_is_refused(tmp_path, text, key):
+    """Before, such a config loaded: every later step had nothing to sign
+    with, or a nameless issuer in store keys and messages."""
+    p = tmp_path / "c.toml"
+    p.write_text(text + '\n[[sources]]\ntype = "sqlite"\npath = "l.sqlite"\n')
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(p)

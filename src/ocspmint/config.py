@@ -332,9 +332,14 @@ def _check_signer(n: int, sig: Signer) -> None:
 def _check(cfg: Config) -> None:
     check_response_rules(cfg.response)
     names = [i.name for i in cfg.issuers]
+    if not names:
+        raise ConfigError("$.issuers: no issuer: give at least one [[issuers]]")
     if len(set(names)) != len(names):
         raise ConfigError("$.issuers: issuer names must be unique")
     for n, i in enumerate(cfg.issuers):
+        for key in ("name", "cert"):
+            if not getattr(i, key).strip():
+                raise ConfigError(f"$.issuers[{n}].{key}: empty")
         sig = i.signer
         if sig.key_file:
             if sig.uri or sig.module or sig.pin_env or sig.pin_file:
