@@ -84,6 +84,16 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(UTC).replace(microsecond=0)
 
 
+def future_revocation(label: str, revoked_at: dt.datetime) -> str | None:
+    """Why a ledger's revocation time cannot be used, naming it ``label``:
+    it lies after now (a local time written as UTC, a typo); None when it
+    does not. revocationTime is when it happened (RFC 6960 §4.2.1)."""
+    if revoked_at <= (now := utc_now()):
+        return None
+    return (f"{label} {revoked_at:%Y-%m-%dT%H:%M:%SZ} is in the future (now {now:%Y-%m-%dT%H:%M:%SZ}); a local time "
+            "written as UTC? (revocationTime is when it happened, RFC 6960 §4.2.1)")
+
+
 def check_serial(serial: int, source: str) -> int:
     """Return ``serial`` if it is a serial a CA can have issued, else raise.
 

@@ -348,12 +348,20 @@ class Responder:
         key's issuer (signature and signer, CertID issuer hashes, status
         not unknown, times; not the ledger: expect None), once per fill
         (~0.1 ms). A response past nextUpdate passes here: it is served
-        with no-cache, counted as expired. Raises UnservableResponse."""
-        issuer = self._signer_of(self._by_id[key.split("/")[1]], stored.body)
+        with no-cache, counted as expired. Only a response the configured
+        signer did not make is parsed again, for ``_signer_of``. Raises
+        UnservableResponse."""
+        issuer = self._by_id[key.split("/")[1]]
         now = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
-        findings = [f for f in verify_response(stored.body, issuer, None, now) if not f.startswith(EXPIRED_FINDING)]
-        if findings:
-            raise UnservableResponse(key, findings)
+
+        def findings(signer: IssuerIdentity) -> list[str]:
+            return [f for f in verify_response(stored.body, signer, None, now) if not f.startswith(EXPIRED_FINDING)]
+
+        found = findings(issuer)
+        if found and (other := self._signer_of(issuer, stored.body)) is not issuer:
+            found = findings(other)
+        if found:
+            raise UnservableResponse(key, found)
 
     def _signer_of(self, issuer: IssuerIdentity, body: bytes) -> IssuerIdentity:
         """``issuer`` with the signer that made ``body``: the configured one,

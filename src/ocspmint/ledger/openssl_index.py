@@ -63,7 +63,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex
 from ocspmint.ledger.tail import Change, file_time
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, utc_now
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, future_revocation, utc_now
 
 FIELDS = 6
 _UTCTIME = re.compile(r"[0-9]{12}Z")
@@ -258,10 +258,8 @@ class IndexRows:
             row = parse_line(line, where)  # parses only if ``found``
             if first != lineno:
                 raise LedgerError(where, f"duplicate serial {row.serial_text} (first on line {first})")
-            if row.revoked_at is not None and row.revoked_at > (now := utc_now()):
-                raise LedgerError(where, f"revocation date {row.revoked_at:%Y-%m-%dT%H:%M:%SZ} is in the future "
-                                         f"(now {now:%Y-%m-%dT%H:%M:%SZ}); a local time written as UTC? "
-                                         "(revocationTime is when it happened, RFC 6960 §4.2.1)")
+            if row.revoked_at is not None and (problem := future_revocation("revocation date", row.revoked_at)):
+                raise LedgerError(where, problem)
             kind, not_before = _check_certificate(row, where, self.source.certs_dir, self.check)
             return LedgerEntry(
                 issuer=self.source.issuer,

@@ -77,7 +77,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import read_source
 from ocspmint.ledger.tail import Change
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, serial_hex, utc_now
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, future_revocation, serial_hex
 
 SCHEMA_VERSION = "2"
 BATCH = 10_000
@@ -540,9 +540,8 @@ def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentit
                 rev_at = parse_time(revoked_at)
             except ValueError as e:
                 raise ValueError(f"revoked_at {e}") from None
-            if rev_at > (now := utc_now()):
-                raise ValueError(f"revoked_at {revoked_at} is in the future (now {format_time(now)}); a local time "
-                                 "written as UTC? (revocationTime is when it happened, RFC 6960 §4.2.1)")
+            if problem := future_revocation("revoked_at", rev_at):
+                raise ValueError(problem)
             why = _reason(reason)
         try:
             nb = None if not_before is None else parse_time(not_before)
