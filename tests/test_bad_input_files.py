@@ -147,9 +147,14 @@ def test_reissue_whose_closing_audit_cannot_read_the_ledger(demo: Demo, tmp_path
     assert "REISSUE NOT DONE" in last
 
 
-def test_demo_dir_that_is_a_file(tmp_path: Path) -> None:
+def test_demo_dir_that_is_a_file_or_not_empty(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("")
     p = subprocess.run([str(BIN / "ocspmint"), "demo", "--dir", str(target)], capture_output=True, text=True,
                        timeout=60)
     one_line_error(p, f"ocspmint: {target}: cannot make the demo there: it is not a folder")
+    p = subprocess.run([str(BIN / "ocspmint"), "demo", "--dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    one_line_error(p, f"ocspmint: {tmp_path}: cannot make the demo there: the folder is not empty; remove it or "
+                      "pass another --dir")
+    assert [f.name for f in tmp_path.iterdir()] == ["file"]

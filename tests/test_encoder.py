@@ -72,6 +72,30 @@ def test_template_bytes_equal_cryptography_builder(setup, serial, rev, hash_name
     assert template.response(tbs, ref.signature) == ref_der
 
 
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(items=st.lists(st.tuples(serials, revocations, st.integers(0, 2), st.integers(0, 2), st.integers(60, 520)),
+                      min_size=1, max_size=60),
+       hashes_=st.sampled_from([("sha1",), ("sha256",), ("sha1", "sha256")]))
+def test_a_template_reused_over_batches_gives_the_bytes_of_a_fresh_one(setup, monkeypatch, items, hashes_):
+    """One template signs a whole run: its cached frames (per length of
+    serial, status, signature and per batch times; cleared past FRAMES)
+    must give the bytes a template meeting each response first gives (the
+    builder test above checks those)."""
+    monkeypatch.setattr(encoder, "FRAMES", 3)
+    pki, delegated = setup
+    identity = pki.identity(delegated)
+    shared = ResponseTemplate(identity, hashes_)
+    for serial, rev, produced_s, this_update_s, signature_length in items:
+        this_update = NOW - dt.timedelta(hours=1, seconds=this_update_s)
+        times = Times(NOW + dt.timedelta(seconds=produced_s), this_update, this_update + dt.timedelta(days=7))
+        fresh = ResponseTemplate(identity, hashes_)
+        entry = _entry(serial, rev)
+        tbs = shared.tbs(entry, shared.time_fields(times))
+        assert tbs == fresh.tbs(entry, fresh.time_fields(times))
+        signature = bytes(range(256)) * 2
+        assert shared.response(tbs, signature[:signature_length]) == fresh.response(tbs, signature[:signature_length])
+
+
 def _flag(reason: Reason | None):
     names = {
         Reason.keyCompromise: x509.ReasonFlags.key_compromise,

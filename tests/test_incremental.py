@@ -72,6 +72,31 @@ def test_incremental_run_plans_only_changes_and_scheduled_resigning(tmp_path):
     assert run(demo, config, "--incremental")["plan"] == "incremental"
 
 
+def test_a_certificate_expiring_before_its_refresh_keeps_runs_incremental(tmp_path):
+    """A certificate that expires before its response's refresh time (a
+    short-lived one) is scheduled at its notAfter, to be retired then: its
+    journal record must not look like one written before refresh_at
+    existed, which sent every later --incremental run to a full pass. A
+    journal an earlier version left that way is completed by one full pass."""
+    demo = build_demo(tmp_path, certs=3, precerts=1, revoke=0)
+    short = issue(demo, days=1)  # refresh_after is 3 days
+    ingest(demo)
+    config = sqlite_config(demo)
+    assert run(demo, config, "--incremental")["plan"].startswith("full (no run has published")
+    journal = demo.root / "state" / "journal.sqlite"
+    with sqlite3.connect(journal) as db:
+        (refresh, not_after), = db.execute("SELECT refresh_at, not_after FROM published WHERE serial=?",
+                                           (f"{short:040x}",))
+    assert refresh == not_after
+    for _ in range(2):
+        assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+    with sqlite3.connect(journal) as db:  # as the earlier version wrote it
+        db.execute("UPDATE published SET refresh_at=NULL WHERE serial=?", (f"{short:040x}",))
+    assert run(demo, config, "--incremental")["plan"].startswith("full (journal records without refresh_at")
+    assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+
 def test_signers_log_in_only_when_a_run_may_sign(tmp_path):
     """A full pass starts its signers while it reads the ledger; an
     incremental run starts them only when something is due, so one with

@@ -283,3 +283,59 @@ def test_a_cloudfront_client_that_cannot_be_made_leaves_the_purges_queued(setup)
     results = invalidate(cfg, issuers, journal, cloudfront=broken)
     assert results["cf"].pending == 1 and "ProfileNotFound" in results["cf"].error
     assert len(journal.queued_purges("cf")) == 1
+
+
+class _Recorder:
+    """An HTTP server on loopback that answers BAN with 200 (503 to the
+    first ``fail`` requests) and records (method, X-OCSP-Issuer, X-OCSP-Key)."""
+
+    def __init__(self, fail: int = 0) -> None:
+        import http.server
+        import threading
+
+        seen = self.seen = []
+        left = [fail]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_BAN(self) -> None:  # noqa: N802 - the HTTP method's name
+                seen.append((self.command, self.headers.get("X-OCSP-Issuer"), self.headers.get("X-OCSP-Key")))
+                failing = left[0] > 0
+                left[0] -= failing
+                self.send_response(503 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("queued, fail", [(2500, 0), (2500, 1), (1000, 0)])
+def test_an_issuer_with_more_than_wildcard_over_queued_gets_one_issuer_wide_ban(setup, queued: int, fail: int):
+    """The default wildcard_over (1,000) against the whole queue: 2,500
+    serials of one issuer go as one BAN X-OCSP-Issuer (sent again when the
+    first attempt was refused), 1,000 as one BAN per serial. Counted per
+    1,000-key chunk, as it was, no issuer-wide BAN was ever sent."""
+    cfg, issuers, journal = setup
+    name = next(iter(issuers))
+    recorder = _Recorder(fail)
+    try:
+        cfg = msgspec.structs.replace(cfg, purge=[Purge(name="cdn", type="http", urls=[recorder.url])])
+        journal.record([], [(name, s) for s in range(1, queued + 1)], ["cdn"])
+        results = invalidate(cfg, issuers, journal, pause=0)
+    finally:
+        recorder.close()
+    assert (results["cdn"].sent, results["cdn"].pending, journal.queued_purges("cdn")) == (queued, 0, [])
+    issuer_bans = [seen for seen in recorder.seen if seen[1]]
+    if queued > 1000:
+        assert issuer_bans == [("BAN", issuers[name].id, None)] * (1 + fail)
+        assert len(recorder.seen) == 1 + fail
+    else:
+        assert issuer_bans == [] and len({key for _, _, key in recorder.seen}) == queued

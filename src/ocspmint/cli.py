@@ -271,8 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if root.exists() and not root.is_dir():
         raise Unusable(f"{root}: cannot make the demo there: it is not a folder")
     if root.exists() and any(root.iterdir()):
-        print(f"{root} exists and is not empty; remove it or pass --dir", file=sys.stderr)
-        return 2
+        raise Unusable(f"{root}: cannot make the demo there: the folder is not empty; remove it or pass another --dir")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

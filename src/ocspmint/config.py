@@ -139,8 +139,10 @@ class Purge(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A cache to purge when a served status changes (docs/purge.md).
 
     type ``http``: send ``method`` (``ban``: one BAN per serial carrying
-    its ``X-OCSP-Key``; ``purge``: PURGE of each canonical GET URL) to each
-    base URL in ``urls``, in order (list the origin before the CDN).
+    its ``X-OCSP-Key``, or one ``X-OCSP-Issuer`` BAN for an issuer with
+    more than ``wildcard_over`` serials queued; ``purge``: PURGE of each
+    canonical GET URL) to each base URL in ``urls``, in order (list the
+    origin before the CDN).
     type ``cloudfront``: CreateInvalidation on ``distribution_id``; an
     issuer with more than ``wildcard_over`` paths in one invalidation gets
     wildcard paths instead. ``name`` identifies the target in the journal's

@@ -8,15 +8,19 @@ from __future__ import annotations
 import datetime as dt
 
 
-def tlv(tag: int, content: bytes) -> bytes:
-    """``tag`` + DER length octets + ``content``: the short form below 128
-    content bytes, else 0x80 | the count of length octets, then the length
+def header(tag: int, n: int) -> bytes:
+    """``tag`` + the DER length octets of ``n`` content bytes: the short
+    form below 128, else 0x80 | the count of length octets, then the length
     big-endian (X.690 §8.1.3, §10.1)."""
-    n = len(content)
     if n < 0x80:
-        return bytes((tag, n)) + content
+        return bytes((tag, n))
     count = (n.bit_length() + 7) // 8
-    return bytes((tag, 0x80 | count)) + n.to_bytes(count, "big") + content
+    return bytes((tag, 0x80 | count)) + n.to_bytes(count, "big")
+
+
+def tlv(tag: int, content: bytes) -> bytes:
+    """``header(tag, len(content))`` + ``content``."""
+    return header(tag, len(content)) + content
 
 
 def integer(value: int) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ocspmint import der
 from ocspmint.issuer import CERTID_HASH_ALG, IssuerIdentity
@@ -23,6 +24,7 @@ from ocspmint.model import LedgerEntry, Reason, Status
 
 OCSP_BASIC_OID = bytes.fromhex("06092b0601050507300101")
 GOOD = b"\x80\x00"
+FRAMES = 64  # length combinations kept per template and kind of frame
 
 # Unsigned error responses (RFC 6960 §4.2.1): 30 03 0a 01 0X.
 MALFORMED_REQUEST = bytes.fromhex("3003 0a01 01")
@@ -74,6 +76,8 @@ class ResponseTemplate:
         ]
         self._sig_alg = signer.sig_alg
         self._certs = der.tlv(0xA0, der.tlv(0x30, signer.cert_der)) if signer.delegated else b""
+        self._tbs_frames: dict[tuple[bytes, bytes, int, int], tuple[bytes, ...]] = {}
+        self._response_frames: dict[tuple[int, int], tuple[bytes, bytes]] = {}
 
     def time_fields(self, times: Times) -> tuple[bytes, bytes]:
         """(producedAt DER, thisUpdate + [0] nextUpdate DER) for a batch."""
@@ -84,19 +88,71 @@ class ResponseTemplate:
         return produced, tail
 
     def tbs(self, entry: LedgerEntry, time_fields: tuple[bytes, bytes]) -> bytes:
-        """DER of ResponseData for ``entry``; ``time_fields`` from time_fields()."""
+        """DER of ResponseData for ``entry``; ``time_fields`` from time_fields().
+
+        Around the serial, the status and the times, every byte depends only
+        on their lengths: each combination's frame is built once (a run
+        meets a handful) and the parts are joined in one copy."""
         produced, tail = time_fields
         serial = der.integer(entry.serial)
-        rest = cert_status(entry) + tail
-        singles = b"".join(der.tlv(0x30, der.tlv(0x30, head + serial) + rest) for head in self._certid_heads)
-        return der.tlv(0x30, self._responder_id + produced + der.tlv(0x30, singles))
+        status = cert_status(entry)
+        key = (produced, tail, len(serial), len(status))
+        frame = self._tbs_frames.get(key) or self._tbs_frame(key)
+        if len(frame) == 1:  # one CertID hash
+            return b"".join((frame[0], serial, status, tail))
+        return b"".join(part for piece in frame for part in (piece, serial, status, tail))
+
+    def _tbs_frame(self, key: tuple[bytes, bytes, int, int]) -> tuple[bytes, ...]:
+        """Per SingleResponse, the bytes before its serial (the first one
+        also carrying ResponseData's header, ResponderID, producedAt and
+        the responses SEQUENCE header); each is followed by serial, status
+        and ``tail``."""
+        produced, tail, n_serial, n_status = key
+        pieces = []
+        for head in self._certid_heads:
+            cert_id = der.header(0x30, len(head) + n_serial) + head
+            pieces.append(der.header(0x30, len(cert_id) + n_serial + n_status + len(tail)) + cert_id)
+        singles = sum(len(p) + n_serial + n_status + len(tail) for p in pieces)
+        responses = der.header(0x30, singles)
+        data = len(self._responder_id) + len(produced) + len(responses) + singles
+        pieces[0] = der.header(0x30, data) + self._responder_id + produced + responses + pieces[0]
+        return _cached(self._tbs_frames, key, tuple(pieces))
 
     def response(self, tbs: bytes, signature: bytes) -> bytes:
         """OCSPResponse DER (successful, basic) from ResponseData and the
         signature value (DER ECDSA-Sig-Value or RSA PKCS#1 v1.5 octets)."""
-        basic = der.tlv(0x30, tbs + self._sig_alg + der.tlv(0x03, b"\x00" + signature) + self._certs)
-        body = der.tlv(0xA0, der.tlv(0x30, OCSP_BASIC_OID + der.tlv(0x04, basic)))
-        return der.tlv(0x30, b"\x0a\x01\x00" + body)
+        key = (len(tbs), len(signature))
+        head, middle = self._response_frames.get(key) or self._response_frame(key)
+        return b"".join((head, tbs, middle, signature, self._certs))
+
+    def _response_frame(self, key: tuple[int, int]) -> tuple[bytes, bytes]:
+        """(bytes before ResponseData, bytes between it and the signature)
+        for these lengths: OCSPResponse { successful, [0] { id-pkix-ocsp-basic,
+        OCTET STRING { BasicOCSPResponse { tbs, algorithm, BIT STRING
+        signature, certs } } } }."""
+        n_tbs, n_signature = key
+        middle = self._sig_alg + der.header(0x03, n_signature + 1) + b"\x00"
+        basic = der.header(0x30, n_tbs + len(middle) + n_signature + len(self._certs))
+        octets = der.header(0x04, len(basic) + n_tbs + len(middle) + n_signature + len(self._certs))
+        inner = OCSP_BASIC_OID + octets + basic
+        n_inner = len(inner) + n_tbs + len(middle) + n_signature + len(self._certs)
+        body = der.header(0xA0, len(der.header(0x30, n_inner)) + n_inner) + der.header(0x30, n_inner)
+        head = b"\x0a\x01\x00" + body + inner
+        head = der.header(0x30, len(head) + n_tbs + len(middle) + n_signature + len(self._certs)) + head
+        return _cached(self._response_frames, key, (head, middle))
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _cached(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Store ``value`` under ``key`` in a frame cache (cleared past FRAMES:
+    a new batch brings new times) and return it."""
+    if len(cache) >= FRAMES:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def ecdsa_signature(raw: bytes) -> bytes:

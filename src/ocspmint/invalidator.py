@@ -35,6 +35,7 @@ import hashlib
 import http.client
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,19 @@ class HttpTarget:
 
     def __init__(self, target: Purge, issuers: dict[str, IssuerIdentity], hashes: list[str], prefix: str = "") -> None:
         self.target, self.issuers, self.hashes, self.prefix = target, issuers, hashes, prefix
+        self._wide: set[str] = set()  # ``prepare``: issuers purged by one issuer-wide BAN
+        self._banned: set[str] = set()  # those whose BAN every base URL acknowledged in this drain
+
+    def prepare(self, queued: list[Key]) -> None:
+        """Before a drain of ``queued``: with method "ban", an issuer with
+        more than ``wildcard_over`` serials in the whole queue gets one
+        issuer-wide BAN (with its first chunk) instead of one per serial.
+        Counted over the queue, not per chunk: a chunk holds at most CHUNK
+        keys, never more than the default ``wildcard_over``."""
+        counts = Counter(issuer for issuer, _ in queued)
+        wide = self.target.method == "ban"
+        self._wide = {name for name, n in counts.items() if wide and n > self.target.wildcard_over}
+        self._banned = set()
 
     def _requests(self, keys: list[Key]) -> list[tuple[str, str, dict[str, str]]]:
         out: list[tuple[str, str, dict[str, str]]] = []
@@ -113,8 +127,9 @@ class HttpTarget:
             ident = self.issuers[name]
             if self.target.method == "purge":
                 out += [("PURGE", p, {}) for s in serials for p in serial_paths(ident, s, self.hashes, self.prefix)]
-            elif len(serials) > self.target.wildcard_over:
-                out.append(("BAN", "/", {"X-OCSP-Issuer": ident.id}))
+            elif name in self._wide:
+                if name not in self._banned:  # every key was queued, so published, before this drain's BAN
+                    out.append(("BAN", "/", {"X-OCSP-Issuer": ident.id}))
             else:
                 out += [("BAN", "/", {"X-OCSP-Key": f"{ident.id}/{serial_hex(s)}"}) for s in serials]
         return out
@@ -145,6 +160,7 @@ class HttpTarget:
             finally:
                 if conn is not None:
                     conn.close()
+        self._banned.update(name for name, _ in keys if name in self._wide)
 
 
 class CloudFrontTarget:
@@ -244,6 +260,8 @@ def _drain(backend: HttpTarget | CloudFrontTarget, name: str, queued: list[Key],
     ``result``; at the first chunk that still fails, leave it and the rest
     queued and return its error ("" when all went)."""
     size = backend.CHUNK or len(queued)
+    if isinstance(backend, HttpTarget):
+        backend.prepare(queued)
     for start in range(0, len(queued), size):
         chunk = queued[start : start + size]
         error = _send(backend, chunk, pause)

@@ -65,18 +65,31 @@ def refresh_point(this_update: dt.datetime, next_update: dt.datetime, refresh_af
 
 
 def refresh_at(this_update: dt.datetime, next_update: dt.datetime, serial: int, refresh_after: dt.timedelta,
-               not_after: dt.datetime) -> dt.datetime | None:
+               not_after: dt.datetime) -> dt.datetime:
     """When `ocspmint refresh` re-signs a response: between refresh_after/2
     and refresh_after after thisUpdate, at a fraction fixed by a hash of
     the serial, so responses signed together come due spread over half the
     period and the HSM sees a flat load; never past ``refresh_point``.
-    None when the certificate expires first (no re-signing after
-    notAfter)."""
-    digest = hashlib.blake2b(serial.to_bytes(21, "big"), digest_size=4).digest()
-    fraction = int.from_bytes(digest, "big") / 2**32
-    at = this_update + refresh_after / 2 * (1 + fraction)
-    at = min(at.replace(microsecond=0), refresh_point(this_update, next_update, refresh_after))
-    return None if at >= not_after else at
+    When the certificate expires first: its notAfter, when the record comes
+    due only to be retired (``routine``; nothing is signed after notAfter).
+    None (no schedule) is left for journal records not reckoned yet
+    (``Journal.unscheduled``). Many serials of one batch: ``RefreshSchedule``."""
+    return RefreshSchedule(this_update, next_update, refresh_after).at(serial, not_after)
+
+
+class RefreshSchedule:
+    """``refresh_at`` for the responses of one batch (same thisUpdate,
+    nextUpdate and refresh_after), ``refresh_point`` reckoned once."""
+
+    def __init__(self, this_update: dt.datetime, next_update: dt.datetime, refresh_after: dt.timedelta) -> None:
+        self._this_update, self._half = this_update, refresh_after / 2
+        self._latest = refresh_point(this_update, next_update, refresh_after)
+
+    def at(self, serial: int, not_after: dt.datetime) -> dt.datetime:
+        """``refresh_at`` of ``serial`` (``not_after`` when that comes first)."""
+        digest = hashlib.blake2b(serial.to_bytes(21, "big"), digest_size=4).digest()
+        at = self._this_update + self._half * (1 + int.from_bytes(digest, "big") / 2**32)
+        return min(at.replace(microsecond=0), self._latest, not_after)
 
 
 def entry_of(rec: Record) -> LedgerEntry:
@@ -108,7 +121,8 @@ class Planner:
         self.refresh_after = refresh_after
         self.now = now
         self.counts: Counter[str] = Counter()
-        # up-to-date entries whose journal record predates kind/not_after/refresh_at
+        # up-to-date entries whose journal record lacks kind/not_after/refresh_at (journaled
+        # before they existed; earlier versions also left refresh_at NULL when notAfter came first)
         self.incomplete: list[tuple[LedgerEntry, Record]] = []
         self.force = force
         # ledger entries saying good for a serial published revoked: (entry, its record)
@@ -133,13 +147,14 @@ class Planner:
             return entry, "forced"
         if self.now >= refresh_point(rec.this_update, rec.next_update, self.refresh_after):
             return entry, "refresh"
-        if rec.not_after is None:
+        if rec.not_after is None or rec.refresh_at is None:
             self.incomplete.append((entry, rec))
         return entry, None
 
     def complete_records(self) -> None:
         """Fill kind, not_after and refresh_at of the ``incomplete`` records
-        (journaled before those columns existed) from their ledger entries."""
+        (journaled before those columns, or that refresh_at, existed) from
+        their ledger entries."""
         if self.incomplete:
             self.journal.complete([(e, refresh_at(r.this_update, r.next_update, e.serial, self.refresh_after, e.not_after))
                                    for e, r in self.incomplete])

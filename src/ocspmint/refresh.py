@@ -241,9 +241,8 @@ class Session:
             self.journal.unschedule_all()
         after: tuple[str, int] = ("", 0)
         while page := self.journal.unscheduled(after, SCHEDULE_PAGE):
-            self.journal.schedule([(r.issuer, r.serial, at) for r in page
-                                   if (at := refresh_at(r.this_update, r.next_update, r.serial, period,
-                                                        r.not_after)) is not None])
+            self.journal.schedule([(r.issuer, r.serial, refresh_at(r.this_update, r.next_update, r.serial, period,
+                                                                   r.not_after)) for r in page if r.not_after])
             after = (page[-1].issuer, page[-1].serial)
         self.journal.set_setting("refresh_after", str(period.total_seconds()))
 

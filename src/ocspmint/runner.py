@@ -26,7 +26,7 @@ from ocspmint.encoder import ResponseTemplate, Times
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.journal import ClockError, Journal, Record
 from ocspmint.model import LedgerEntry, serial_hex, utc_now
-from ocspmint.planner import Force, refresh_at
+from ocspmint.planner import Force, RefreshSchedule
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.served import Sample
 from ocspmint.signer import Checked, Failed, SignBatch, Signed, SignerError, SignerPool, expect
@@ -235,24 +235,24 @@ class Runner:
             responses = [template.response(tbs, sig) for tbs, sig in zip(b.tbs, reply.signatures, strict=True)]
             findings = [""] * len(responses)
         items, entries, records, urgent = [], [], [], []
+        times, signer, issuer_id = b.times, b.issuer.signer.key_hash.hex(), b.issuer.id
+        schedule = RefreshSchedule(times.this_update, times.next_update, self.config.response.refresh_after)
         for entry, why, response, found in zip(b.entries, b.whys, responses, findings, strict=True):
             if self._excluded(entry):  # the ledger stage reported it
                 continue
             if found:
                 self.fail(entry, "verify", found)
                 continue
-            items.append(PutItem(object_key(b.issuer.id, entry.serial), response, b.times.this_update, b.times.next_update))
+            items.append(PutItem(object_key(issuer_id, entry.serial), response, times.this_update, times.next_update))
             entries.append(entry)
             urgent.append(purges_for(why, self.force))
             reason = None if entry.reason is None else int(entry.reason)
             if self.force is not None:
                 why = self.force.why
-            records.append(Record(entry.issuer, entry.serial, b.times.this_update, b.times.next_update, entry.status.value,
-                                  entry.revoked_at, reason, b.issuer.signer.key_hash.hex(), hashlib.sha256(response).digest(),
-                                  why, entry.kind.value, entry.not_after,
-                                  refresh_at(b.times.this_update, b.times.next_update, entry.serial,
-                                             self.config.response.refresh_after, entry.not_after),
-                                  b.times.produced_at))
+            records.append(Record(entry.issuer, entry.serial, times.this_update, times.next_update, entry.status.value,
+                                  entry.revoked_at, reason, signer, hashlib.sha256(response).digest(), why,
+                                  entry.kind.value, entry.not_after, schedule.at(entry.serial, entry.not_after),
+                                  times.produced_at))
         if items:
             self.uploads.append(_Upload(self.store.submit(items), entries, records, urgent))
 
