@@ -137,6 +137,7 @@ def dry_run(config: Config, sel: Selection, reason: str, rate: float) -> DryRun:
     unusable source) are kept in the result. Raises SelectionError."""
     selector = Selector(sel)
     issuers = load_issuers(config)
+    selector.check_issuers(issuers)
     summary = Summary(started=utc_now())
     with Journal(config.state_dir) as journal:
         pending = journal.unfinished_job(sel.key())
@@ -148,6 +149,7 @@ def dry_run(config: Config, sel: Selection, reason: str, rate: float) -> DryRun:
         except LedgerStop:  # the failure is in summary.failures
             pass
         measured = journal.measured_rate()
+    summary.failures += [Failure("ledger", message) for message in selector.unlisted()]
     speed = min(filter(None, [measured, rate or None]), default=None)
     counts = planner.counts
     return DryRun(sum(counts.values()), {k: v for k, v in counts.items() if k not in ("expired", "up_to_date")},
@@ -160,12 +162,14 @@ def reissue(config: Config, sel: Selection, reason: str, rate: float, purge: boo
     was re-signed, published, purged and the audit of the selection is
     clean. Raises SelectionError for an unusable selection."""
     selector = Selector(sel)
+    selector.check_issuers(load_issuers(config))
     with Journal(config.state_dir) as journal:
         job = journal.job(reason, sel.key(), utc_now())
     force = job_force(job.id, job.reason, job.since, purge)
     summary = run(config, show_progress, select=selector.matches, force=force, rate=rate)
-    if selector.no_not_before:
-        summary.failures.append(_no_not_before(selector.no_not_before))
+    problems = selector.unlisted() + ([_no_not_before(selector.no_not_before)] if selector.no_not_before else [])
+    if problems:
+        summary.failures += [Failure("ledger", message) for message in problems]
         summary.ok = False
     return _finish(config, job, Outcome(job.id, reason, job.resumed, sel, summary), selector.matches)
 
@@ -181,9 +185,9 @@ def _finish(config: Config, job: Job, outcome: Outcome, select: Callable[[Ledger
     return outcome
 
 
-def _no_not_before(n: int) -> Failure:
-    return Failure("ledger", f"{n} entries have no notBefore in the ledger, so the issued time range could not "
-                             "select them (re-ingest the ledger to record notBefore)")
+def _no_not_before(n: int) -> str:
+    return (f"{n} entries have no notBefore in the ledger, so the issued time range could not select them "
+            "(re-ingest the ledger to record notBefore)")
 
 
 def _live(records: list[Record], now: dt.datetime) -> list[Record]:

@@ -20,9 +20,11 @@ from cryptography.x509 import ocsp
 from ocspmint.config import Config
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.ledger import read_source
-from ocspmint.model import LedgerEntry, serial_hex, utc_now
-from ocspmint.store import object_key, open_store
+from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
+from ocspmint.store import FileStore, StoreError, object_key, open_store
 from ocspmint.verifier import Expectation, describe, verify_response
+
+Key = tuple[str, int]  # (issuer name, serial)
 
 
 class Checked(msgspec.Struct):
@@ -47,50 +49,128 @@ def _issuer_of(der: bytes, issuers: list[IssuerIdentity]) -> tuple[IssuerIdentit
     return None, single.serial_number
 
 
-def check_one(path: str, der: bytes, issuers: list[IssuerIdentity], ledger: dict[tuple[str, int], LedgerEntry],
-              config: Config, key: str | None = None) -> Checked:
-    """Verify one response; ``key`` is its store key when read from a store."""
+class Ledger(msgspec.Struct):
+    """What the configured sources say, for ``check_one``.
+
+    ``entries``: (issuer, serial) → entry, for serials every source states
+    alike. ``in_error``: (issuer, serial) → why its state is unknown (a
+    ledger row in error naming it, or two sources stating it differently).
+    ``unnamed``: ledger errors that name no serial (``path:line: why``).
+    """
+
+    entries: dict[Key, LedgerEntry] = msgspec.field(default_factory=dict)
+    in_error: dict[Key, str] = msgspec.field(default_factory=dict)
+    unnamed: list[str] = msgspec.field(default_factory=list)
+
+
+def read_ledger(config: Config, by_name: dict[str, IssuerIdentity]) -> Ledger:
+    """Every source of ``config`` into a Ledger. A serial a bad row names
+    or two sources state differently (status, revocationTime or reason,
+    as ``pipeline.stated_differently``) goes to ``in_error``, never to
+    ``entries``. Raises LedgerError for a source unusable as a whole."""
+    from ocspmint.pipeline import stated_differently
+
+    ledger = Ledger()
+    for source in config.sources:
+        for item in read_source(source, by_name):
+            if isinstance(item, LedgerError):
+                if item.key is None:
+                    ledger.unnamed.append(str(item))
+                else:
+                    ledger.in_error.setdefault(item.key, str(item))
+                continue
+            key = (item.issuer, item.serial)
+            first = ledger.entries.setdefault(key, item)
+            if first is not item and (differs := stated_differently(first, item)) is not None:
+                ledger.in_error.setdefault(key, str(differs))
+    for key in ledger.in_error:
+        ledger.entries.pop(key, None)
+    return ledger
+
+
+def check_one(path: str, der: bytes, issuers: list[IssuerIdentity], ledger: Ledger, config: Config,
+              key: str | None = None) -> Checked:
+    """Verify one response; ``key`` is its store key when read from a store.
+
+    Findings besides the verifier's (RFC 6960 §4.2, BR 4.9.9): the CertID
+    names no configured issuer; the serial is not in the ledger; a ledger
+    row in error names it (state unknown); the store key names another
+    serial."""
     ident, serial = _issuer_of(der, issuers)
     if ident is None:
         findings = verify_response(der, issuers[0], None, utc_now()) if serial is None else []
-        return Checked(path, findings=findings or ["issuer: issuerKeyHash matches no configured issuer"])
-    entry = ledger.get((ident.name, serial))
+        shown = "" if serial is None else serial_hex(serial) if serial >= 0 else hex(serial)
+        return Checked(path, serial=shown, findings=findings or ["issuer: issuerKeyHash matches no configured issuer"],
+                       response=describe(der))
+    error = ledger.in_error.get((ident.name, serial))
+    entry = None if error is not None else ledger.entries.get((ident.name, serial))
     expect = None if entry is None else Expectation(entry, tuple(config.response.certid_hashes), config.response.validity)
     findings = verify_response(der, ident, expect, utc_now())
-    if entry is None:
-        findings.append("ledger: serial is not in the ledger (never assigned?)")
+    if error is not None:
+        findings.append(f"ledger: the serial's ledger state is unknown, no response for it can be right ({error})")
+    elif entry is None:
+        hint = (f"; {len(ledger.unnamed)} ledger rows in error name no serial, it may be one of them"
+                if ledger.unnamed else "")
+        findings.append(f"ledger: serial is not in the ledger (never assigned?){hint}")
     if key is not None and key != object_key(ident.id, serial):
         findings.append(f"store: key {key} does not name serial {serial_hex(serial)} of {ident.name}")
     status = "" if entry is None else entry.status.value
     return Checked(path, ident.name, serial_hex(serial), status, findings, describe(der))
 
 
-def _responses(config: Config, files: list[str], store_url: str | None) -> Iterator[tuple[str, bytes, str | None]]:
+def _responses(config: Config, files: list[str], store_url: str | None) -> Iterator[tuple[str, bytes | str, str | None]]:
+    """(path, bytes or why they cannot be read, store key or None) per
+    response. Raises StoreError when the store as a whole is unusable."""
     if files:
         for f in files:
             yield f, Path(f).read_bytes(), None
         return
-    store = open_store(store_url or config.store.url, config.store)
+    url = store_url or config.store.url
+    store = open_store(url, config.store)
+    if isinstance(store, FileStore) and not store.root.is_dir():
+        raise StoreError(f"{store.root}: store folder does not exist")
     for key in store.keys():
-        yield key, store.get(key) or b"", key
+        try:
+            data = store.get(key)
+        except OSError as e:  # a file store's object: EACCES, EIO, a symlink loop
+            yield key, f"store: cannot read the object: {e.strerror or e}", key
+            continue
+        except StoreError as e:
+            yield key, f"store: cannot read the object: {e}", key
+            continue
+        yield key, "store: no object at this key any more (deleted while verifying?)" if data is None else data, key
 
 
 def verify_command(config: Config, files: list[str], store_url: str | None, as_json: bool) -> int:
-    """Print one line (or JSON record) per response; return 1 on any finding."""
+    """Print one line (or JSON record) per response; return 1 on any
+    finding, or when nothing was checked (an empty store).
+
+    JSON: ``{"checked": int, "with_findings": int, "ledger_errors_without_serial":
+    int, "responses": [Checked]}``. Raises LedgerError (a source unusable)
+    and StoreError (the store unusable) for the caller (exit 2)."""
     issuers = list(load_issuers(config).values())
     by_name = {i.name: i for i in issuers}
-    ledger: dict[tuple[str, int], LedgerEntry] = {}
-    for source in config.sources:
-        for item in read_source(source, by_name):
-            if isinstance(item, LedgerEntry):
-                ledger[(item.issuer, item.serial)] = item
-    results = [check_one(p, der, issuers, ledger, config, key) for p, der, key in _responses(config, files, store_url)]
-    bad = [r for r in results if r.findings]
-    if as_json:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode({"checked": len(results), "with_findings": len(bad), "responses": results}), indent=2).decode() + "\n")
-    else:
-        for r in results:
+    ledger = read_ledger(config, by_name)
+    results: list[Checked] = []
+    checked = bad = 0
+    for p, der, key in _responses(config, files, store_url):
+        r = Checked(p, findings=[der]) if isinstance(der, str) else check_one(p, der, issuers, ledger, config, key)
+        checked += 1
+        bad += bool(r.findings)
+        if as_json:
+            results.append(r)
+        else:
             state = "OK" if not r.findings else "FAIL " + "; ".join(r.findings)
             print(f"{r.path}: {state} (issuer {r.issuer or '?'} serial {r.serial or '?'} {r.status})")
-        print(f"{len(results)} responses checked, {len(bad)} with findings")
-    return 1 if bad or not results else 0
+    if as_json:
+        doc = {"checked": checked, "with_findings": bad, "ledger_errors_without_serial": len(ledger.unnamed),
+               "responses": results}
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
+    else:
+        if ledger.unnamed:
+            print(f"{len(ledger.unnamed)} ledger rows in error name no serial (`ocspmint run` and `audit` report "
+                  f"them); the first: {ledger.unnamed[0]}")
+        print(f"{checked} responses checked, {bad} with findings")
+    if not checked:
+        print(f"ocspmint: {store_url or config.store.url}: the store holds no object: nothing was verified", file=sys.stderr)
+    return 1 if bad or not checked else 0

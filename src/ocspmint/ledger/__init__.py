@@ -105,18 +105,20 @@ def load_certificate_bytes(data: bytes) -> x509.Certificate:
 def split_certificates(data: bytes) -> list[tuple[int, x509.Certificate | str]]:
     """Every ``CERTIFICATE`` PEM block of ``data`` as (1-based line of its
     BEGIN, certificate or an error message). A BEGIN without its END is an
-    error item; other PEM block types are ignored."""
+    error item, and the complete block after it is still read; other PEM
+    block types are ignored."""
     out: list[tuple[int, x509.Certificate | str]] = []
     ends = 0
     for m in _PEM_CERT.finditer(data):
         ends = m.end()
-        line = data.count(b"\n", 0, m.start()) + 1
-        block = m.group(0)
-        if block.count(_BEGIN_CERT) != 1:
-            out.append((line, "PEM CERTIFICATE block without its END line"))
-            continue
+        start = data.rfind(_BEGIN_CERT, m.start(), m.end())  # a BEGIN without END before it: the match spans both
+        cut = m.start()
+        while (cut := data.find(_BEGIN_CERT, cut, start)) >= 0:
+            out.append((data.count(b"\n", 0, cut) + 1, "PEM CERTIFICATE block without its END line"))
+            cut += len(_BEGIN_CERT)
+        line = data.count(b"\n", 0, start) + 1
         try:
-            out.append((line, _load(x509.load_pem_x509_certificate, block)))
+            out.append((line, _load(x509.load_pem_x509_certificate, data[start:m.end()])))
         except ValueError as e:
             out.append((line, f"PEM block is not a certificate ({e})"))
     start = data.find(_BEGIN_CERT, ends)

@@ -1,10 +1,15 @@
 """Reader for a folder of certificates and precertificates, plus CRLs.
 
-Files: every ``.pem .crt .cer .der`` file below ``source.path`` (recursive,
-symlinked folders not followed), read in sorted path order. PEM files may
-hold several CERTIFICATE blocks (other block types are ignored); anything
-else is read as one DER certificate. A configured issuer's own certificate
-found in the folder is skipped (it is not a serial that issuer assigned).
+Files: every ``.pem .crt .cer .der`` file below ``source.path`` (recursive),
+read in sorted path order. Symlinked files are read; a symlinked folder is
+not followed and is an error row naming it (its certificates would
+otherwise be missing without a word: give its target as a source of its
+own). A folder entry that cannot be examined (a symlink loop, no
+permission) is an error row naming that entry; the rest of its folder is
+still read. PEM files may hold several CERTIFICATE blocks (other block
+types are ignored); anything else is read as one DER certificate. A
+configured issuer's own certificate found in the folder is skipped (it is
+not a serial that issuer assigned).
 
 Issuer: each certificate is matched to the configured issuer whose subject
 equals its issuer Name (DER) and whose key verifies its signature
@@ -19,7 +24,12 @@ found twice are one certificate. Two different final certificates, two
 different precertificates, or a precertificate and final certificate with
 different notBefore or notAfter under one issuer + serial give one error row
 for that serial naming every file, and no entry. ``not_before``/``not_after``
-are the certificates' own.
+are the certificates' own. A revocation error row (a refused CRL entry, a
+CRL revoking a serial the folder lacks) names its serial
+(``LedgerError.key``): that serial is assigned but its state unknown, so
+no other source's word on it is published (``pipeline.checked_entries``;
+BR 4.9.13: a certificate on hold must not be answered ``good``) and
+``audit --fix`` never deletes its response as unassigned.
 
 Status: GOOD unless a CRL of ``source.crls`` (PEM or DER) lists the serial;
 then REVOKED with the entry's revocationDate and CRLReason (unspecified or
@@ -171,7 +181,8 @@ def read_certdir(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Itera
 def _orphan(key: Key, rev: _Revocation, folder: str) -> LedgerError:
     issuer, serial = key
     return LedgerError(
-        rev.crl, f"revokes serial {openssl_hex(serial)} of issuer {issuer!r} but no certificate with that serial is in {folder}"
+        rev.crl, f"revokes serial {openssl_hex(serial)} of issuer {issuer!r} but no certificate with that serial is in {folder}",
+        key,
     )
 
 
@@ -182,10 +193,12 @@ def _read(path: str) -> tuple[bytes, int]:
 
 
 def _walk(root: str) -> tuple[dict[str, int], dict[str, int], list[LedgerError]]:
-    """Every certificate file below ``root`` (path → inode, symlinked folders
-    not followed), every folder listed (path → st_mtime_ns, taken before its
-    listing) and an error per folder that could not be listed (never skipped
-    silently). One ``stat`` per folder, none per file."""
+    """Every certificate file below ``root`` (path → inode), every folder
+    listed (path → st_mtime_ns, taken before its listing) and an error per
+    folder that could not be listed, per symlinked folder (not followed)
+    and per entry that could not be examined: none is skipped silently, and
+    one bad entry does not end its folder's listing. One ``stat`` per
+    folder, none per file (but per symlink)."""
     files: dict[str, int] = {}
     folders: dict[str, int] = {}
     errors: list[LedgerError] = []
@@ -196,9 +209,16 @@ def _walk(root: str) -> tuple[dict[str, int], dict[str, int], list[LedgerError]]
             folders[folder] = os.stat(folder).st_mtime_ns
             with os.scandir(folder) as listing:
                 for item in listing:
-                    if item.is_dir():
-                        if not item.is_symlink():
-                            todo.append(item.path)
+                    try:
+                        is_dir = item.is_dir()
+                    except OSError as e:  # a symlink loop, a target without permission
+                        errors.append(LedgerError(item.path, f"cannot tell whether it is a folder or a file: {e.strerror}"))
+                        continue
+                    if is_dir and item.is_symlink():
+                        errors.append(LedgerError(item.path, "symlinked folder, not followed: its certificates are not "
+                                                             "read (give its target as a certdir source of its own)"))
+                    elif is_dir:
+                        todo.append(item.path)
                     elif item.name.lower().endswith(SUFFIXES):
                         files[item.path] = item.inode()
         except OSError as e:
@@ -275,9 +295,9 @@ def _entry(key: Key, group: _Group, rev: _Revocation | None) -> LedgerEntry | Le
         problem = "precertificate and certificate disagree on notBefore/notAfter for"
     if problem:
         files = ", ".join(f"{w} (notBefore {nb:%Y-%m-%dT%H:%M:%SZ}, notAfter {na:%Y-%m-%dT%H:%M:%SZ})" for w, nb, na in members)
-        return LedgerError(where, f"{problem} serial {openssl_hex(serial)} of issuer {issuer!r}: {files}")
+        return LedgerError(where, f"{problem} serial {openssl_hex(serial)} of issuer {issuer!r}: {files}", key)
     if rev is not None and rev.error:
-        return LedgerError(where, f"serial {openssl_hex(serial)}: {rev.error}")
+        return LedgerError(where, f"serial {openssl_hex(serial)}: {rev.error}", key)
     return LedgerEntry(
         issuer=issuer,
         serial=serial,
