@@ -134,3 +134,16 @@ def test_json_shape_for_bad_files_names_the_serial_when_it_is_known(tmp_path: Pa
     assert other["findings"] == ["issuer: issuerKeyHash matches no configured issuer"]
     ok = by_name[format(serial, "040x")]
     assert ok["findings"] == [] and ok["status"] == "good" and ok["issuer"] == "issuing-ca"
+
+
+def test_responses_signed_before_the_validity_setting_changed_still_verify(tmp_path: Path) -> None:
+    """Published with the default validity (7 days − 1 s), then [response]
+    validity set to 4 days: the stored responses stay right until re-signed
+    (`ocspmint audit` agrees). Before, verify made a finding of every one
+    ("nextUpdate - thisUpdate is 6 days, 23:59:59, configured 4 days"),
+    exit 1; the BR 4.9.9 bounds are still checked."""
+    demo = published(tmp_path)
+    text = demo.config.read_text()
+    demo.config.write_text(text.replace("[[issuers]]", '[response]\nvalidity = "P4D"\n\n[[issuers]]', 1))
+    code, report = verify_json(demo)
+    assert code == 0 and report["checked"] == len(demo.serials["good"]) and report["with_findings"] == 0, report
