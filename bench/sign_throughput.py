@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/sign_throughput.py [--serials 50000] [--workers 1 2]
-        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--resign] [--markdown]
+        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--busy-ceiling] [--resign] [--markdown]
 
 In a temp folder: ``build_demo`` (SoftHSM2 token + openssl CA), a synthetic
 SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
@@ -29,6 +29,11 @@ SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
     (docs/store-layout.md). Same two rates as (b). On ext4 without a
     journal, the (b) runs after a (c) create files just after it freed
     50,000: keep their numbers from a run without ``--resign``.
+
+(a') with ``--busy-ceiling``: the ceiling again while (cores − N) processes
+    spin on the other cores, as the run's parent process keeps them busy in
+    (b): on this VM a busy neighbour core slows the token's signing itself.
+    Its row's ratio is to (a); the (b) rows keep their ratio to (a).
 
 (a), (b) off, (b) on are repeated ``--repeat`` times per N; the table gives
 medians, the min–max of the rates, and the median over repetitions of each
@@ -197,6 +202,19 @@ def _ceiling_worker(softhsm_conf: str, pin_file: str, key_type: str, count: int,
         out.put((start, time.perf_counter()))
 
 
+def busy_ceiling(demo: Demo, key_type: str, serials: int, workers: int) -> float | None:
+    """``ceiling`` while (cores − ``workers``) busy-loop processes keep the
+    other cores busy; None when no core is left over."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range((os.cpu_count() or 1) - workers)]
+    try:
+        return ceiling(demo, key_type, serials, workers) if spinners else None
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
 def ceiling(demo: Demo, key_type: str, serials: int, workers: int) -> float:
     """Raw python-pkcs11 signing rate of ``workers`` processes (signatures/s)."""
     ctx = mp.get_context("spawn")
@@ -292,6 +310,7 @@ def main() -> int:
     ap.add_argument("--key", choices=RESPONDER_KEYS, default="ec-p256")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of (a)+(b) per worker count; medians reported")
     ap.add_argument("--store-dir", type=Path, help="parent folder of the per-run state dirs and stores (default: the temp folder)")
+    ap.add_argument("--busy-ceiling", action="store_true", help="(a'): the ceiling again with the other cores busy")
     ap.add_argument("--resign", action="store_true", help="(c): after each (b), re-sign everything over its store")
     ap.add_argument("--markdown", action="store_true", help="append a dated section to bench/RESULTS.md")
     args = ap.parse_args()
@@ -305,15 +324,20 @@ def main() -> int:
         write_entries(str(ledger), synthetic_entries(args.serials))
         for n in args.workers:
             ceil_row = Row(n, "(a) ceiling: raw python-pkcs11 sign loop")
+            busy_row = Row(n, "(a') the same, the other cores kept busy")
             runs_rows = {(v, k, again): Row(n, f"({'c' if again else 'b'}) ocspmint run verify={'on' if v else 'off'}"
                                                f"{', re-signing over the same store' if again else ''}, {k}")
                          for v in (False, True) for again in ((False, True) if args.resign else (False,))
                          for k in ("command wall", "summary per_second")}
-            rows += [ceil_row, *runs_rows.values()]
+            rows += [ceil_row, *([busy_row] if args.busy_ceiling and n < (os.cpu_count() or 1) else []),
+                     *runs_rows.values()]
             for rep in range(args.repeat):
                 ceil = ceiling(demo, args.key, args.serials, n)
                 ceil_row.add(args.serials / ceil, ceil, ceil)
                 print(f"workers {n} #{rep + 1}: ceiling {ceil:,.0f}/s", file=sys.stderr)
+                if args.busy_ceiling and (busy := busy_ceiling(demo, args.key, args.serials, n)) is not None:
+                    busy_row.add(args.serials / busy, busy, ceil)
+                    print(f"workers {n} #{rep + 1}: ceiling, other cores busy {busy:,.0f}/s", file=sys.stderr)
                 for verify in (False, True):
                     name = f"run-{n}-{'verify' if verify else 'noverify'}-{rep}"
                     for again in (False, True) if args.resign else (False,):

@@ -163,8 +163,6 @@ def backoff(failures: int) -> float:
 def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str = "python", sessions: int = 1,
                 checks_msg: bytes = b"") -> None:
     """Entry point of a spawned signer process (not for direct use)."""
-    import pkcs11
-
     checks = msgspec.msgpack.decode(checks_msg, type=list[IssuerCheck]) if checks_msg else []
     checkers = {c.issuer.name: _checker(c) for c in checks}
 
@@ -176,7 +174,7 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str =
     keys = _Keys(msgspec.msgpack.decode(specs_msg, type=list[KeySpec]), used, sessions)
     try:
         keys.open()
-    except (SignerError, UriError, pkcs11.exceptions.PKCS11Error, OSError) as e:
+    except (UriError, OSError, *keys.errors()) as e:
         conn.send_bytes(_encode(Fatal(str(e) or type(e).__name__)))
         return
     conn.send_bytes(_encode(Ready(os.getpid(), keys.backends())))

@@ -257,15 +257,16 @@ class _Keys:
         return {s.issuer: SOFTWARE if s.key_file else self.backend for s in self.specs}
 
     def errors(self) -> tuple[type[BaseException], ...]:
-        """Exceptions that mean "close, back off, reopen and retry"."""
-        import pkcs11
-
-        errors: tuple[type[BaseException], ...] = (pkcs11.exceptions.PKCS11Error, SignerError)
+        """Exceptions that mean "close, back off, reopen and retry" (the
+        native backend's process never imports python-pkcs11: ~45 ms of
+        every signer's start)."""
         if self.backend == "native":
             from ocspmint import _p11native
 
-            errors += (_p11native.Error,)
-        return errors
+            return SignerError, _p11native.Error
+        import pkcs11
+
+        return SignerError, pkcs11.exceptions.PKCS11Error
 
     def open(self) -> None:
         """Open every key; on an error close what was opened and raise
