@@ -29,9 +29,10 @@ demo: system-deps venv
 test: system-deps venv
 	$(BIN)/python -m pytest -q
 
-## Signing throughput against the raw PKCS#11 ceiling (see bench/RESULTS.md).
+## Signing throughput against the raw PKCS#11 ceiling (see bench/RESULTS.md); BENCH_ARGS="" for stores on disk.
+BENCH_ARGS ?= --store-dir /dev/shm --drop-stores
 bench: system-deps venv
-	$(BIN)/python bench/sign_throughput.py
+	$(BIN)/python bench/sign_throughput.py $(BENCH_ARGS)
 
 ## The signing stage alone: C loop ceiling vs SignerPool native/python, P-256 and RSA-2048, 1 and 2 workers
 ## (bench/sign_stage.py; STAGE_ARGS e.g. "--repeat 1 --seconds 1 --markdown"); bench/plot_workers.png if matplotlib imports.

@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python bench/sign_throughput.py [--serials 50000] [--workers 1 2]
-        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--busy-ceiling] [--resign] [--markdown]
+        [--key ec-p256|ec-p384|rsa-2048] [--repeat 3] [--store-dir DIR] [--drop-stores] [--busy-ceiling]
+        [--resign] [--markdown]
 
 In a temp folder: ``build_demo`` (SoftHSM2 token + openssl CA), a synthetic
 SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
@@ -20,7 +21,10 @@ SQLite ledger of ``--serials`` entries for issuer "issuing-ca" (random
     serials / whole command wall time (interpreter start, ledger read,
     worker spawn + login included) and the summary's own ``per_second``.
     State dirs and stores go to the temp folder, or below ``--store-dir``
-    (e.g. /dev/shm, to take the disk out of the measurement).
+    (e.g. /dev/shm, to take the disk out of the measurement). With
+    ``--drop-stores`` each run's state dir and store are deleted once it is
+    measured: on this VM, runs into a tmpfs already holding the earlier
+    runs' stores (200+ MB each) were up to 12 % slower (bench/RESULTS.md).
 
 (c) with ``--resign``: after each (b), ``ocspmint run`` again with a fresh
     state dir over the store (b) just filled: every response is signed
@@ -56,6 +60,7 @@ import os
 import platform
 import queue
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -311,6 +316,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of (a)+(b) per worker count; medians reported")
     ap.add_argument("--store-dir", type=Path, help="parent folder of the per-run state dirs and stores (default: the temp folder)")
     ap.add_argument("--busy-ceiling", action="store_true", help="(a'): the ceiling again with the other cores busy")
+    ap.add_argument("--drop-stores", action="store_true",
+                    help="delete each run's state dir and store once measured (a tmpfs --store-dir then holds one at a time)")
     ap.add_argument("--resign", action="store_true", help="(c): after each (b), re-sign everything over its store")
     ap.add_argument("--markdown", action="store_true", help="append a dated section to bench/RESULTS.md")
     args = ap.parse_args()
@@ -348,6 +355,9 @@ def main() -> int:
                         runs_rows[verify, "summary per_second", again].add(s["seconds"], s["per_second"], ceil)
                         print(f"workers {n} #{rep + 1}: verify={verify}{' re-sign' * again}: wall {wall:.2f}s, "
                               f"summary {s['per_second']}/s", file=sys.stderr)
+                    if args.drop_stores:
+                        for folder in Path(runs).iterdir():
+                            shutil.rmtree(folder)
 
     where = f"stores in {args.store_dir}" if args.store_dir else "stores in the temp folder"
     params = (f"{args.serials:,} serials, key {args.key}, workers {' '.join(map(str, args.workers))}, "
