@@ -365,24 +365,28 @@ CA_USAGES = x509.KeyUsage(True, False, False, False, False, True, True, False, F
 
 def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None, lifetime: dt.timedelta = dt.timedelta(days=30),
                   by_root: bool = False, nocheck: str = "non-critical", ku: x509.KeyUsage | None = DS_ONLY,
-                  ku_critical: bool = True, not_before: dt.timedelta | None = None) -> x509.Certificate:
+                  ku_critical: bool = True, not_before: dt.timedelta | None = None, ca: bool = False,
+                  extra: tuple[x509.ExtensionType, ...] = ()) -> x509.Certificate:
     """Replace ca/responder.pem by a certificate for the same token key, issued
     by the issuing CA (or the root), with ``eku`` (None: no EKU extension),
     id-pkix-ocsp-nocheck ``nocheck`` ("non-critical", "critical", "absent" or
     "malformed": an OCTET STRING where NULL belongs),
     keyUsage ``ku`` (None: absent) critical or not, and notAfter = now +
     ``lifetime``; notBefore now + ``not_before``, by default an hour before
-    now or notAfter. With the defaults but ``eku`` it has the BR 7.1.2.8 profile."""
+    now or notAfter; basicConstraints cA ``ca``; ``extra`` extensions (non-critical).
+    With the defaults but ``eku`` it has the BR 7.1.2.8 profile."""
     ca_path, key_path = (demo.root_ca, demo.root / "ca" / "root.key") if by_root else (demo.issuing_ca, demo.issuing_key)
-    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    issuer = x509.load_pem_x509_certificate(ca_path.read_bytes())
     old = x509.load_pem_x509_certificate(demo.responder_cert.read_bytes())
     now = utc_now()
     start = now + not_before if not_before is not None else now + min(lifetime, dt.timedelta(0)) - dt.timedelta(hours=1)
-    b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.subject).public_key(old.public_key())
+    b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(issuer.subject).public_key(old.public_key())
          .serial_number(x509.random_serial_number()).not_valid_before(start)
          .not_valid_after(now + lifetime)
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), critical=False))
+    for extension in extra:
+        b = b.add_extension(extension, critical=False)
     if ku is not None:
         b = b.add_extension(ku, critical=ku_critical)
     if eku is not None:
@@ -430,6 +434,11 @@ def assert_refused(demo: Demo, line: str) -> None:
 OCSP, SERVER = ExtendedKeyUsageOID.OCSP_SIGNING, ExtendedKeyUsageOID.SERVER_AUTH
 NO_DS = x509.KeyUsage(False, True, False, False, False, False, False, False, False)  # nonRepudiation only
 DS_KE = x509.KeyUsage(True, False, True, False, False, False, False, False, False)  # digitalSignature, keyEncipherment
+SAN = x509.SubjectAlternativeName([x509.DNSName("ocsp.example.com")])
+CRL_DP = x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier("http://crl.example.com/ca.crl")],
+                                                            None, None, None)])
+POLICIES = x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier("2.23.140.1.2.1"), None)])
+NAME_CONSTRAINTS = x509.NameConstraints(permitted_subtrees=[x509.DNSName("example.com")], excluded_subtrees=None)
 
 
 @pytest.mark.parametrize("kw,words", [
@@ -449,8 +458,15 @@ DS_KE = x509.KeyUsage(True, False, True, False, False, False, False, False, Fals
     ({"eku": [OCSP], "ku": DS_KE},
      "responder certificate has keyUsage keyEncipherment besides digitalSignature (BR 7.1.2.8.7: digitalSignature only)"),
     ({"eku": [OCSP], "ku_critical": False}, "responder certificate keyUsage is not critical (BR 7.1.2.8.2)"),
+    ({"eku": [OCSP], "extra": (SAN, CRL_DP)},
+     "responder certificate has subjectAltName, cRLDistributionPoints (BR 7.1.2.8.2: MUST NOT)"),
+    ({"eku": [OCSP], "extra": (POLICIES, NAME_CONSTRAINTS)},
+     "responder certificate has nameConstraints, certificatePolicies (BR 7.1.2.8.2: MUST NOT)"),
+    ({"eku": [OCSP], "ca": True},
+     "responder certificate is a CA certificate (basicConstraints cA TRUE; BR 7.1.2.8.4: cA FALSE)"),
 ], ids=["no-eku", "serverAuth-only", "issued-by-root", "serverAuth-too", "anyEKU-too", "no-nocheck", "critical-nocheck",
-        "malformed-nocheck", "no-keyUsage", "keyUsage-without-digitalSignature", "keyUsage-keyEncipherment-too", "keyUsage-not-critical"])
+        "malformed-nocheck", "no-keyUsage", "keyUsage-without-digitalSignature", "keyUsage-keyEncipherment-too", "keyUsage-not-critical",
+        "san-and-crldp", "policies-and-name-constraints", "cA-true"])
 def test_unusable_responder_certificate_is_refused_naming_the_file(tmp_path, kw, words):
     demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
     configured = load_issuers(load_config(demo.config))["issuing-ca"]

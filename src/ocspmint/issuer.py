@@ -148,13 +148,22 @@ def _extensions(cert: x509.Certificate, path: str, what: str) -> x509.Extensions
         raise IdentityError(f"{path}: {what} certificate has a malformed extension: {e}") from None
 
 
+_NOT_IN_RESPONDER = ((ExtensionOID.NAME_CONSTRAINTS, "nameConstraints"),
+                     (ExtensionOID.SUBJECT_ALTERNATIVE_NAME, "subjectAltName"),
+                     (ExtensionOID.CERTIFICATE_POLICIES, "certificatePolicies"),
+                     (ExtensionOID.CRL_DISTRIBUTION_POINTS, "cRLDistributionPoints"))
+
+
 def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> None:
     """A delegated responder certificate: issued directly by the CA
     (RFC 6960 §4.2.2.2) with the BR 7.1.2.8 profile: EKU id-kp-OCSPSigning
     and nothing else (7.1.2.8.5), id-pkix-ocsp-nocheck present and
     non-critical (7.1.2.8.6, 7.1.2.8.2), keyUsage present, critical
-    (7.1.2.8.2), digitalSignature and no other bit (7.1.2.8.7). Raises
-    IdentityError naming ``path`` and the rule."""
+    (7.1.2.8.2), digitalSignature and no other bit (7.1.2.8.7); no
+    nameConstraints, subjectAltName, certificatePolicies or
+    cRLDistributionPoints (7.1.2.8.2: MUST NOT); basicConstraints, when
+    present, cA FALSE (7.1.2.8.4). Raises IdentityError naming ``path``
+    and the rule."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as e:
@@ -182,6 +191,13 @@ def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> 
                             "(BR 7.1.2.8.7: digitalSignature only)")
     if not ku.critical:
         raise IdentityError(f"{path}: responder certificate keyUsage is not critical (BR 7.1.2.8.2)")
+    forbidden = [name for oid, name in _NOT_IN_RESPONDER if _ext(exts, oid) is not None]
+    if forbidden:
+        raise IdentityError(f"{path}: responder certificate has {', '.join(forbidden)} (BR 7.1.2.8.2: MUST NOT)")
+    constraints = _ext(exts, ExtensionOID.BASIC_CONSTRAINTS)
+    if constraints is not None and constraints.value.ca:
+        raise IdentityError(f"{path}: responder certificate is a CA certificate (basicConstraints cA TRUE; "
+                            "BR 7.1.2.8.4: cA FALSE)")
 
 
 def _check_ca_signs(ca: x509.Certificate, path: str) -> None:
