@@ -13,9 +13,15 @@ of serials that is the cost of a run even when nothing is due. With one
 
 Its cost grows with what is due, not with the ledger. The mark (change-log
 position, source path, signer key hashes, refresh_after) is kept in the
-journal's ``meta`` table. A full pass is made instead, and says why, when
-there is no mark yet, the sources or signers or refresh_after changed, or
-journal records have no ``refresh_at`` (a journal from before it existed).
+journal's ``meta`` table, with what proves the change log still continues
+from it (``ledger.sqlite.Cursor``). A full pass is made instead, and says
+why, when the ledger cannot be read incrementally (schema version 1, change
+log triggers missing), there is no mark yet, the sources or signers or
+refresh_after changed, the change log does not continue from the mark
+(ledger replaced or restored from a backup, unread change rows deleted, the
+log re-created), or journal records have no ``refresh_at`` (a journal from
+before it existed). A full pass that cannot follow the change log voids the
+mark: changes made while the log was incomplete are in no log.
 """
 
 from __future__ import annotations
@@ -27,18 +33,19 @@ from collections.abc import Iterator
 from ocspmint.config import Config
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.journal import Journal
-from ocspmint.ledger.sqlite import SqliteTail
+from ocspmint.ledger.sqlite import ChangeLogError, Cursor, SqliteTail
 from ocspmint.model import LedgerEntry, LedgerError
 from ocspmint.planner import routine
 
 MARK = "incremental_mark"
+_CURSOR = ("position", "change", "log")  # the mark's keys that are the cursor, not the identity
 
 
 class LedgerMark:
     """The change-log cursor of a run's single sqlite source (or none)."""
 
     def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal) -> None:
-        self.journal = journal
+        self.journal, self.state_dir = journal, config.state_dir
         sources = config.sources
         self.tail = SqliteTail(sources[0], issuers) if len(sources) == 1 and sources[0].type == "sqlite" else None
         self.identity = {"source": sources[0].path if sources else "",
@@ -46,32 +53,54 @@ class LedgerMark:
                          "refresh_after": config.response.refresh_after.total_seconds()}
 
     def why_full(self) -> str | None:
-        """Why an incremental run must make a full pass instead; None when it need not."""
+        """Why an incremental run must make a full pass instead (see the
+        module docstring); None when it need not."""
         if self.tail is None:
             return "--incremental needs exactly one ledger source of type sqlite"
         raw = self.journal.setting(MARK)
+        mark = {} if raw is None else json.loads(raw)
+        try:
+            self.tail.start(self._cursor(mark) if raw is not None and mark.get("position") is not None else None)
+        except LedgerError as e:
+            return f"the ledger's change log cannot be followed: {e}"
         if raw is None:
             return "no run has published everything it planned from this ledger yet"
-        if {k: v for k, v in json.loads(raw).items() if k != "position"} != self.identity:
+        if mark.get("position") is None:
+            return f"the last full pass could not follow the ledger's change log ({mark.get('void', '')})"
+        if {k: v for k, v in mark.items() if k not in _CURSOR} != self.identity:
             return "the ledger source, a signer key or refresh_after changed since the last full pass"
         if self.journal.unscheduled(("", 0), 1):
             return "journal records without refresh_at (journal written before it existed)"
         return None
 
+    @staticmethod
+    def _cursor(mark: dict[str, object]) -> Cursor:
+        """The mark's cursor (a mark saved before ``change``/``log`` existed: its id only)."""
+        position, change, log = mark["position"], mark.get("change"), mark.get("log")
+        assert isinstance(position, int) and isinstance(change, str | None) and isinstance(log, str | None)
+        return Cursor(position, change, log)
+
     def start(self) -> None:
         """Remember the ledger's newest change (before a full pass reads
-        it). A ledger the cursor cannot read (schema version 1) leaves no
-        mark; the full pass reports the ledger's own errors."""
+        it). A ledger the cursor cannot read (schema version 1, missing)
+        leaves no mark (the full pass reports the ledger's own errors); one
+        whose change log is incomplete (triggers dropped) also voids the
+        saved mark: what is written until the log is whole again is in no log."""
         if self.tail is not None:
             try:
                 self.tail.start()
-            except LedgerError:
+            except LedgerError as e:
                 self.tail = None
+                if isinstance(e, ChangeLogError):  # a connection of its own: a full pass calls this on its thread
+                    with Journal(self.state_dir) as journal:
+                        if journal.setting(MARK) is not None:
+                            journal.set_setting(MARK, json.dumps({**self.identity, "position": None, "void": e.message}))
 
     def changes(self) -> Iterator[LedgerEntry | LedgerError]:
-        """Ledger entries (and error rows) changed since the mark."""
+        """Ledger entries (and error rows) changed since the mark; raises
+        LedgerError when the change log does not continue from it."""
         assert self.tail is not None
-        self.tail.start(json.loads(self.journal.setting(MARK) or "{}")["position"])
+        self.tail.start(self._cursor(json.loads(self.journal.setting(MARK) or "{}")))
         for change in self.tail.changes():
             yield change.item
 
@@ -90,4 +119,4 @@ class LedgerMark:
     def save(self) -> None:
         """Record the position reached (after a run that published everything due)."""
         if self.tail is not None:
-            self.journal.set_setting(MARK, json.dumps({**self.identity, "position": self.tail.position}))
+            self.journal.set_setting(MARK, json.dumps({**self.identity, **self.tail.cursor._asdict()}))

@@ -52,6 +52,8 @@ import msgspec
 from ocspmint.config import Config, load_config
 from ocspmint.issuer import load_issuers
 from ocspmint.journal import ClockError, Journal
+from ocspmint.ledger import read_source
+from ocspmint.ledger.sqlite import ChangeLogError
 from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.model import LedgerEntry, LedgerError, utc_now
@@ -258,6 +260,8 @@ class Session:
             try:
                 for entry in checked_entries(self.reading, self.issuers, self._changes(tail), summary):
                     changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
+            except ChangeLogError as e:  # changes may have gone unlogged: this source is read whole
+                self._reread(tail, e, changes, summary)
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
         urgent: list[Planned] = []
@@ -276,6 +280,21 @@ class Session:
             planner.counts["refresh"] += len(scheduled)
         self._sign(urgent + scheduled, summary, planner.counts)
         return summary
+
+    def _reread(self, tail: Tail, why: ChangeLogError, changes: dict[Key, tuple[LedgerEntry, float | None]],
+                summary: Summary) -> None:
+        """A SQLite ledger whose change log no longer continues from the
+        tail's position (restored from a backup, unread change rows deleted,
+        triggers dropped: ``ledger.sqlite.SqliteTail``): restart the tail,
+        then judge every entry of the source, as ``catch_up`` does. A log
+        still incomplete is a ledger failure, and the next tick tries again."""
+        log("ledger_reread", source=tail.source.path, reason=why.message)
+        try:
+            tail.start()
+            for entry in checked_entries(self.reading, self.issuers, read_source(tail.source, self.issuers), summary):
+                changes[(entry.issuer, entry.serial)] = (entry, None)
+        except LedgerError as e:
+            summary.failures.append(Failure("ledger", e.message, source=e.source))
 
     def _changes(self, tail: Tail) -> Iterator[LedgerEntry | LedgerError]:
         for change in tail.changes():

@@ -24,9 +24,14 @@ UPDATE that alters issuer, serial, kind, not_after, status, revoked_at or
 reason (not source or not_before alone), whoever writes: ``ingest``,
 ``write_entries`` or a CA's issuance system writing SQL directly. ``SqliteTail``
 (``ledger.tail``) reads the log from the last id it saw. Nothing here prunes
-it (one row of ~70 bytes per change); deleting rows every running Tail has
-passed is safe. Ids only grow (AUTOINCREMENT) and SQLite has one writer at
-a time, so a reader never sees an id before an earlier one is committed.
+it (one row of ~70 bytes per change); deleting rows every reader has passed
+is safe (for `run --incremental`, the reader is the journal's mark), deleting
+rows a reader has not read is detected (ids are contiguous) and costs it a
+full pass. Ids only grow (AUTOINCREMENT) and SQLite has one writer at a time,
+so a reader never sees an id before an earlier one is committed.
+``meta.change_log`` holds a random token made with the log; dropping
+``entries`` (a table rebuild) drops the triggers, and ``connect`` then
+re-creates them with a new token, so a reader's cursor from before is void.
 
 Version 1 (no ``not_before``, no change log) is read as is (``not_before``
 None) and migrated in place by ``connect`` (every writer here opens with
@@ -72,6 +77,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
@@ -100,15 +106,21 @@ CREATE TABLE entries(
 """
 _LOGGED = "issuer, serial, kind, not_after, status, revoked_at, reason"
 _NOW = "CAST(strftime('%s', 'now') AS INTEGER)"  # unixepoch() needs SQLite 3.38 in every writer
-_CHANGE_LOG = (
-    "CREATE TABLE changes(id INTEGER PRIMARY KEY AUTOINCREMENT, issuer TEXT NOT NULL, serial TEXT NOT NULL,"
-    " at INTEGER NOT NULL)",
-    f"""CREATE TRIGGER entries_inserted AFTER INSERT ON entries BEGIN
+_CHANGE_LOG = (  # IF NOT EXISTS: ``connect`` re-creates what a CA's table rebuild dropped
+    "CREATE TABLE IF NOT EXISTS changes(id INTEGER PRIMARY KEY AUTOINCREMENT, issuer TEXT NOT NULL,"
+    " serial TEXT NOT NULL, at INTEGER NOT NULL)",
+    f"""CREATE TRIGGER IF NOT EXISTS entries_inserted AFTER INSERT ON entries BEGIN
         INSERT INTO changes(issuer, serial, at) VALUES (NEW.issuer, NEW.serial, {_NOW}); END""",
-    f"""CREATE TRIGGER entries_updated AFTER UPDATE OF {_LOGGED} ON entries
+    f"""CREATE TRIGGER IF NOT EXISTS entries_updated AFTER UPDATE OF {_LOGGED} ON entries
         WHEN ({", ".join("OLD." + c for c in _LOGGED.split(", "))}) IS NOT ({", ".join("NEW." + c for c in _LOGGED.split(", "))})
         BEGIN INSERT INTO changes(issuer, serial, at) VALUES (NEW.issuer, NEW.serial, {_NOW}); END""",
 )
+_LOG_OBJECTS = (("table", "changes", "changes"), ("trigger", "entries_inserted", "entries"),
+                ("trigger", "entries_updated", "entries"))  # (type, name, table) the change log is made of
+LOG_KEY = "change_log"  # meta key: a token made anew whenever the change log is (re)created
+# The newest change id ever given: AUTOINCREMENT keeps it in sqlite_sequence, even once its row is deleted.
+_NEWEST = ("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),"
+           " coalesce((SELECT max(id) FROM changes), 0))")
 _STAGING = """
 CREATE TEMP TABLE staging(
     issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
@@ -236,6 +248,10 @@ def _create_or_migrate(conn: sqlite3.Connection, db_path: str) -> None:
     conn.execute(_META)
     version = _version(conn)
     if version == SCHEMA_VERSION:
+        if _log_missing(conn) is not None:  # a rebuilt entries table lost its triggers: changes went unlogged
+            for ddl in _CHANGE_LOG:
+                conn.execute(ddl)
+            _new_log_token(conn)
         return
     if version is None:
         conn.execute(_ENTRIES)
@@ -245,7 +261,20 @@ def _create_or_migrate(conn: sqlite3.Connection, db_path: str) -> None:
         raise LedgerError(db_path, f"ledger schema version {version!r}, expected 1 or {SCHEMA_VERSION}")
     for ddl in _CHANGE_LOG:
         conn.execute(ddl)
+    _new_log_token(conn)
     conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+
+def _new_log_token(conn: sqlite3.Connection) -> None:
+    """A new ``meta.change_log`` token: a cursor into the log as it was before is void."""
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (LOG_KEY, os.urandom(8).hex()))
+
+
+def _log_missing(conn: sqlite3.Connection) -> str | None:
+    """What of the change log (``changes`` and its two triggers on ``entries``) is missing, or None."""
+    have = set(conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE type IN ('table', 'trigger')"))
+    missing = [f"{kind} {name}" for kind, name, table in _LOG_OBJECTS if (kind, name, table) not in have]
+    return ", ".join(missing) or None
 
 
 def _version(conn: sqlite3.Connection) -> str | None:
@@ -456,6 +485,23 @@ def _batches(cur: sqlite3.Cursor, path: str) -> Iterator[list[tuple[object, ...]
         yield rows
 
 
+class ChangeLogError(LedgerError):
+    """The change log cannot be followed (incomplete, or not continuing from
+    a cursor): only a full pass of the ledger gives its state."""
+
+
+class Cursor(NamedTuple):
+    """A durable SqliteTail position (`ocspmint run --incremental` keeps one
+    between runs). ``position``: the last ``changes.id`` seen; ``change``:
+    ``<issuer>/<serial>@<at>`` of that changes row ("" when there is none),
+    None when not known (a bare id); ``log``: the ledger's ``meta.change_log``
+    token ("" when it has none), None when not known."""
+
+    position: int
+    change: str | None = None
+    log: str | None = None
+
+
 class SqliteTail:
     """Incremental reader of the ledger's change log (contract: ``ledger.tail.Tail``).
 
@@ -467,48 +513,114 @@ class SqliteTail:
     with that change's ``at`` as ``seen_at``; memory: the (issuer, serial)
     keys of one call. Ids grow with every commit (AUTOINCREMENT, one writer
     at a time), so no committed change is skipped. Needs schema version 2.
+
+    The log must be complete and continue from the position, or no change
+    is read (LedgerError; only a full pass of the ledger is then right):
+    ``changes`` and its triggers exist; its newest id (``sqlite_sequence``)
+    is not below the position and, past it, the next id is there (ids are
+    contiguous: rows after the position were not deleted); the change row
+    at the position is the one seen (a ledger restored from a backup, or
+    another file, reuses ids for other changes); ``meta.change_log`` is the
+    token seen (``connect`` makes a new one when it re-creates dropped
+    triggers: what was written meanwhile is not in the log). Rows at or
+    before the position may be deleted (docs/ledger.md).
     """
 
     def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
         self._path = source.path
         self._issuers = issuers
-        self._last_id = 0
+        self._cursor = Cursor(0)
 
     @property
     def position(self) -> int:
-        """The last ``changes.id`` seen: a durable cursor (`ocspmint run --incremental`)."""
-        return self._last_id
+        """The last ``changes.id`` seen."""
+        return self._cursor.position
 
-    def start(self, position: int | None = None) -> None:
+    @property
+    def cursor(self) -> Cursor:
+        """The position with what proves the log still continues from it: a
+        durable cursor (`ocspmint run --incremental`); resume with ``start``."""
+        return self._cursor
+
+    def start(self, position: int | Cursor | None = None) -> None:
         """Remember the newest change, or resume after ``position`` (a
-        former ``position``). Raises LedgerError when the database is
-        missing, unreadable or not of schema version 2."""
+        former ``position`` or ``cursor``). Raises LedgerError when the
+        database is missing, unreadable or not of schema version 2;
+        ChangeLogError (a LedgerError) when its change log is incomplete or
+        does not continue from ``position`` (see the class docstring)."""
         conn, _ = _open_reader(self._path, (SCHEMA_VERSION,))
         try:
-            newest = conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
-            self._last_id = newest if position is None else position
+            conn.execute("BEGIN")  # one snapshot
+            if position is None:
+                self._check_log(conn, None)
+                newest = conn.execute(_NEWEST).fetchone()[0]
+                self._cursor = Cursor(newest, self._change(conn, newest), self._token(conn))
+            else:
+                cursor = position if isinstance(position, Cursor) else Cursor(position)
+                self._cursor = self._check_log(conn, cursor)
         except sqlite3.Error as e:
             raise LedgerError(self._path, f"cannot read ledger database: {e}") from None
         finally:
             conn.close()
 
+    def _check_log(self, conn: sqlite3.Connection, cursor: Cursor | None) -> Cursor:
+        """``cursor`` completed from the database after the class docstring's
+        checks (only that the log is complete when None); ChangeLogError otherwise."""
+        path = self._path
+        if (missing := _log_missing(conn)) is not None:
+            raise ChangeLogError(path, f"the change log is incomplete (missing: {missing}; a rebuilt entries table "
+                                       "loses its triggers), so changes are not all logged; open the ledger for writing "
+                                       "once (ocspmint ingest) to re-create it")
+        if cursor is None:
+            return self._cursor
+        lost = "; read the whole ledger (a full pass)"
+        newest, token = conn.execute(_NEWEST).fetchone()[0], self._token(conn)
+        if newest < cursor.position:
+            raise ChangeLogError(path, f"the change log ends at id {newest}, before id {cursor.position} read already: "
+                                       f"the ledger was replaced or restored from a backup{lost}")
+        if cursor.log is not None and token != cursor.log:
+            raise ChangeLogError(path, f"the change log is not the one read up to id {cursor.position}: the ledger "
+                                       "was replaced, or its log re-created after its triggers were dropped (what "
+                                       f"was written meanwhile is in no log){lost}")
+        change = self._change(conn, cursor.position)
+        if cursor.change and change and change != cursor.change:
+            raise ChangeLogError(path, f"change id {cursor.position} is {change} now, not {cursor.change} as read: "
+                                       f"the ledger was replaced or restored from a backup{lost}")
+        if newest > cursor.position and self._change(conn, cursor.position + 1) == "":
+            raise ChangeLogError(path, f"change rows after id {cursor.position} (up to {newest}) were deleted before "
+                                       f"being read{lost}")
+        return Cursor(cursor.position, change or cursor.change, token)
+
+    @staticmethod
+    def _change(conn: sqlite3.Connection, change_id: int) -> str:
+        row = conn.execute("SELECT issuer, serial, at FROM changes WHERE id = ?", (change_id,)).fetchone()
+        return "" if row is None else f"{row[0]}/{row[1]}@{row[2]}"
+
+    @staticmethod
+    def _token(conn: sqlite3.Connection) -> str:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (LOG_KEY,)).fetchone()
+        return "" if row is None else str(row[0])
+
     def changes(self) -> Iterator[Change]:
-        """Entries changed since the last call, ``seen_at`` = ``changes.at``."""
+        """Entries changed since the last call, ``seen_at`` = ``changes.at``.
+        Raises LedgerError (on first ``next()``) as ``start`` does."""
         path = self._path
         conn, _ = _open_reader(path, (SCHEMA_VERSION,))
         try:
             try:
-                cur = conn.execute(_CHANGED, (self._last_id,))
+                conn.execute("BEGIN")  # the checks and the read see one snapshot
+                cursor = self._check_log(conn, self._cursor)
+                cur = conn.execute(_CHANGED, (cursor.position,))
             except sqlite3.Error as e:
                 raise LedgerError(path, f"cannot read ledger database: {e}") from None
-            last, keys = self._last_id, set()
+            keys = set()
             for rows in _batches(cur, path):
                 for change_id, at, *row in rows:
-                    last = change_id
+                    cursor = Cursor(change_id, f"{row[0]}/{row[1]}@{at}", cursor.log)
                     if (row[0], row[1]) not in keys:
                         keys.add((row[0], row[1]))
                         yield Change(_entry(tuple(row), path, self._issuers), dt.datetime.fromtimestamp(at, UTC))
-            self._last_id = last
+            self._cursor = cursor
         finally:
             conn.close()
 

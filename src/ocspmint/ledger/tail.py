@@ -26,7 +26,10 @@ may thus come with nothing changed in it; consumers compare.
 
 ``changes()`` raises LedgerError (on first ``next()``) when the source as a
 whole is unusable (file gone, unreadable database); the position is kept and
-the next call tries again.
+the next call tries again. For ``sqlite`` that includes a change log that no
+longer continues from the position (ledger replaced or restored from a
+backup, unread change rows deleted, triggers dropped): nothing is read from
+it until a new ``start()`` (then a full pass), rather than changes missed.
 
 Cost per call (details in each reader's Tail class and docs/ledger.md):
 
