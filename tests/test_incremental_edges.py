@@ -244,3 +244,40 @@ def test_refresh_reads_a_ledger_restored_under_it_whole_and_publishes_what_chang
         assert served(demo, second) == "revoked" and served(demo, first) == "revoked"  # a revocation is final
     finally:
         svc.kill()
+
+
+def test_a_deleted_ledger_row_is_reported_and_never_re_signed_from_the_journal(tmp_path):
+    """A CA deletes a serial's ledger row. Routine re-signing reads the
+    journal, not the ledger: before, the deletion was not logged, the run
+    ended ok and re-signed the serial `good` from the journal at its
+    refresh time, for a serial the ledger no longer holds. Now the change
+    log records it, each run reports it (exit 1), the serial leaves the
+    schedule, and putting the row back schedules it again."""
+    demo, config, db = ready(tmp_path)
+    gone = sorted(demo.serials["good"])[0]
+    journal = demo.root / "state" / "journal.sqlite"
+
+    def record() -> tuple:
+        with closing(sqlite3.connect(journal)) as conn:
+            return conn.execute("SELECT refresh_at, not_after, produced_at FROM published WHERE serial = ?",
+                                (serial_hex(gone),)).fetchone()
+
+    sql(journal, "UPDATE published SET refresh_at = 1 WHERE serial = ?", serial_hex(gone))  # its refresh time came
+    with closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT * FROM entries WHERE serial = ?", (serial_hex(gone),)).fetchone()
+    produced = record()[2]
+    sql(db, "DELETE FROM entries WHERE serial = ?", serial_hex(gone))
+    for _ in range(2):  # the mark stays where it was: reported again by the next incremental run
+        summary = run(demo, config, "--incremental")
+        assert summary["plan"] == "incremental" and not summary["ok"] and summary["published"] == 0, summary
+        (failure,) = summary["failures"]
+        assert failure["stage"] == "ledger" and failure["serial"] == serial_hex(gone), failure
+        assert "no longer in the ledger" in failure["message"]
+        assert record() == (None, None, produced)  # off the schedule, not re-signed
+
+    placeholders = ",".join("?" * len(row))
+    sql(db, f"INSERT INTO entries VALUES ({placeholders})", *row)  # the row put back
+    summary = run(demo, config, "--incremental")
+    assert summary["ok"] and summary["plan"] == "incremental", summary
+    refresh, not_after, _ = record()
+    assert refresh is not None and not_after is not None

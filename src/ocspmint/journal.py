@@ -275,6 +275,18 @@ class Journal:
             self._db.executemany("UPDATE published SET refresh_at=NULL WHERE issuer=? AND serial=?",
                                  [(i, serial_hex(s)) for i, s in keys])
 
+    @_named("write")
+    def forget(self, keys: list[tuple[str, int]]) -> None:
+        """Stop scheduling (issuer, serial) pairs whose ledger row is gone
+        (``ledger.sqlite.RowDeleted``), and forget their notAfter: routine
+        re-signing reads the journal, not the ledger, and must not re-sign
+        a serial the ledger no longer holds. A row put back is judged and
+        scheduled again (``Planner.complete_records``)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE published SET refresh_at=NULL, not_after=NULL WHERE issuer=? AND serial=?",
+                                 [(i, serial_hex(s)) for i, s in keys])
+
     @_named("read")
     def unscheduled(self, after: tuple[str, int], limit: int) -> list[Record]:
         """Up to ``limit`` records after (issuer, serial) ``after`` that

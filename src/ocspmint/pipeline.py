@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 
 from ocspmint.config import Config
@@ -21,6 +21,7 @@ from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger import read_source
+from ocspmint.ledger.sqlite import RowDeleted
 from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
@@ -56,6 +57,17 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
             if config.on_error == "stop":
                 raise LedgerStop(str(item))
             continue
+        yield item
+
+
+def forgetting_deleted(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
+    """``items`` (a change log's), taking every serial whose ledger row is
+    gone (``RowDeleted``) off the journal's schedule (``Journal.forget``)
+    as it passes; the row stays a ledger failure naming the serial
+    (``checked_entries``)."""
+    for item in items:
+        if isinstance(item, RowDeleted) and item.key is not None:
+            journal.forget([item.key])
         yield item
 
 
@@ -235,10 +247,12 @@ class Plan:
         self.runner.excluded = conflicts
         changed = set()
         try:
-            for entry, why in self.planner.due(checked_entries(self.config, self.issuers, mark.changes(), self.summary,
+            changes = forgetting_deleted(mark.changes(), self.runner.journal)
+            for entry, why in self.planner.due(checked_entries(self.config, self.issuers, changes, self.summary,
                                                                conflicts)):
                 changed.add((entry.issuer, entry.serial))
                 self.spool.add((entry, why))
+            self.planner.complete_records()  # a row put back after a deletion
         except LedgerError as e:  # the database as a whole is unusable
             self.summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None

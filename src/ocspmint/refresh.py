@@ -57,7 +57,8 @@ from ocspmint.ledger.sqlite import ChangeLogError
 from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.model import LedgerEntry, LedgerError, utc_now
-from ocspmint.pipeline import LedgerStop, checked_entries, ledger_entries, make_planner, report_unrevoked
+from ocspmint.pipeline import (LedgerStop, checked_entries, forgetting_deleted, ledger_entries, make_planner,
+                               report_unrevoked)
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
 from ocspmint.refresh_purge import Key, Purger, describe, log, retry_delay
@@ -258,7 +259,8 @@ class Session:
             key: (p.entry, None) for key, p in self.pending.items() if p.retry_at <= now}
         for tail in self.tails:
             try:
-                for entry in checked_entries(self.reading, self.issuers, self._changes(tail), summary):
+                for entry in checked_entries(self.reading, self.issuers,
+                                             forgetting_deleted(self._changes(tail), self.journal), summary):
                     changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
             except ChangeLogError as e:  # changes may have gone unlogged: this source is read whole
                 self._reread(tail, e, changes, summary)
@@ -272,6 +274,7 @@ class Session:
                     self.seen.setdefault(key, seen_at)
             elif self.pending.pop(key, None) is not None:  # the journal states it now (or it expired)
                 self.seen.pop(key, None)
+        planner.complete_records()  # a row put back after a deletion
         report_unrevoked(planner, summary)
         busy = self.pending.keys() | {(e.issuer, e.serial) for e, _ in urgent}
         scheduled = [(e, "refresh") for e in self._routine(summary.started) if (e.issuer, e.serial) not in busy]

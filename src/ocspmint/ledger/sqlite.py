@@ -19,9 +19,11 @@ Schema (version 2, ``meta.schema_version``; docs/ledger.md)::
         issuer TEXT NOT NULL, serial TEXT NOT NULL,  -- the entries row that changed
         at     INTEGER NOT NULL);  -- unix seconds of the change
 
-Triggers add a ``changes`` row for every INSERT into ``entries`` and every
+Triggers add a ``changes`` row for every INSERT into ``entries``, every
 UPDATE that alters issuer, serial, kind, not_after, status, revoked_at or
-reason (not source or not_before alone), whoever writes: ``ingest``,
+reason (not source or not_before alone), and every DELETE (and the old key
+of an UPDATE that moves a row: ``SqliteTail`` reads a key without a row as
+``RowDeleted``), whoever writes: ``ingest``,
 ``write_entries`` or a CA's issuance system writing SQL directly. ``SqliteTail``
 (``ledger.tail``) reads the log from the last id it saw. Nothing here prunes
 it (one row of ~70 bytes per change); deleting rows every reader has passed
@@ -114,9 +116,16 @@ _CHANGE_LOG = (  # IF NOT EXISTS: ``connect`` re-creates what a CA's table rebui
     f"""CREATE TRIGGER IF NOT EXISTS entries_updated AFTER UPDATE OF {_LOGGED} ON entries
         WHEN ({", ".join("OLD." + c for c in _LOGGED.split(", "))}) IS NOT ({", ".join("NEW." + c for c in _LOGGED.split(", "))})
         BEGIN INSERT INTO changes(issuer, serial, at) VALUES (NEW.issuer, NEW.serial, {_NOW}); END""",
+    # a row deleted, or moved to another issuer/serial: its old key is logged, and has no row now
+    f"""CREATE TRIGGER IF NOT EXISTS entries_deleted AFTER DELETE ON entries
+        BEGIN INSERT INTO changes(issuer, serial, at) VALUES (OLD.issuer, OLD.serial, {_NOW}); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS entries_rekeyed AFTER UPDATE OF issuer, serial ON entries
+        WHEN (OLD.issuer, OLD.serial) IS NOT (NEW.issuer, NEW.serial)
+        BEGIN INSERT INTO changes(issuer, serial, at) VALUES (OLD.issuer, OLD.serial, {_NOW}); END""",
 )
 _LOG_OBJECTS = (("table", "changes", "changes"), ("trigger", "entries_inserted", "entries"),
-                ("trigger", "entries_updated", "entries"))  # (type, name, table) the change log is made of
+                ("trigger", "entries_updated", "entries"), ("trigger", "entries_deleted", "entries"),
+                ("trigger", "entries_rekeyed", "entries"))  # (type, name, table) the change log is made of
 LOG_KEY = "change_log"  # meta key: a token made anew whenever the change log is (re)created
 # The newest change id ever given: AUTOINCREMENT keeps it in sqlite_sequence, even once its row is deleted.
 _NEWEST = ("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),"
@@ -151,10 +160,10 @@ WHERE (entries.kind, entries.status, entries.revoked_at, entries.reason, entries
             coalesce(entries.not_before, excluded.not_before))
 """
 _CHANGED = f"""
-SELECT c.id, c.at, {", ".join("e." + c for c in _COLUMNS.split(", "))}
-FROM changes c CROSS JOIN entries e ON e.issuer = c.issuer AND e.serial = c.serial
+SELECT c.id, c.at, c.issuer, c.serial, e.issuer IS NOT NULL, {", ".join("e." + c for c in _COLUMNS.split(", "))}
+FROM changes c LEFT JOIN entries e ON e.issuer = c.issuer AND e.serial = c.serial
 WHERE c.id > ? ORDER BY c.id
-"""  # CROSS JOIN: changes stays the outer loop (a range on its id), entries is probed by key
+"""  # LEFT JOIN: changes stays the outer loop (a range on its id), entries is probed by key; no row: deleted
 
 
 @dataclass
@@ -569,8 +578,9 @@ class SqliteTail:
         path = self._path
         if (missing := _log_missing(conn)) is not None:
             raise ChangeLogError(path, f"the change log is incomplete (missing: {missing}; a rebuilt entries table "
-                                       "loses its triggers), so changes are not all logged; open the ledger for writing "
-                                       "once (ocspmint ingest) to re-create it")
+                                       "loses its triggers, a ledger an earlier ocspmint wrote lacks the newer ones), so "
+                                       "changes are not all logged; open the ledger for writing once (ocspmint ingest) "
+                                       "to re-create it")
         if cursor is None:
             return self._cursor
         lost = "; read the whole ledger (a full pass)"
@@ -615,14 +625,30 @@ class SqliteTail:
                 raise LedgerError(path, f"cannot read ledger database: {e}") from None
             keys = set()
             for rows in _batches(cur, path):
-                for change_id, at, *row in rows:
-                    cursor = Cursor(change_id, f"{row[0]}/{row[1]}@{at}", cursor.log)
-                    if (row[0], row[1]) not in keys:
-                        keys.add((row[0], row[1]))
-                        yield Change(_entry(tuple(row), path, self._issuers), dt.datetime.fromtimestamp(at, UTC))
+                for change_id, at, issuer, serial, present, *row in rows:
+                    cursor = Cursor(change_id, f"{issuer}/{serial}@{at}", cursor.log)
+                    if (issuer, serial) not in keys:
+                        keys.add((issuer, serial))
+                        item = _entry(tuple(row), path, self._issuers) if present else _deleted(path, issuer, serial)
+                        yield Change(item, dt.datetime.fromtimestamp(at, UTC))
             self._cursor = cursor
         finally:
             conn.close()
+
+
+class RowDeleted(LedgerError):
+    """A change-log key whose ``entries`` row is gone (deleted, or its
+    issuer/serial changed). ``key`` is None when the logged serial does
+    not parse."""
+
+
+def _deleted(db: str, issuer: str, serial: str) -> RowDeleted:
+    key = (issuer, int(serial, 16)) if _SERIAL.fullmatch(serial) else None
+    return RowDeleted(f"{db}:{issuer}/{serial}", "no longer in the ledger (its row was deleted, or its issuer or "
+                                                  "serial changed): its response is no longer re-signed and is "
+                                                  "served until its nextUpdate; a CA does not delete what it "
+                                                  "issued: restore the row, or remove the response with "
+                                                  "`ocspmint audit --fix`", key)
 
 
 def _entry(row: tuple[object, ...], db: str, issuers: Mapping[str, IssuerIdentity]) -> LedgerEntry | LedgerError:
