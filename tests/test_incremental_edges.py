@@ -21,6 +21,7 @@ from ocspmint.ledger.sqlite import ChangeLogError, connect
 from ocspmint.ledger.tail import Tail
 from ocspmint.model import LedgerEntry, serial_hex
 from test_incremental import ingest, run, sqlite_config
+from test_ledger_tail import V1_SCHEMA
 
 FOLLOW = "full (the ledger's change log cannot be followed: "
 
@@ -151,16 +152,6 @@ def test_a_rebuilt_entries_table_loses_its_triggers_and_runs_go_full_until_they_
     assert run(demo, config, "--incremental")["plan"] == "incremental"
 
 
-V1 = """
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE entries(
-    issuer TEXT NOT NULL, serial TEXT NOT NULL, kind TEXT NOT NULL, not_after TEXT NOT NULL,
-    status TEXT NOT NULL, revoked_at TEXT, reason INTEGER, source TEXT NOT NULL,
-    PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
-INSERT INTO meta VALUES ('schema_version', '1');
-"""
-
-
 def test_a_version_1_ledger_says_why_runs_stay_full(tmp_path):
     """Before, every run said "no run has published everything it planned",
     though each one had: the cursor cannot read a version-1 ledger."""
@@ -169,7 +160,7 @@ def test_a_version_1_ledger_says_why_runs_stay_full(tmp_path):
     db = demo.root / "ledger.sqlite"
     v1 = tmp_path / "v1.sqlite"
     with closing(sqlite3.connect(v1)) as conn:
-        conn.executescript(V1)
+        conn.executescript(V1_SCHEMA)
         conn.execute("ATTACH ? AS v2", (str(db),))
         with conn:
             conn.execute("INSERT INTO entries SELECT issuer, serial, kind, not_after, status, revoked_at, reason, source"
