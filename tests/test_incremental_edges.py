@@ -272,3 +272,19 @@ def test_a_deleted_ledger_row_is_reported_and_never_re_signed_from_the_journal(t
     assert summary["ok"] and summary["plan"] == "incremental", summary
     refresh, not_after, _ = record()
     assert refresh is not None and not_after is not None
+
+
+def test_a_ledger_without_the_deletion_triggers_is_still_followed_until_ingest_adds_them(tmp_path):
+    """A ledger an earlier ocspmint made has no deletion triggers: it is
+    still read incrementally (an upgrade must not stop `run --incremental`
+    or `refresh`); `ocspmint ingest` adds them, which costs one full pass."""
+    demo, config, db = ready(tmp_path)
+    for trigger in ("entries_deleted", "entries_rekeyed"):
+        sql(db, f"DROP TRIGGER {trigger}")
+    revoke_row(db, sorted(demo.serials["good"])[0])
+    summary = run(demo, config, "--incremental")
+    assert summary["ok"] and summary["plan"] == "incremental" and summary["due"] == {"changed": 1}, summary
+    connect(str(db)).close()  # as `ocspmint ingest` opens it
+    summary = run(demo, config, "--incremental")
+    assert summary["ok"] and summary["plan"].startswith(FOLLOW) and "log re-created" in summary["plan"], summary["plan"]
+    assert run(demo, config, "--incremental")["plan"] == "incremental"

@@ -126,6 +126,9 @@ _CHANGE_LOG = (  # IF NOT EXISTS: ``connect`` re-creates what a CA's table rebui
 _LOG_OBJECTS = (("table", "changes", "changes"), ("trigger", "entries_inserted", "entries"),
                 ("trigger", "entries_updated", "entries"), ("trigger", "entries_deleted", "entries"),
                 ("trigger", "entries_rekeyed", "entries"))  # (type, name, table) the change log is made of
+# What a reader needs: a ledger an earlier ocspmint wrote lacks the deletion triggers; it is read as
+# before (deletions unlogged) until a writer (``ingest``) opens it and adds them.
+_NEEDED_LOG_OBJECTS = _LOG_OBJECTS[:3]
 LOG_KEY = "change_log"  # meta key: a token made anew whenever the change log is (re)created
 # The newest change id ever given: AUTOINCREMENT keeps it in sqlite_sequence, even once its row is deleted.
 _NEWEST = ("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),"
@@ -279,10 +282,10 @@ def _new_log_token(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (LOG_KEY, os.urandom(8).hex()))
 
 
-def _log_missing(conn: sqlite3.Connection) -> str | None:
-    """What of the change log (``changes`` and its two triggers on ``entries``) is missing, or None."""
+def _log_missing(conn: sqlite3.Connection, objects: tuple[tuple[str, str, str], ...] = _LOG_OBJECTS) -> str | None:
+    """What of the change log's ``objects`` (``changes`` and its triggers on ``entries``) is missing, or None."""
     have = set(conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE type IN ('table', 'trigger')"))
-    missing = [f"{kind} {name}" for kind, name, table in _LOG_OBJECTS if (kind, name, table) not in have]
+    missing = [f"{kind} {name}" for kind, name, table in objects if (kind, name, table) not in have]
     return ", ".join(missing) or None
 
 
@@ -576,11 +579,10 @@ class SqliteTail:
         """``cursor`` completed from the database after the class docstring's
         checks (only that the log is complete when None); ChangeLogError otherwise."""
         path = self._path
-        if (missing := _log_missing(conn)) is not None:
+        if (missing := _log_missing(conn, _NEEDED_LOG_OBJECTS)) is not None:
             raise ChangeLogError(path, f"the change log is incomplete (missing: {missing}; a rebuilt entries table "
-                                       "loses its triggers, a ledger an earlier ocspmint wrote lacks the newer ones), so "
-                                       "changes are not all logged; open the ledger for writing once (ocspmint ingest) "
-                                       "to re-create it")
+                                       "loses its triggers), so changes are not all logged; open the ledger for "
+                                       "writing once (ocspmint ingest) to re-create it")
         if cursor is None:
             return self._cursor
         lost = "; read the whole ledger (a full pass)"
