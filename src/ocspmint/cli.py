@@ -5,11 +5,16 @@ response checked is clean); 1 something due was not done or a finding was
 reported; 2 the config, an issuer or a signer setting is unusable, or a
 file or folder the command needs cannot be opened (the `ingest --into`
 ledger database, the state folder or its journal, a response file given
-to `verify`, a ledger source `verify` reads, the `demo --dir` folder, the
-store a command writes to), the state folder is in use by another
-ocspmint, or the journal failed while written (locked by another program,
-disk full: ``JournalError``). Every such error is one line on stderr,
-``ocspmint: <path>: <why>``, never a traceback.
+to `verify`, a ledger source `verify` reads, the `demo --dir` folder or
+the tools the demo needs, the store a command writes to), the state
+folder is in use by another ocspmint, or the journal failed while written
+(locked by another program, disk full: ``JournalError``); also a usage
+error (argparse's own, or an option value out of range: ``--rate``,
+``--issued-after``). Every such error is one line on stderr,
+``ocspmint: <path>: <why>``, never a traceback. 130: interrupted
+(Ctrl-C), with ``ocspmint: interrupted`` on stderr and nothing on stdout.
+With ``--json`` stdout holds exactly one JSON document when the status is
+0 or 1, and nothing otherwise (docs/output.md).
 
 A command that writes the journal or the store (`run`, `reissue` but
 `--dry-run`, `refresh`, `audit --fix`, `demo`) holds the state folder's
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import sqlite3
 import sys
@@ -169,8 +175,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return verify_command(cfg, args.files, args.store, args.json)
     except LedgerError as e:  # raised (not yielded) only for a source that is unusable as a whole
         raise Unusable(f"ledger source unusable: {e}") from None
-    except StoreError as e:
-        raise Unusable(str(e)) from None
+    except StoreError as e:  # name the store, as `run` does (a file store's message names its folder)
+        url, text = args.store or cfg.store.url, str(e)
+        raise Unusable(text if url in text or text.startswith("/") else f"{url}: cannot open the store: {text}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,7 +217,23 @@ def _utc(text: str) -> dt.datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (2026-01-31T00:00:00Z)") from None
     if t.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z (UTC)")
-    return t.astimezone(dt.timezone.utc)
+    try:
+        return t.astimezone(dt.timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00: before year 1 in UTC
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range in UTC (years 1 to 9999)") from None
+
+
+def _rate(text: str) -> float:
+    """``--rate``: responses/s, a finite number ≥ 0 (nan, inf or a negative
+    rate would fail deep in the run with a traceback, after the job was
+    recorded)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(rate) or rate < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give responses/s as a finite number ≥ 0 (0: no cap)")
+    return rate
 
 
 def cmd_reissue(args: argparse.Namespace) -> int:
@@ -233,7 +256,9 @@ def cmd_reissue(args: argparse.Namespace) -> int:
                 else:
                     sel = selection(args.issuer, args.serials, args.issued_after, args.issued_before, args.status, args.all)
                     plan = dry_run(cfg, sel, args.reason, args.rate)
-                print(msgspec.json.encode(plan).decode() if args.json else plan.text())
+                # "ok" as in every other command's JSON (a property: msgspec does not encode it)
+                print(msgspec.json.encode({**msgspec.to_builtins(plan), "ok": plan.ok}).decode() if args.json
+                      else plan.text())
                 return 0 if plan.ok else 1
             if args.clock_was_fast:
                 out = recover_clock(cfg, args.reason, args.rate, not args.no_purge, not args.quiet)
@@ -276,7 +301,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Unusable(f"{root}: cannot make the demo folder: {e.strerror}") from None
-    demo = build_demo(root)
+    try:
+        demo = build_demo(root)
+    except (RuntimeError, OSError) as e:  # a tool missing or failing (openssl, SoftHSM2): its message, on one line
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise Unusable(f"{root}: cannot make the demo: {why} (remove {root} before trying again)") from None
     print(f"demo CA, SoftHSM2 token and config made in {root}")
     os.environ["SOFTHSM2_CONF"] = str(demo.softhsm_conf)  # inherited by the spawned signers
     cfg = load_config(demo.config)
@@ -338,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     ri.add_argument("--issued-before", type=_utc, metavar="TIME", help="select notBefore < TIME")
     ri.add_argument("--status", choices=["good", "revoked"], default="")
     ri.add_argument("--all", action="store_true", help="select every entry")
-    ri.add_argument("--rate", type=float, default=0.0, help="at most this many responses/s (0: no cap)")
+    ri.add_argument("--rate", type=_rate, default=0.0, help="at most this many responses/s (0: no cap)")
     ri.add_argument("--no-purge", action="store_true", help="do not purge the CDN (routine re-signing)")
     ri.add_argument("--dry-run", action="store_true", help="print what would be done and how long it would take")
     ri.add_argument("--clock-was-fast", action="store_true",
@@ -365,4 +394,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ocspmint: store: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("ocspmint: interrupted", file=sys.stderr)
         return 130

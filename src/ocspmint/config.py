@@ -24,6 +24,9 @@ HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class ConfigError(Exception):
     """The config file is unreadable or breaks a rule; the message says where."""
 
@@ -327,6 +330,9 @@ def _check_signer(n: int, sig: Signer) -> None:
                                         ("pin-source in the URI", "pin-source" in uri.query)) if given]
     if not sources:
         raise ConfigError(f"{key}: no PIN source: give pin_env, pin_file or pin-source in the URI")
+    if sig.pin_env and not _ENV_NAME.fullmatch(sig.pin_env):  # never shown: it may be the PIN itself, put there by mistake
+        raise ConfigError(f"{key}.pin_env: not an environment variable name (letters, digits and _, not starting "
+                          "with a digit): it names the variable that holds the PIN, never the PIN itself")
     if len(sources) > 1:
         raise ConfigError(f"{key}: give one PIN source, not {' and '.join(sources)}")
 

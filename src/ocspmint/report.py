@@ -19,8 +19,10 @@ import msgspec
 class Failure(msgspec.Struct, frozen=True):
     """Something due that was not published and verified.
 
-    ``stage``: ledger, sign, verify or store; ``serial`` hex or "" for a
-    ledger row that could not be read (``source`` names file and line).
+    ``stage``: ledger, sign, verify, store, clock or served; ``serial`` 40
+    lowercase hex digits (``model.serial_hex``) or "" for a ledger row that
+    could not be read (``source`` names file and line; for ``served``, the
+    URL fetched). docs/output.md is the JSON contract.
     """
 
     stage: str

@@ -42,6 +42,7 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -163,6 +164,9 @@ def backoff(failures: int) -> float:
 def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str = "python", sessions: int = 1,
                 checks_msg: bytes = b"") -> None:
     """Entry point of a spawned signer process (not for direct use)."""
+    # Ctrl-C at a terminal reaches the whole process group: the parent ends the run and closes
+    # the pipes, which ends this process (no KeyboardInterrupt traceback from each worker)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     checks = msgspec.msgpack.decode(checks_msg, type=list[IssuerCheck]) if checks_msg else []
     checkers = {c.issuer.name: _checker(c) for c in checks}
 

@@ -148,9 +148,10 @@ def verify_command(config: Config, files: list[str], store_url: str | None, as_j
     """Print one line (or JSON record) per response; return 1 on any
     finding, or when nothing was checked (an empty store).
 
-    JSON: ``{"checked": int, "with_findings": int, "ledger_errors_without_serial":
-    int, "responses": [Checked]}``. Raises LedgerError (a source unusable)
-    and StoreError (the store unusable) for the caller (exit 2)."""
+    JSON: ``{"ok": bool (the exit status is 0), "checked": int,
+    "with_findings": int, "ledger_errors_without_serial": int, "responses":
+    [Checked]}``. Raises LedgerError (a source unusable) and StoreError
+    (the store unusable) for the caller (exit 2)."""
     issuers = list(load_issuers(config).values())
     by_name = {i.name: i for i in issuers}
     ledger = read_ledger(config, by_name)
@@ -166,8 +167,8 @@ def verify_command(config: Config, files: list[str], store_url: str | None, as_j
             state = "OK" if not r.findings else "FAIL " + "; ".join(r.findings)
             print(f"{r.path}: {state} (issuer {r.issuer or '?'} serial {r.serial or '?'} {r.status})")
     if as_json:
-        doc = {"checked": checked, "with_findings": bad, "ledger_errors_without_serial": len(ledger.unnamed),
-               "responses": results}
+        doc = {"ok": bool(checked) and not bad, "checked": checked, "with_findings": bad,
+               "ledger_errors_without_serial": len(ledger.unnamed), "responses": results}
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
     else:
         if ledger.unnamed:
