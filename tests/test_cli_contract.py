@@ -217,3 +217,36 @@ def test_a_pin_given_as_pin_env_by_mistake_is_not_printed(tmp_path):
     demo.config.write_text(re.sub(r'(?m)^pin_file = .*$', f'pin_env = "{pin}"', text))
     p = ocspmint(demo, "run", "--quiet")
     assert p.returncode == 2 and pin not in p.stdout + p.stderr, p.stderr
+
+
+def test_a_blank_reason_and_files_with_store_are_usage_errors(tmp_path):
+    """Before: `reissue --reason ""` recorded a job without a reason, and
+    `verify --store URL FILE` checked the files and silently ignored the
+    store."""
+    demo = small_demo(tmp_path)
+    p = ocspmint(demo, "reissue", "--reason", " ", "--all")
+    assert p.returncode == 2 and "give the reason" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    some = tmp_path / "response.der"
+    some.write_bytes(b"\x30\x03\x0a\x01\x06")
+    p = ocspmint(demo, "verify", "--store", "file:/nonexistent", str(some))
+    assert p.returncode == 2 and p.stderr.strip() == ("ocspmint: verify: give response files or --store, not both "
+                                                      "(files are checked as they are)"), p.stderr
+
+
+def test_a_file_where_the_store_folder_goes_stops_run_at_start(tmp_path):
+    """Before: `run` went on and failed every serial, one store failure each."""
+    demo = small_demo(tmp_path)
+    target = tmp_path / "not-a-folder"
+    target.write_text("")
+    demo.config.write_text(demo.config.read_text().replace('url = "file:responses"', f'url = "file:{target}"'))
+    p = ocspmint(demo, "run", "--quiet")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"{target}: store folder is a file, not a folder" in p.stderr
+
+
+def test_audit_of_a_store_folder_that_does_not_exist_is_exit_2(tmp_path):
+    """Before: every ledger serial was a finding (http_error), exit 1."""
+    demo = small_demo(tmp_path)
+    p = ocspmint(demo, "audit", "--store", f"file:{tmp_path / 'missing'}")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"{tmp_path / 'missing'}: store folder does not exist" in p.stderr

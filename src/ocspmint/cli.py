@@ -166,6 +166,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ocspmint.verify_cmd import verify_command
 
     cfg = _config(args)
+    if args.files and args.store:
+        raise Unusable("verify: give response files or --store, not both (files are checked as they are)")
     for f in args.files:  # before any output: verify_command reads them with the whole ledger in memory
         try:
             open(f, "rb").close()
@@ -190,8 +192,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ocspmint.audit import audit_command
 
     cfg = _config(args)
+    store = (args.store or cfg.store.url) if args.store is not None or not args.url else ""
     # its work file lives in the state folder; --fix runs the pipeline (journal, store: the lock)
     with _state(cfg, journal=args.fix, lock="audit --fix" if args.fix else ""):
+        if store.startswith("file:") and not os.path.isdir(store[5:]):  # else every serial would be a finding
+            raise Unusable(f"{store[5:]}: store folder does not exist")
         return audit_command(cfg, as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
                              issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
                              show_progress=not args.quiet)
@@ -221,6 +226,13 @@ def _utc(text: str) -> dt.datetime:
         return t.astimezone(dt.timezone.utc)
     except OverflowError:  # 0001-01-01T00:00:00+01:00: before year 1 in UTC
         raise argparse.ArgumentTypeError(f"{text!r} is out of range in UTC (years 1 to 9999)") from None
+
+
+def _reason(text: str) -> str:
+    """``--reason``: not blank (it is the job's record in the journal)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give the reason (recorded in the journal with every response)")
+    return text
 
 
 def _rate(text: str) -> float:
@@ -360,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
     rf.set_defaults(func=cmd_refresh)
     ri = sub.add_parser("reissue", help="re-sign, publish and purge a selected population now (incident remediation)")
     ri.add_argument("--config", required=True)
-    ri.add_argument("--reason", required=True, help="why (recorded in the journal with every response)")
+    ri.add_argument("--reason", required=True, type=_reason, help="why (recorded in the journal with every response)")
     ri.add_argument("--issuer", action="append", default=[], help="select an issuer by config name (repeatable)")
     ri.add_argument("--serials", default="", metavar="FILE", help="select the hex serials listed in FILE")
     ri.add_argument("--issued-after", type=_utc, metavar="TIME", help="select notBefore ≥ TIME (ISO 8601 UTC)")

@@ -168,6 +168,9 @@ def _check_pin(pin: str, where: str) -> str:
     return pin
 
 
+_SHOWN_ENV = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
 def read_pin(uri: Pkcs11Uri, pin_env: str, pin_file: str, environ: Mapping[str, str]) -> str:
     """The user PIN from ``pin_env`` (variable name), ``pin_file`` or the
     URI's ``pin-source`` (one source only; config.py refuses two). A file
@@ -178,8 +181,9 @@ def read_pin(uri: Pkcs11Uri, pin_env: str, pin_file: str, environ: Mapping[str, 
     non-UTF-8 bytes, a control character. Both backends log in with the
     UTF-8 bytes of the returned text (python-pkcs11 takes text only).
     """
-    if pin_env:
-        where = f"PIN environment variable {pin_env}"
+    if pin_env:  # named only in the usual form (OCSPMINT_PIN): another value may be the PIN put there by mistake
+        where = f"PIN environment variable {pin_env}" if _SHOWN_ENV.fullmatch(pin_env) else \
+            "the PIN environment variable pin_env names (not shown: not in the usual upper-case form)"
         if pin_env not in environ:
             raise UriError(f"{where} is not set")
         return _check_pin(environ[pin_env], where)

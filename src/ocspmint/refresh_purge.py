@@ -35,7 +35,7 @@ _log_lock = threading.Lock()
 
 def log(event: str, **fields: object) -> None:
     """One JSON line on stderr (structured log), whole even when threads log at once."""
-    line = json.dumps({"time": utc_now().isoformat(), "event": event, **fields}, default=str) + "\n"
+    line = json.dumps({"time": utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": event, **fields}, default=str) + "\n"
     with _log_lock:
         sys.stderr.write(line)
         sys.stderr.flush()

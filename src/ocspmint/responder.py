@@ -89,7 +89,7 @@ class UnservableResponse(ValueError):
 
 def _log(event: str, **fields: Any) -> None:
     """One JSON line on stderr (never PINs, credentials or request bodies)."""
-    line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "event": event, **fields}
+    line = {"ts": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "event": event, **fields}
     print(json.dumps(line), file=sys.stderr, flush=True)
 
 

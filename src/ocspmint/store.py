@@ -260,6 +260,8 @@ def open_store(url: str, settings: config.Store | None = None) -> Store:
     region, profile, concurrency, retries, timeout; default config.Store()).
     Raise StoreError."""
     if url.startswith("file:"):
+        if os.path.exists(url[5:]) and not os.path.isdir(url[5:]):  # a file where the folder goes: no object could be written
+            raise StoreError(f"{url[5:]}: store folder is a file, not a folder")
         return FileStore(url[5:])
     if url.startswith("s3://"):
         from ocspmint.s3store import S3Store
