@@ -19,9 +19,12 @@ why, when the ledger cannot be read incrementally (schema version 1, change
 log triggers missing), there is no mark yet, the sources or signers or
 refresh_after changed, the change log does not continue from the mark
 (ledger replaced or restored from a backup, unread change rows deleted, the
-log re-created), or journal records have no ``refresh_at`` (a journal from
-before it existed). A full pass that cannot follow the change log voids the
-mark: changes made while the log was incomplete are in no log.
+log re-created), or journal records of a configured issuer have no
+``refresh_at`` and an unexpired notAfter (a journal from before it existed;
+the records of an issuer no longer configured, which routine retires, do
+not count: they would make every run a full pass). A full pass that cannot
+follow the change log voids the mark: changes made while the log was
+incomplete are in no log.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class LedgerMark:
 
     def __init__(self, config: Config, issuers: dict[str, IssuerIdentity], journal: Journal) -> None:
         self.journal, self.state_dir = journal, config.state_dir
+        self.issuers = sorted(issuers)  # the configured issuers' names: only their records wait for a schedule
         sources = config.sources
         self.tail = SqliteTail(sources[0], issuers) if len(sources) == 1 and sources[0].type == "sqlite" else None
         self.identity = {"source": sources[0].path if sources else "",
@@ -69,7 +73,7 @@ class LedgerMark:
             return f"the last full pass could not follow the ledger's change log ({mark.get('void', '')})"
         if {k: v for k, v in mark.items() if k not in _CURSOR} != self.identity:
             return "the ledger source, a signer key or refresh_after changed since the last full pass"
-        if self.journal.unscheduled(("", 0), 1):
+        if self.journal.unscheduled(("", 0), 1, self.issuers):
             return "journal records without refresh_at (journal written before it existed)"
         return None
 

@@ -16,7 +16,8 @@ sha256 BLOB (of the published DER), why TEXT (the planner's reason, or a
 reissue's ``--reason``), kind TEXT and not_after INTEGER (of the ledger
 entry, so `ocspmint refresh` can re-sign from the journal alone),
 refresh_at INTEGER NULL (when `ocspmint refresh` re-signs it,
-planner.refresh_at; NULL once the certificate expired), produced_at
+planner.refresh_at; moved ``ROUTINE_LEASE`` on when a refresh tick takes
+it, ``due_by``; NULL once the certificate expired), produced_at
 INTEGER (producedAt: a reissue resumes by it); primary key (issuer,
 serial); index on refresh_at. Files made before the last five columns existed are migrated in place (``unscheduled`` lists the rows
 still without refresh_at).
@@ -51,7 +52,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS clock_resets (at INTEGER NOT NULL, recorded INTEGER N
 """
 ADDED_COLUMNS = {"why": "TEXT", "kind": "TEXT", "not_after": "INTEGER", "refresh_at": "INTEGER", "produced_at": "INTEGER"}
 CLOCK_SLACK = dt.timedelta(seconds=2)
+ROUTINE_LEASE = dt.timedelta(seconds=60)  # ``due_by``: a record taken is due again this long after, unless re-signed
 CACHE_KIB = 64 * 1024  # page cache: random-serial upserts touch b-tree pages all over the journal
 # WAL pages before a checkpoint copies them into the file (and fsyncs it):
 # a 4,096-row transaction of random serials dirties ~2 pages per row, so
@@ -237,13 +239,26 @@ class Journal:
                                 (issuer, *map(serial_hex, serials)))
         return {(r := _record(row)).serial: r for row in rows}
 
-    @_named("read")
-    def due_by(self, now: dt.datetime, limit: int) -> list[Record]:
+    @_named("write")
+    def due_by(self, now: dt.datetime, limit: int, lease: dt.timedelta = ROUTINE_LEASE) -> list[Record]:
         """Up to ``limit`` records whose refresh_at ≤ ``now``, earliest
         first (an index range scan: cost grows with what is due, not with
-        the journal's size)."""
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at LIMIT ?",
-                                (_ts(now), limit))
+        the journal's size), each taken for ``lease``: in the same
+        transaction its refresh_at moves to ``now`` + ``lease``. A record
+        re-signed meanwhile gets its next refresh_at from ``record``; one
+        whose re-signing failed, or that the caller skipped (a pending
+        ledger change), comes due again after the lease, behind every
+        record due before then. Without it, ``limit`` records that fail at
+        every tick (an issuer whose signer certificate expired, a serial
+        the store cannot write) would stay at the head and no other
+        record would ever be re-signed (BR 4.9.9: they would all go past
+        nextUpdate)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE refresh_at <= ? ORDER BY refresh_at LIMIT ?",
+                                    (_ts(now), limit)).fetchall()
+            self._db.executemany("UPDATE published SET refresh_at=? WHERE issuer=? AND serial=?",
+                                 [(_ts(now + lease), r[0], r[1]) for r in rows])
         return [_record(r) for r in rows]
 
     def due_all(self, now: dt.datetime) -> Iterator[Record]:
@@ -288,13 +303,16 @@ class Journal:
                                  [(i, serial_hex(s)) for i, s in keys])
 
     @_named("read")
-    def unscheduled(self, after: tuple[str, int], limit: int) -> list[Record]:
+    def unscheduled(self, after: tuple[str, int], limit: int, issuers: Collection[str] | None = None) -> list[Record]:
         """Up to ``limit`` records after (issuer, serial) ``after`` that
         have no refresh_at and an unexpired notAfter (a journal from before
-        refresh_at existed, or refresh_after changed), in key order."""
+        refresh_at existed, or refresh_after changed), in key order; only
+        those of ``issuers`` when given (routine retires the records of an
+        issuer no longer configured: they are not waiting for a schedule)."""
+        only = "" if issuers is None else f" AND issuer IN ({','.join('?' * len(issuers))})"
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM published WHERE (issuer, serial) > (?, ?) AND refresh_at IS NULL "
-                                "AND not_after > ? ORDER BY issuer, serial LIMIT ?",
-                                (after[0], serial_hex(after[1]), _ts(utc_now()), limit))
+                                f"AND not_after > ?{only} ORDER BY issuer, serial LIMIT ?",
+                                (after[0], serial_hex(after[1]), _ts(utc_now()), *(issuers or ()), limit))
         return [_record(r) for r in rows]
 
     @_named("write")

@@ -38,6 +38,7 @@ from ocspmint.model import Kind, LedgerEntry, Reason, Status
 REFRESH_MARGIN = dt.timedelta(hours=8)  # BR 4.9.9: re-signed at least 8 h before nextUpdate (interval ≥ 16 h)
 SHORT_INTERVAL = dt.timedelta(hours=16)  # BR 4.9.9: below it, re-signed before half the interval
 LOOKUP_CHUNK = 500  # serials per journal query while planning a whole ledger
+COMPLETE_CHUNK = 10_000  # incomplete records held before ``Planner.due`` writes them (``complete_records``)
 
 
 class Force(msgspec.Struct, frozen=True):
@@ -121,8 +122,7 @@ class Planner:
         self.refresh_after = refresh_after
         self.now = now
         self.counts: Counter[str] = Counter()
-        # up-to-date entries whose journal record lacks kind/not_after/refresh_at (journaled
-        # before they existed; earlier versions also left refresh_at NULL when notAfter came first)
+        # up-to-date entries whose journal record must be completed (``complete_records``)
         self.incomplete: list[tuple[LedgerEntry, Record]] = []
         self.force = force
         # ledger entries saying good for a serial published revoked: (entry, its record)
@@ -145,16 +145,31 @@ class Planner:
             return entry, "signer"
         if self.force is not None and not self._forced_done(rec):
             return entry, "forced"
-        if self.now >= refresh_point(rec.this_update, rec.next_update, self.refresh_after):
+        latest = refresh_point(rec.this_update, rec.next_update, self.refresh_after)
+        if self.now >= latest:
             return entry, "refresh"
-        if rec.not_after is None or rec.refresh_at is None:
+        if (rec.not_after != entry.not_after.replace(microsecond=0) or rec.kind != entry.kind.value
+                or rec.refresh_at is None or rec.refresh_at > latest):
             self.incomplete.append((entry, rec))
         return entry, None
 
     def complete_records(self) -> None:
-        """Fill kind, not_after and refresh_at of the ``incomplete`` records
-        (journaled before those columns, or that refresh_at, existed) from
-        their ledger entries."""
+        """Rewrite kind, not_after and refresh_at of the ``incomplete``
+        records from their ledger entries and the current refresh_after.
+
+        A record not due yet is ``incomplete`` when routine re-signing
+        (which reads the journal alone) would otherwise get it wrong:
+        kind, not_after or refresh_at missing (journaled before those
+        columns existed, forgotten after its ledger row was deleted and
+        now put back, retired while still valid); notAfter or kind
+        differing from the ledger's (routine would retire it at a notAfter
+        the ledger no longer states, or re-sign it past the one it now
+        states); or a refresh_at later than ``refresh_point`` under the
+        current refresh_after (scheduled under a longer one). Without a
+        ``Force``, ``due`` completes them ``COMPLETE_CHUNK`` at a time, so
+        memory stays flat on a whole-ledger pass (a forced pass, which
+        `reissue --dry-run` makes too, writes nothing before this call,
+        and forces nearly every entry anyway); call this at the end."""
         if self.incomplete:
             self.journal.complete([(e, refresh_at(r.this_update, r.next_update, e.serial, self.refresh_after, e.not_after))
                                    for e, r in self.incomplete])
@@ -198,6 +213,8 @@ class Planner:
             self.counts[why or "up_to_date"] += 1
             if why:
                 yield entry, why
+        if len(self.incomplete) >= COMPLETE_CHUNK and self.force is None:  # a forced pass may be a dry run
+            self.complete_records()
 
 
 class Spool:
