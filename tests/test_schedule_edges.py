@@ -165,3 +165,56 @@ def test_records_of_an_issuer_no_longer_configured_do_not_force_full_passes(tmp_
     assert journal_sql(demo.root, "SELECT count(*) FROM published WHERE issuer = 'old-ca' AND refresh_at IS NULL "
                                   "AND not_after > strftime('%s', 'now')") == [(2,)]
     assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+
+def test_refresh_never_re_signs_the_journal_status_of_a_serial_whose_ledger_row_is_in_error(tmp_path, monkeypatch):
+    """The CA puts a serial on hold (refused, BR 4.9.13: an error row
+    naming it). Before, `refresh` logged it once and kept re-signing the
+    journal's `good` at every refresh time, silently."""
+    from ocspmint.demo import revoke
+
+    demo = build_demo(tmp_path, certs=3, precerts=0, revoke=0)
+    demo.config.write_text(demo.config.read_text() + '\n[refresh]\nmetrics_listen = ""\n')
+    monkeypatch.setenv("SOFTHSM2_CONF", str(demo.softhsm_conf))
+    victim = demo.serials["good"][0]
+    with Session(load_config(demo.config), RefreshMetrics(""), lambda: False) as session:
+        session.catch_up()
+        revoke(demo, victim, "certificateHold")
+        tick = session.tick()
+        assert [f.stage for f in tick.failures] == ["ledger"] and "certificateHold" in tick.failures[0].message
+        journal_sql(demo.root, "UPDATE published SET refresh_at = 0 WHERE serial = ?", serial_hex(victim))
+        time.sleep(1.1)  # producedAt is in whole seconds
+        (before,), = journal_sql(demo.root, "SELECT produced_at FROM published WHERE serial = ?", serial_hex(victim))
+        tick = session.tick()
+        (after, refresh), = journal_sql(demo.root, "SELECT produced_at, refresh_at FROM published WHERE serial = ?",
+                                        serial_hex(victim))
+    assert after == before and tick.published == 0, "re-signed the journal's good over a refused ledger row"
+    assert refresh is None  # off the schedule until the row is right again
+
+
+def test_a_pending_change_whose_row_is_then_deleted_is_dropped_not_published(tmp_path, monkeypatch):
+    """`refresh`: a new precertificate whose response cannot be stored
+    stays pending; its ledger row is then deleted. Before, the pending
+    entry was published `good` at its retry, for a serial the ledger no
+    longer holds."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    ingest(demo)
+    config = sqlite_config(demo, '[refresh]\nmetrics_listen = ""\n')
+    monkeypatch.setenv("SOFTHSM2_CONF", str(demo.softhsm_conf))
+    with Session(load_config(config), RefreshMetrics(""), lambda: False) as session:
+        session.catch_up()
+        new = issue(demo, precert=True)
+        path = response_path(demo, new)
+        (path / "blocked").mkdir(parents=True)
+        ingest(demo)
+        first = session.tick()
+        assert [f.stage for f in first.failures] == ["store"] and len(session.pending) == 1
+        with sqlite3.connect(demo.root / "ledger.sqlite") as db:
+            db.execute("DELETE FROM entries WHERE serial = ?", (serial_hex(new),))
+        shutil.rmtree(path)
+        for pending in session.pending.values():
+            pending.retry_at = 0.0  # its backoff passed
+        second = session.tick()
+    assert [f.stage for f in second.failures] == ["ledger"] and "no longer in the ledger" in second.failures[0].message
+    assert second.published == 0 and not path.exists() and session.pending == {}
+    assert journal_sql(demo.root, "SELECT status FROM published WHERE serial = ?", serial_hex(new)) == []

@@ -21,7 +21,6 @@ from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import ClockError, Journal
 from ocspmint.ledger import read_source
-from ocspmint.ledger.sqlite import RowDeleted
 from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
@@ -60,13 +59,15 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
         yield item
 
 
-def forgetting_deleted(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
-    """``items`` (a change log's), taking every serial whose ledger row is
-    gone (``RowDeleted``) off the journal's schedule (``Journal.forget``)
-    as it passes; the row stays a ledger failure naming the serial
-    (``checked_entries``)."""
+def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
+    """``items``, taking every serial whose ledger state is unknown off the
+    journal's schedule (``Journal.forget``) as it passes: a row in error
+    that names it, or a row gone (``ledger.sqlite.RowDeleted``). Routine
+    re-signing reads the journal alone and would publish its old status
+    again; the row stays a ledger failure naming the serial
+    (``checked_entries``), and a row made right is scheduled again."""
     for item in items:
-        if isinstance(item, RowDeleted) and item.key is not None:
+        if isinstance(item, LedgerError) and item.key is not None:
             journal.forget([item.key])
         yield item
 
@@ -247,7 +248,7 @@ class Plan:
         self.runner.excluded = conflicts
         changed = set()
         try:
-            changes = forgetting_deleted(mark.changes(), self.runner.journal)
+            changes = forgetting_unknown(mark.changes(), self.runner.journal)
             for entry, why in self.planner.due(checked_entries(self.config, self.issuers, changes, self.summary,
                                                                conflicts)):
                 changed.add((entry.issuer, entry.serial))
@@ -290,6 +291,7 @@ class Plan:
                 finally:
                     planner.journal = main
                     report_unrevoked(planner, self.summary)
+                    own.forget(sorted(conflicts))  # their state is unknown: routine must not re-sign the journal's
         except BaseException as e:  # LedgerStop, or a journal error: the signing side raises it
             self.spool.fail(e)
             return

@@ -57,7 +57,7 @@ from ocspmint.ledger.sqlite import ChangeLogError
 from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.model import LedgerEntry, LedgerError, utc_now
-from ocspmint.pipeline import (LedgerStop, checked_entries, forgetting_deleted, ledger_entries, make_planner,
+from ocspmint.pipeline import (LedgerStop, checked_entries, forgetting_unknown, ledger_entries, make_planner,
                                report_unrevoked)
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
@@ -223,11 +223,13 @@ class Session:
         planner = make_planner(self.config, self.issuers, self.journal)
         self._routine_keys = set()
         with Spool(self.config.state_dir) as spool:
+            unknown: set[Key] = set()
             try:
-                for planned in planner.due(ledger_entries(self.reading, self.issuers, summary)):
+                for planned in planner.due(ledger_entries(self.reading, self.issuers, summary, unknown)):
                     spool.add(planned)
             except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
                 pass
+            self.journal.forget(sorted(unknown))  # state unknown: routine must not re-sign the journal's
             planner.complete_records()
             report_unrevoked(planner, summary)
             spool.finish()
@@ -257,15 +259,20 @@ class Session:
         # a newer state of a serial (from a tail) replaces its pending one
         changes: dict[Key, tuple[LedgerEntry, float | None]] = {
             key: (p.entry, None) for key, p in self.pending.items() if p.retry_at <= now}
+        unknown: set[Key] = set()  # serials a row in error names, or whose row is gone: not published at all
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers,
-                                             forgetting_deleted(self._changes(tail), self.journal), summary):
+                                             forgetting_unknown(self._changes(tail), self.journal), summary, unknown):
                     changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
             except ChangeLogError as e:  # changes may have gone unlogged: this source is read whole
                 self._reread(tail, e, changes, summary)
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
+        for key in unknown:  # a pending change of such a serial is dropped, not published at its retry
+            changes.pop(key, None)
+            self.pending.pop(key, None)
+            self.seen.pop(key, None)
         urgent: list[Planned] = []
         for key, (entry, seen_at) in changes.items():
             if planned := planner.judge(entry):
@@ -294,7 +301,8 @@ class Session:
         log("ledger_reread", source=tail.source.path, reason=why.message)
         try:
             tail.start()
-            for entry in checked_entries(self.reading, self.issuers, read_source(tail.source, self.issuers), summary):
+            items = forgetting_unknown(read_source(tail.source, self.issuers), self.journal)
+            for entry in checked_entries(self.reading, self.issuers, items, summary):
                 changes[(entry.issuer, entry.serial)] = (entry, None)
         except LedgerError as e:
             summary.failures.append(Failure("ledger", e.message, source=e.source))
