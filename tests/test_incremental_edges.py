@@ -288,3 +288,25 @@ def test_a_ledger_without_the_deletion_triggers_is_still_followed_until_ingest_a
     summary = run(demo, config, "--incremental")
     assert summary["ok"] and summary["plan"].startswith(FOLLOW) and "log re-created" in summary["plan"], summary["plan"]
     assert run(demo, config, "--incremental")["plan"] == "incremental"
+
+
+def test_a_row_deleted_while_no_reader_follows_the_log_is_caught_by_the_next_full_pass(tmp_path):
+    """Plain full runs read the ledger, not the change log: before, a row
+    deleted between two of them left its journal record scheduled, and
+    routine re-signing (refresh, or --incremental once its mark had passed
+    the deletion) kept signing it `good`. The full pass now sweeps the
+    journal against the SQLite ledger: the serial leaves the schedule and
+    is reported once."""
+    demo, config, db = ready(tmp_path)
+    gone = sorted(demo.serials["good"])[0]
+    sql(db, "DELETE FROM entries WHERE serial = ?", serial_hex(gone))
+    summary = run(demo, config)  # a plain full pass
+    assert not summary["ok"], summary
+    (failure,) = summary["failures"]
+    assert failure["stage"] == "ledger" and failure["serial"] == serial_hex(gone)
+    assert "no longer in the ledger" in failure["message"]
+    with closing(sqlite3.connect(demo.root / "state" / "journal.sqlite")) as conn:
+        (refresh, not_after), = conn.execute("SELECT refresh_at, not_after FROM published WHERE serial = ?",
+                                             (serial_hex(gone),)).fetchall()
+    assert (refresh, not_after) == (None, None)
+    assert run(demo, config)["ok"]  # reported once: it is no longer scheduled

@@ -302,6 +302,29 @@ class Journal:
             self._db.executemany("UPDATE published SET refresh_at=NULL, not_after=NULL WHERE issuer=? AND serial=?",
                                  [(i, serial_hex(s)) for i, s in keys])
 
+    @_named("write")
+    def forget_absent(self, ledgers: list[str], issuers: Collection[str]) -> list[tuple[str, int]]:
+        """``forget`` the scheduled records of ``issuers`` that none of the
+        SQLite ``ledgers`` (every source of the config) holds a row for, and
+        return their keys: a row deleted while no reader followed the
+        change log. One pass over the scheduled records, a primary-key
+        probe into each ledger per record."""
+        names = [f"ledger{n}" for n in range(len(ledgers))]
+        for path, name in zip(ledgers, names):
+            self._db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
+        try:
+            absent = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {name}.entries e WHERE e.issuer = p.issuer "
+                                  "AND e.serial = p.serial)" for name in names)
+            rows = self._db.execute(f"SELECT issuer, serial FROM published p WHERE refresh_at IS NOT NULL AND issuer IN "
+                                    f"({','.join('?' * len(issuers))}) AND {absent}", tuple(issuers)).fetchall()
+        finally:
+            for name in names:
+                self._db.execute(f"DETACH DATABASE {name}")
+        keys = [(issuer, int(serial, 16)) for issuer, serial in rows]
+        if keys:
+            self.forget(keys)
+        return keys
+
     @_named("read")
     def unscheduled(self, after: tuple[str, int], limit: int, issuers: Collection[str] | None = None) -> list[Record]:
         """Up to ``limit`` records after (issuer, serial) ``after`` that

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -70,6 +71,22 @@ def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Jour
         if isinstance(item, LedgerError) and item.key is not None:
             journal.forget([item.key])
         yield item
+
+
+def report_absent(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, summary: Summary) -> None:
+    """After a complete full pass over SQLite sources only: every serial
+    the journal schedules that no ledger holds (a row deleted while no
+    reader followed the change log) leaves the schedule and is a ledger
+    failure, as a deletion read from the change log is
+    (``ledger.sqlite.RowDeleted``). Other source types are not swept."""
+    if not config.sources or any(source.type != "sqlite" or not os.path.isfile(source.path)
+                                 for source in config.sources):
+        return  # (ATTACH would make a missing file: an empty ledger, and every serial absent)
+    for issuer, serial in journal.forget_absent([source.path for source in config.sources], issuers):
+        summary.failures.append(Failure(
+            "ledger", "published and scheduled, but no longer in the ledger (its row was deleted while no run or "
+                      "refresh followed the change log): no longer re-signed, served until its nextUpdate; restore "
+                      "the row, or remove the response with `ocspmint audit --fix`", issuer, serial_hex(serial)))
 
 
 def _statement(e: LedgerEntry) -> tuple[object, ...]:
@@ -288,6 +305,7 @@ class Plan:
                     for planned in planner.due(self._selected(entries)):
                         self.spool.add(planned)
                     planner.complete_records()
+                    report_absent(self.config, self.issuers, own, self.summary)
                 finally:
                     planner.journal = main
                     report_unrevoked(planner, self.summary)

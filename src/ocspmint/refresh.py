@@ -58,7 +58,7 @@ from ocspmint.ledger.tail import Tail
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.model import LedgerEntry, LedgerError, utc_now
 from ocspmint.pipeline import (LedgerStop, checked_entries, forgetting_unknown, ledger_entries, make_planner,
-                               report_unrevoked)
+                               report_absent, report_unrevoked)
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
 from ocspmint.planner import Spool, refresh_at, routine
 from ocspmint.refresh_purge import Key, Purger, describe, log, retry_delay
@@ -224,13 +224,16 @@ class Session:
         self._routine_keys = set()
         with Spool(self.config.state_dir) as spool:
             unknown: set[Key] = set()
+            complete = True
             try:
                 for planned in planner.due(ledger_entries(self.reading, self.issuers, summary, unknown)):
                     spool.add(planned)
             except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
-                pass
+                complete = False
             self.journal.forget(sorted(unknown))  # state unknown: routine must not re-sign the journal's
             planner.complete_records()
+            if complete:
+                report_absent(self.reading, self.issuers, self.journal, summary)
             report_unrevoked(planner, summary)
             spool.finish()
             self._sign(spool.entries(), summary, planner.counts)
