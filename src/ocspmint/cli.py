@@ -41,7 +41,7 @@ from ocspmint.issuer import IdentityError
 from ocspmint.journal import JournalError
 from ocspmint.model import LedgerError
 from ocspmint.pkcs11uri import UriError
-from ocspmint.store import StoreError
+from ocspmint.store import StoreError, folder_missing
 
 if TYPE_CHECKING:
     from ocspmint.report import Summary
@@ -195,8 +195,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     store = (args.store or cfg.store.url) if args.store is not None or not args.url else ""
     # its work file lives in the state folder; --fix runs the pipeline (journal, store: the lock)
     with _state(cfg, journal=args.fix, lock="audit --fix" if args.fix else ""):
-        if store.startswith("file:") and not os.path.isdir(store[5:]):  # else every serial would be a finding
-            raise Unusable(f"{store[5:]}: store folder does not exist")
+        if problem := folder_missing(store):
+            raise Unusable(problem)
         return audit_command(cfg, as_json=args.json, fixing=args.fix, store=args.store, url=args.url,
                              issuer=args.issuer, serials=args.serials, concurrency=args.concurrency,
                              show_progress=not args.quiet)

@@ -254,6 +254,15 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
+def folder_missing(url: str) -> str | None:
+    """For a ``file:`` store URL whose folder does not exist, the error to
+    give before reading it (a reader would find nothing and report every
+    serial); None otherwise."""
+    if url.startswith("file:") and not os.path.isdir(url[5:]):
+        return f"{url[5:]}: store folder does not exist"
+    return None
+
+
 def open_store(url: str, settings: config.Store | None = None) -> Store:
     """Open the store named by ``url``: ``file:PATH`` (a FileStore) or
     ``s3://BUCKET[/PREFIX]`` (an S3Store using ``settings``: endpoint,

@@ -21,7 +21,7 @@ from ocspmint.config import Config
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, serial_hex, utc_now
-from ocspmint.store import FileStore, StoreError, object_key, open_store
+from ocspmint.store import StoreError, folder_missing, object_key, open_store
 from ocspmint.verifier import Expectation, describe, verify_response
 
 Key = tuple[str, int]  # (issuer name, serial)
@@ -130,8 +130,8 @@ def _responses(config: Config, files: list[str], store_url: str | None) -> Itera
         return
     url = store_url or config.store.url
     store = open_store(url, config.store)
-    if isinstance(store, FileStore) and not store.root.is_dir():
-        raise StoreError(f"{store.root}: store folder does not exist")
+    if problem := folder_missing(url):
+        raise StoreError(problem)
     for key in store.keys():
         try:
             data = store.get(key)

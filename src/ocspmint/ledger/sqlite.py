@@ -544,19 +544,14 @@ class SqliteTail:
         self._cursor = Cursor(0)
 
     @property
-    def position(self) -> int:
-        """The last ``changes.id`` seen."""
-        return self._cursor.position
-
-    @property
     def cursor(self) -> Cursor:
         """The position with what proves the log still continues from it: a
         durable cursor (`ocspmint run --incremental`); resume with ``start``."""
         return self._cursor
 
-    def start(self, position: int | Cursor | None = None) -> None:
+    def start(self, position: Cursor | None = None) -> None:
         """Remember the newest change, or resume after ``position`` (a
-        former ``position`` or ``cursor``). Raises LedgerError when the
+        former ``cursor``). Raises LedgerError when the
         database is missing, unreadable or not of schema version 2;
         ChangeLogError (a LedgerError) when its change log is incomplete or
         does not continue from ``position`` (see the class docstring)."""
@@ -568,8 +563,7 @@ class SqliteTail:
                 newest = conn.execute(_NEWEST).fetchone()[0]
                 self._cursor = Cursor(newest, self._change(conn, newest), self._token(conn))
             else:
-                cursor = position if isinstance(position, Cursor) else Cursor(position)
-                self._cursor = self._check_log(conn, cursor)
+                self._cursor = self._check_log(conn, position)
         except sqlite3.Error as e:
             raise LedgerError(self._path, f"cannot read ledger database: {e}") from None
         finally:
