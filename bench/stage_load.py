@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,7 +121,9 @@ def run_native(module: str, token: str, key: str, mechanism: str, *, sessions: i
                pin: str, env: dict[str, str], seconds: float = 2.0, warmup: float = 0.3,
                batch: int = BATCH, timeout: float = 120.0) -> dict[str, Any]:
     """Signatures/s of ``processes`` x ``_p11native.Signer(sessions=S)``
-    (``mechanism``: "ecdsa" or "rsa-sha256", as p11_sign_loop names them)."""
+    (``mechanism``: "ecdsa" or "rsa-sha256", as p11_sign_loop names them),
+    each keeping the next batch ``submit``ted behind the one it waits for,
+    as a signer worker does (``signer.PIPELINE``)."""
     pin_var = "OCSPMINT_BENCH_PIN"
     args = json.dumps({"module": module, "token": token, "key": key, "mechanism": mechanism, "sessions": sessions,
                        "pin_env": pin_var, "seconds": seconds, "warmup": warmup, "batch": batch})
@@ -171,8 +174,11 @@ def _child(args: dict[str, Any]) -> None:
         mech = native.CKM_SHA256_RSA_PKCS
         items = [os.urandom(150) for _ in range(args["batch"])]
 
+    queued = deque([signer.submit(items, mech)])
+
     def sign() -> None:
-        bad = [r for r in signer.sign_batch(items, mech) if not isinstance(r, bytes)]
+        queued.append(signer.submit(items, mech))
+        bad = [r for r in queued.popleft().wait() if not isinstance(r, bytes)]
         if bad:
             rv = bad[0]
             raise SystemExit(f"sign_batch: {len(bad)} of {len(items)} not signed, first: "
@@ -189,7 +195,9 @@ def _child(args: dict[str, Any]) -> None:
     while time.monotonic() < start + args["seconds"]:
         sign()
         n += len(items)
+    queued.popleft().wait()
     end = time.monotonic()
+    n += len(items)
     signer.close()
     module.close()
     print(json.dumps({"start": start, "end": end, "signatures": n}), flush=True)

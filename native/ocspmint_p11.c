@@ -8,13 +8,16 @@
  *          sessions=N)             find the token, log in once, find exactly one
  *                                  private key, open N sessions, each served by
  *                                  its own pthread.
- *   Signer.sign_batch(items, mechanism, *, der=False) -> list
- *                                  sign every item (GIL released), spreading the
- *                                  items over the sessions; per item: bytes (the
+ *   Signer.submit(items, mechanism, *, der=False) -> SignJob
+ *                                  queue a batch for the sessions' threads and
+ *                                  return at once; batches queued back to back
+ *                                  leave no session idle between them.
+ *   SignJob.wait() -> list         (GIL released) per item: bytes (the
  *                                  signature), int (the CK_RV of a failure) or
  *                                  None (not attempted: no live session took it).
  *                                  der=True (ECDSA mechanisms): the threads turn
  *                                  r||s into a DER ECDSA-Sig-Value.
+ *   Signer.sign_batch(...)         submit(...).wait()
  *   Signer.supports(mechanism)     C_GetMechanismInfo on the token: CKF_SIGN?
  *   Signer.close(), Module.close() free everything; Module.close() calls
  *                                  C_Finalize (close the signers first).
@@ -411,6 +414,7 @@ struct item {
 };
 
 struct SignerObject;
+struct SignJobObject;
 
 struct worker {
     struct SignerObject *owner;
@@ -419,7 +423,7 @@ struct worker {
     CK_SESSION_HANDLE session;
     int session_open;
     int dead; /* a session-fatal rv: takes no item until the signer is reopened */
-    unsigned long seen_gen;
+    unsigned long left_id; /* the last job this thread is done with (ids grow from 1) */
     unsigned char *buf;
     CK_ULONG buf_len;
 };
@@ -438,18 +442,33 @@ typedef struct SignerObject {
     int sync_ready;
     pthread_mutex_t mu;
     pthread_cond_t work_cv, done_cv;
-    /* the job in hand; all under mu */
+    /* the queue of jobs, oldest first; all under mu */
     int stopping;
-    unsigned long gen;
-    struct item *items;
-    size_t n_items, next_item;
-    CK_MECHANISM_TYPE mechanism;
-    int der;    /* ECDSA r||s -> DER ECDSA-Sig-Value */
-    int active; /* workers still on the current job */
-    int busy;   /* a sign_batch call is in progress (GIL-protected) */
+    struct SignJobObject *head, *tail;
+    unsigned long last_id;
+    int queued; /* jobs some thread is not done with yet */
 } SignerObject;
 
+/* One submitted batch: queued on its signer until every thread is done with it. */
+typedef struct SignJobObject {
+    PyObject_HEAD
+    SignerObject *signer; /* strong reference */
+    PyObject *tuple;      /* holds the items' bytes while the threads read them */
+    struct item *items;
+    Py_ssize_t n;
+    /* under signer->mu while queued */
+    size_t next;          /* the next item no thread has taken */
+    CK_MECHANISM_TYPE mechanism;
+    int der;              /* ECDSA r||s -> DER ECDSA-Sig-Value */
+    unsigned long id;
+    int left;             /* threads done with this job */
+    int queued;
+    struct SignJobObject *next_job;
+    PyObject *results;    /* the list wait() returned */
+} SignJobObject;
+
 static PyTypeObject SignerType;
+static PyTypeObject SignJobType;
 
 static int ecdsa_mechanism(CK_MECHANISM_TYPE type)
 {
@@ -537,6 +556,23 @@ static CK_RV sign_item(SignerObject *s, struct worker *w, CK_MECHANISM_TYPE type
     return CKR_OK;
 }
 
+/* Take a finished job off its signer's queue; mu held. */
+static void job_unlink(SignerObject *s, SignJobObject *j)
+{
+    SignJobObject **at = &s->head, *prev = NULL;
+    while (*at && *at != j) {
+        prev = *at;
+        at = &(*at)->next_job;
+    }
+    if (*at)
+        *at = j->next_job;
+    if (s->tail == j)
+        s->tail = prev;
+    j->next_job = NULL;
+    j->queued = 0;
+    s->queued--;
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -544,17 +580,22 @@ static void *worker_main(void *arg)
 
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->stopping && w->seen_gen == s->gen)
+        SignJobObject *j = NULL;
+        while (!s->stopping) {
+            for (j = s->head; j && j->id <= w->left_id; j = j->next_job)
+                ;
+            if (j)
+                break;
             pthread_cond_wait(&s->work_cv, &s->mu);
+        }
         if (s->stopping)
             break;
-        w->seen_gen = s->gen;
         /* take items until none is left; stop at this session's first failure */
         int failed = 0;
-        while (!w->dead && !failed && s->next_item < s->n_items) {
-            struct item *it = &s->items[s->next_item++];
-            CK_MECHANISM_TYPE mech = s->mechanism;
-            int der = s->der;
+        while (!w->dead && !failed && j->next < (size_t)j->n) {
+            struct item *it = &j->items[j->next++];
+            CK_MECHANISM_TYPE mech = j->mechanism;
+            int der = j->der;
             pthread_mutex_unlock(&s->mu);
             CK_RV rv = sign_item(s, w, mech, der, it);
             pthread_mutex_lock(&s->mu);
@@ -566,8 +607,12 @@ static void *worker_main(void *arg)
                     w->dead = 1;
             }
         }
-        if (--s->active == 0)
-            pthread_cond_signal(&s->done_cv);
+        /* on to the next job: a thread never waits for the others at a job's end */
+        w->left_id = j->id;
+        if (++j->left == s->n_workers) {
+            job_unlink(s, j);
+            pthread_cond_broadcast(&s->done_cv);
+        }
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -851,7 +896,7 @@ static int Signer_init(SignerObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject *kwds)
+static PyObject *Signer_submit(SignerObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"items", "mechanism", "der", NULL};
     PyObject *seq;
@@ -871,11 +916,7 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject 
     }
     if (refuse_inherited("Signer", self->pid) < 0)
         return NULL;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "sign_batch is already running on this signer");
-        return NULL;
-    }
-    PyObject *tuple = PySequence_Tuple(seq); /* holds every item while the GIL is released */
+    PyObject *tuple = PySequence_Tuple(seq); /* holds every item while the threads read them */
     if (!tuple)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
@@ -895,36 +936,69 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject 
         items[i].data = (const unsigned char *)PyBytes_AS_STRING(o);
         items[i].len = (CK_ULONG)PyBytes_GET_SIZE(o);
     }
-
-    Py_INCREF(self);
-    self->busy = 1;
-    if (n > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&self->mu);
-        self->items = items;
-        self->n_items = (size_t)n;
-        self->next_item = 0;
-        self->mechanism = (CK_MECHANISM_TYPE)mechanism;
-        self->der = der;
-        self->active = self->n_workers;
-        self->gen++;
-        pthread_cond_broadcast(&self->work_cv);
-        while (self->active > 0)
-            pthread_cond_wait(&self->done_cv, &self->mu);
-        self->items = NULL;
-        self->n_items = self->next_item = 0;
-        pthread_mutex_unlock(&self->mu);
-        Py_END_ALLOW_THREADS
+    SignJobObject *job = PyObject_New(SignJobObject, &SignJobType);
+    if (!job) {
+        PyMem_Free(items);
+        Py_DECREF(tuple);
+        return NULL;
     }
-    self->busy = 0;
+    job->signer = (SignerObject *)Py_NewRef(self);
+    job->tuple = tuple;
+    job->items = items;
+    job->n = n;
+    job->next = 0;
+    job->mechanism = (CK_MECHANISM_TYPE)mechanism;
+    job->der = der;
+    job->left = 0;
+    job->queued = 0;
+    job->next_job = NULL;
+    job->results = NULL;
+    if (n > 0) {
+        /* mu is only ever held for a few instructions, and no thread holding it wants the GIL */
+        pthread_mutex_lock(&self->mu);
+        job->id = ++self->last_id;
+        job->queued = 1;
+        self->queued++;
+        if (self->tail)
+            self->tail->next_job = job;
+        else
+            self->head = job;
+        self->tail = job;
+        pthread_cond_broadcast(&self->work_cv);
+        pthread_mutex_unlock(&self->mu);
+    }
+    return (PyObject *)job;
+}
 
-    PyObject *out = PyList_New(n);
-    for (Py_ssize_t i = 0; out && i < n; i++) {
+/* Block (GIL released) until every thread is done with the job. */
+static void job_wait(SignJobObject *j)
+{
+    SignerObject *s = j->signer;
+    if (!j->queued || s->pid != getpid()) /* a fork child: the threads are the parent's */
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->mu);
+    while (j->queued)
+        pthread_cond_wait(&s->done_cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    Py_END_ALLOW_THREADS
+}
+
+static PyObject *SignJob_wait(SignJobObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->results)
+        return Py_NewRef(self->results);
+    if (refuse_inherited("SignJob", self->signer->pid) < 0)
+        return NULL;
+    job_wait(self);
+    PyObject *out = PyList_New(self->n);
+    for (Py_ssize_t i = 0; out && i < self->n; i++) {
+        struct item *it = &self->items[i];
         PyObject *r;
-        if (items[i].state == ITEM_SIGNED)
-            r = PyBytes_FromStringAndSize((const char *)items[i].sig, (Py_ssize_t)items[i].sig_len);
-        else if (items[i].state == ITEM_FAILED)
-            r = PyLong_FromUnsignedLong(items[i].rv);
+        if (it->state == ITEM_SIGNED)
+            r = PyBytes_FromStringAndSize((const char *)it->sig, (Py_ssize_t)it->sig_len);
+        else if (it->state == ITEM_FAILED)
+            r = PyLong_FromUnsignedLong(it->rv);
         else
             r = Py_NewRef(Py_None);
         if (!r)
@@ -932,11 +1006,40 @@ static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject 
         else
             PyList_SET_ITEM(out, i, r);
     }
-    for (Py_ssize_t i = 0; i < n; i++)
-        free(items[i].sig);
-    PyMem_Free(items);
-    Py_DECREF(tuple);
-    Py_DECREF(self);
+    self->results = out;
+    return out ? Py_NewRef(out) : NULL;
+}
+
+static PyObject *SignJob_get_done(SignJobObject *self, void *Py_UNUSED(closure))
+{
+    int queued = 0;
+    if (self->queued && self->signer->pid == getpid()) {
+        pthread_mutex_lock(&self->signer->mu);
+        queued = self->queued;
+        pthread_mutex_unlock(&self->signer->mu);
+    }
+    return PyBool_FromLong(!queued);
+}
+
+static void SignJob_dealloc(SignJobObject *self)
+{
+    job_wait(self); /* the threads may still be writing into the items */
+    for (Py_ssize_t i = 0; i < self->n; i++)
+        free(self->items[i].sig);
+    PyMem_Free(self->items);
+    Py_XDECREF(self->results);
+    Py_DECREF(self->tuple);
+    Py_DECREF(self->signer);
+    PyObject_Free(self);
+}
+
+static PyObject *Signer_sign_batch(SignerObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *job = Signer_submit(self, args, kwds);
+    if (!job)
+        return NULL;
+    PyObject *out = SignJob_wait((SignJobObject *)job, NULL);
+    Py_DECREF(job);
     return out;
 }
 
@@ -978,8 +1081,14 @@ static void signer_close(SignerObject *self)
 
 static PyObject *Signer_close(SignerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Signer.close() while sign_batch is running");
+    int queued = 0;
+    if (self->open && self->sync_ready && self->pid == getpid()) {
+        pthread_mutex_lock(&self->mu);
+        queued = self->queued;
+        pthread_mutex_unlock(&self->mu);
+    }
+    if (queued) {
+        PyErr_Format(PyExc_RuntimeError, "Signer.close() while %d submitted batch(es) are being signed", queued);
         return NULL;
     }
     signer_close(self);
@@ -988,7 +1097,7 @@ static PyObject *Signer_close(SignerObject *self, PyObject *Py_UNUSED(ignored))
 
 static void Signer_dealloc(SignerObject *self)
 {
-    signer_close(self); /* busy holds a reference: not busy here */
+    signer_close(self); /* a queued job holds a reference: none is queued here */
     Py_XDECREF(self->module);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1031,11 +1140,16 @@ static PyObject *Signer_exit(SignerObject *self, PyObject *Py_UNUSED(args))
 }
 
 static PyMethodDef Signer_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))Signer_submit, METH_VARARGS | METH_KEYWORDS,
+     "submit(items: list[bytes], mechanism: int, *, der: bool = False) -> SignJob\n\n"
+     "Queue the items for the sessions' threads and return at once; SignJob.wait() gives what "
+     "sign_batch would. Batches submitted one after another are signed without a gap: a thread "
+     "done with one batch takes the next batch's items while others finish their last ones."},
     {"sign_batch", (PyCFunction)(void (*)(void))Signer_sign_batch, METH_VARARGS | METH_KEYWORDS,
      "sign_batch(items: list[bytes], mechanism: int, *, der: bool = False) -> list[bytes | int | None]\n\n"
-     "Sign every item with the key (GIL released), spread over the sessions' threads. Per item: the "
-     "signature bytes, the CK_RV (int) of a failure, or None when no live session took the item (every "
-     "session failed). Never raises for a signing error.\n\n"
+     "Sign every item with the key (GIL released), spread over the sessions' threads: submit(...).wait(). "
+     "Per item: the signature bytes, the CK_RV (int) of a failure, or None when no live session took the "
+     "item (every session failed). Never raises for a signing error.\n\n"
      "der=True, for an ECDSA mechanism only (CKM_ECDSA: the items are digests; CKM_ECDSA_SHA256/384: the "
      "data): the signing threads turn the token's r||s into a DER ECDSA-Sig-Value (SEQUENCE of two "
      "minimal INTEGERs), the form X.509 and OCSP carry. An r||s that is not two halves of 1 to 66 octets "
@@ -1044,7 +1158,8 @@ static PyMethodDef Signer_methods[] = {
      "supports(mechanism: int) -> bool\n\n"
      "Whether the token lists the mechanism with CKF_SIGN (C_GetMechanismInfo on its slot); False when "
      "that call fails. Says nothing of the key's CKA_ALLOWED_MECHANISMS."},
-    {"close", (PyCFunction)Signer_close, METH_NOARGS, "Stop the threads and close the sessions."},
+    {"close", (PyCFunction)Signer_close, METH_NOARGS,
+     "Stop the threads and close the sessions; RuntimeError while a submitted batch is being signed."},
     {"__enter__", (PyCFunction)Signer_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Signer_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -1072,6 +1187,30 @@ static PyTypeObject SignerType = {
     .tp_getset = Signer_getset,
     .tp_init = (initproc)Signer_init,
     .tp_new = PyType_GenericNew,
+};
+
+static PyMethodDef SignJob_methods[] = {
+    {"wait", (PyCFunction)SignJob_wait, METH_NOARGS,
+     "wait() -> list[bytes | int | None]\n\n"
+     "Block (GIL released) until every session's thread is done with the batch; per item what "
+     "Signer.sign_batch returns. Later calls return the same list."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef SignJob_getset[] = {
+    {"done", (getter)SignJob_get_done, NULL, "True once every thread is done with the batch", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SignJobType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ocspmint._p11native.SignJob",
+    .tp_basicsize = sizeof(SignJobObject),
+    .tp_dealloc = (destructor)SignJob_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A batch queued by Signer.submit(); wait() for its results. Dropping it waits for the threads.",
+    .tp_methods = SignJob_methods,
+    .tp_getset = SignJob_getset,
 };
 
 /* ------------------------------------------------------------------------ */
@@ -1113,7 +1252,7 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__p11native(void)
 {
-    if (PyType_Ready(&ModuleType) < 0 || PyType_Ready(&SignerType) < 0)
+    if (PyType_Ready(&ModuleType) < 0 || PyType_Ready(&SignerType) < 0 || PyType_Ready(&SignJobType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
@@ -1124,6 +1263,7 @@ PyMODINIT_FUNC PyInit__p11native(void)
     if (!Error || PyModule_AddObjectRef(m, "Error", Error) < 0 ||
         PyModule_AddObjectRef(m, "Module", (PyObject *)&ModuleType) < 0 ||
         PyModule_AddObjectRef(m, "Signer", (PyObject *)&SignerType) < 0 ||
+        PyModule_AddObjectRef(m, "SignJob", (PyObject *)&SignJobType) < 0 ||
         PyModule_AddIntConstant(m, "CKM_ECDSA", CKM_ECDSA) < 0 ||
         PyModule_AddIntConstant(m, "CKM_ECDSA_SHA256", CKM_ECDSA_SHA256) < 0 ||
         PyModule_AddIntConstant(m, "CKM_ECDSA_SHA384", CKM_ECDSA_SHA384) < 0 ||

@@ -212,6 +212,66 @@ out["closed"] = [signer.closed, module.closed]
         key.verify(sig, hashlib.sha256(b"item %d" % i).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
+def test_batches_submitted_back_to_back_each_get_their_own_signatures(demos, shim):
+    """``submit`` queues batches behind one another (the sessions take the
+    next batch's items as they finish the last's, behind a 20 ms HSM):
+    waited for in any order, each job gives the signatures of its own
+    items; an empty batch is done at once. ``close`` is refused while a
+    job is queued; a job dropped without ``wait`` is waited for, so the
+    signer closes cleanly after."""
+    demo = demos["ec-p256"]
+    env = {"TEST_P11_MODULE": str(shim), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": "20000"}
+    out = child(demo, NATIVE + """
+signer = native.Signer(module, token_label=TOKEN_LABEL, pin=pin, key_label=RESPONDER_LABEL, sessions=3)
+sizes = [5, 1, 7, 0, 4]
+starts = [sum(sizes[:n]) for n in range(len(sizes))]
+jobs = [signer.submit([digest(s + i) for i in range(size)], native.CKM_ECDSA) for s, size in zip(starts, sizes)]
+try:
+    signer.close()
+except RuntimeError as e:
+    out["close_while_queued"] = str(e)
+out["results"] = []
+for n in reversed(range(len(jobs))):
+    got = jobs[n].wait()
+    out["results"].append([starts[n], [r.hex() if isinstance(r, bytes) else r for r in got]])
+    out.setdefault("again_same", []).append(jobs[n].wait() is got)
+out["done"] = [j.done for j in jobs]
+dropped = signer.submit([digest(i) for i in range(6)], native.CKM_ECDSA)
+del dropped
+signer.close()
+module.close()
+out["closed"] = signer.closed
+""", str(demo.pin_file), env=env)
+    assert "while 4 submitted batch(es) are being signed" in out["close_while_queued"], out["close_while_queued"]
+    assert out["done"] == [True] * 5 and out["again_same"] == [True] * 5 and out["closed"]
+    key = responder_key(demo)
+    assert [(start, len(results)) for start, results in out["results"]] == [(13, 4), (13, 0), (6, 7), (5, 1), (0, 5)]
+    for start, results in out["results"]:
+        for i, r in enumerate(results):
+            raw = bytes.fromhex(r)
+            sig = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+            key.verify(sig, hashlib.sha256(b"item %d" % (start + i)).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_a_session_failing_in_one_queued_batch_signs_the_next(demos, shim):
+    """One session, two batches queued: its failure (GENERAL_ERROR at the
+    3rd signature) ends its share of the first batch (the rest None, for
+    the caller to retry), not of the batch behind it."""
+    demo = demos["ec-p256"]
+    env = {"TEST_P11_MODULE": str(shim), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_FAIL_AT": "3",
+           "P11FAULT_SIGN_RV": "0x5"}
+    out = child(demo, NATIVE + """
+signer = native.Signer(module, token_label=TOKEN_LABEL, pin=pin, key_label=RESPONDER_LABEL, sessions=1)
+first = signer.submit([digest(i) for i in range(5)], native.CKM_ECDSA)
+second = signer.submit([digest(i) for i in range(3)], native.CKM_ECDSA)
+out["first"] = [type(r).__name__ if not isinstance(r, int) else r for r in first.wait()]
+out["second"] = [type(r).__name__ if not isinstance(r, int) else r for r in second.wait()]
+signer.close(); module.close()
+""", str(demo.pin_file), env=env)
+    assert out["first"] == ["bytes", "bytes", 0x5, "NoneType", "NoneType"]
+    assert out["second"] == ["bytes"] * 3
+
+
 DER_SIGNATURES = """
 count, hash_name, mechanism = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 signer = native.Signer(module, token_label=TOKEN_LABEL, pin=pin, key_label=RESPONDER_LABEL, sessions=2)

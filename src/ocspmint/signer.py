@@ -26,7 +26,9 @@ replying ``Checked``: responses that passed, findings for those that did
 not. Verification then runs in every worker process, not in the one
 parent: it scales with ``signing.workers``, and within a worker a second
 thread verifies one batch while the first signs the next (bench/RESULTS.md).
-Only the first thread calls PKCS#11. A PKCS#11 error
+Only the first thread calls PKCS#11. With the native backend it keeps the
+next batch queued behind the one signing (``PIPELINE``), so that no session
+waits at a batch's end for the others' last signatures. A PKCS#11 error
 reopens the worker's sessions, after a bounded backoff (``backoff``), and
 goes on from the failed items (``retries`` consecutive failures end the
 batch); a worker that dies is restarted and its batches re-sent.
@@ -46,6 +48,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 
@@ -59,7 +62,8 @@ from ocspmint.issuer import IssuerIdentity, identity
 from ocspmint.model import Kind, LedgerEntry, Reason, Status, serial_hex, utc_now
 from ocspmint.pkcs11uri import UriError
 from ocspmint.verifier import Expectation, verify_response
-from ocspmint.signkeys import SOFTWARE, KeySpec, SignerError, _Keys, describe_error, describe_rv, key_spec, resolve_backend
+from ocspmint.signkeys import (SOFTWARE, Attempt, Done, KeySpec, SignerError, _Keys, describe_error, describe_rv, key_spec,
+                               resolve_backend)
 
 __all__ = ["SOFTWARE", "Checked", "Expect", "Failed", "IssuerCheck", "KeySpec", "PoolStart", "SignBatch", "Signed",
            "SignerError", "SignerPool", "backoff", "describe_error", "describe_rv", "expect", "key_spec", "resolve_backend",
@@ -70,6 +74,10 @@ __all__ = ["SOFTWARE", "Checked", "Expect", "Failed", "IssuerCheck", "KeySpec", 
 # the ledger pass held back; 2 left SoftHSM2 idle then, 8 signs ~4 % faster
 # than 4 (bench/RESULTS.md: 2026-11-21 in-flight batches, 2026-11-22 03:50).
 IN_FLIGHT_PER_WORKER = 8
+# Batches a native-backend worker keeps queued on its sessions: the next one
+# is taken up by each session as it finishes its share of the last, so a
+# network HSM's many sessions stay busy across batch ends (bench/RESULTS.md).
+PIPELINE = 2
 BACKOFF_BASE = 0.1  # seconds before the first reopen after a PKCS#11 error
 BACKOFF_CAP = 5.0  # seconds, the longest wait between two attempts
 
@@ -185,15 +193,49 @@ def worker_main(conn: Connection, specs_msg: bytes, retries: int, backend: str =
     signed: queue.SimpleQueue[tuple[SignBatch, Signed | Failed] | None] = queue.SimpleQueue()
     replier = threading.Thread(target=_reply_loop, args=(conn, signed, checkers), name="verify", daemon=True)
     replier.start()
-    while True:  # this thread alone calls PKCS#11 (python-pkcs11: SoftHSM2 without mutexes)
-        try:
-            req = _decode_batch(conn.recv_bytes())
-        except (EOFError, OSError):  # the parent closed the pipe, or it broke as the parent went (Ctrl-C)
-            break
-        signed.put((req, _sign_with_retry(keys, req, retries)))
+    _sign_loop(conn, keys, retries, signed)  # this thread alone calls PKCS#11 (python-pkcs11: SoftHSM2 without mutexes)
     signed.put(None)
     replier.join()
     keys.close()
+
+
+def _sign_loop(conn: Connection, keys: _Keys, retries: int,
+               signed: queue.SimpleQueue[tuple[SignBatch, Signed | Failed] | None]) -> None:
+    """Sign the batches the parent sends, in order, until it closes the
+    pipe. A pipelined key holder gets up to ``PIPELINE`` batches at once
+    (the next is queued while one signs, when the parent has sent it
+    already); a batch that failed anywhere waits until those behind it are
+    done, since a retry reopens every session."""
+    depth = PIPELINE if keys.pipelined else 1
+    pending: deque[tuple[SignBatch, Attempt]] = deque()
+    open_pipe = True
+    while open_pipe or pending:
+        while open_pipe and len(pending) < depth and (not pending or conn.poll()):
+            try:
+                req = _decode_batch(conn.recv_bytes())
+            except (EOFError, OSError):  # the parent closed the pipe, or it broke as the parent went (Ctrl-C)
+                open_pipe = False
+                break
+            pending.append((req, _attempt(keys, req.issuer, req.tbs)))
+        if not pending:
+            continue
+        req, first = pending.popleft()
+        results, error = first.result()
+        if error or not all(isinstance(r, bytes) for r in results):
+            for _, behind in pending:
+                behind.result()
+        signed.put((req, _sign_with_retry(keys, req, retries, first)))
+
+
+def _attempt(keys: _Keys, issuer: str, tbs: list[bytes]) -> Attempt:
+    """Submit one signing attempt, opening the keys first when a retry
+    closed them; an error on the way is an attempt that failed."""
+    try:
+        if not keys.keys:
+            keys.open()
+        return keys.submit(issuer, tbs)
+    except keys.errors() as e:
+        return Done([], describe_error(e))
 
 
 def _reply_loop(conn: Connection, signed: queue.SimpleQueue[tuple[SignBatch, Signed | Failed] | None],
@@ -236,24 +278,23 @@ def _checked(checker: tuple[IssuerIdentity, ResponseTemplate], req: SignBatch, s
     return Checked(req.batch, responses, findings)
 
 
-def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int) -> Signed | Failed:
-    """Sign every item; after a PKCS#11 error wait ``backoff(n)``, reopen
-    the sessions and go on with the items not signed yet. Fails after
+def _sign_with_retry(keys: _Keys, req: SignBatch, retries: int, attempt: Attempt | None = None) -> Signed | Failed:
+    """Sign every item (``attempt``: the first attempt, submitted
+    already); after a PKCS#11 error wait ``backoff(n)``, reopen the
+    sessions and go on with the items not signed yet. Fails after
     ``retries`` consecutive failed attempts with no signature made in
     between, naming the issuer, its key URI and the first and last error
-    of that streak."""
-    errors = keys.errors()
+    of that streak. No other attempt may be signing meanwhile: a retry
+    closes every session."""
     signatures: list[bytes] = [b""] * len(req.tbs)
     todo = list(range(len(req.tbs)))
     failures, first = 0, ""
     while todo:
-        made, error = 0, ""
-        try:
-            if not keys.keys:
-                keys.open()
-            results = keys.sign_batch(req.issuer, [req.tbs[i] for i in todo])
-        except errors as e:
-            results, error = [], describe_error(e)
+        made = 0
+        if attempt is None:
+            attempt = _attempt(keys, req.issuer, [req.tbs[i] for i in todo])
+        results, error = attempt.result()
+        attempt = None
         left = []
         for n, i in enumerate(todo):
             r = results[n] if n < len(results) else None

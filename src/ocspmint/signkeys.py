@@ -8,10 +8,12 @@ signer process can sign (``signing.backend`` and ``key_file``).
 - ``_SoftwareKey``: a PEM key file through pyca cryptography (tests and
   demos; not for production CA keys).
 
-``_Keys`` opens every issuer's key in one process and signs a batch,
-returning per item the signature, an error line (``describe_error`` /
-``describe_rv``: the CKR_ code) or None (not attempted). Nothing here
-holds a PIN longer than the login.
+``_Keys`` opens every issuer's key in one process and signs a batch
+(``submit``: an ``Attempt``), giving per item the signature, an error line
+(``describe_error`` / ``describe_rv``: the CKR_ code) or None (not
+attempted). The native backend signs the batches submitted while it is
+busy back to back (``pipelined``); the others sign at ``submit``. Nothing
+here holds a PIN longer than the login.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from cryptography.hazmat.primitives import serialization
@@ -143,6 +145,43 @@ def resolve_backend(backend: str) -> str:
     return "native"
 
 
+Results = list[bytes | str | None]  # per item: signature, error line, or None (not attempted)
+
+
+class Attempt(Protocol):
+    """One submitted signing attempt of a batch."""
+
+    def result(self) -> tuple[Results, str]:
+        """(per item, error of the whole attempt or ""); waits for a
+        native batch still signing (GIL released), then gives the same
+        pair again on every call."""
+
+
+class Done:
+    """An attempt that ended at submission: signed in the caller's thread,
+    or failed before any item was tried (``error``)."""
+
+    def __init__(self, results: Results, error: str = "") -> None:
+        self._pair = (results, error)
+
+    def result(self) -> tuple[Results, str]:
+        return self._pair
+
+
+class _NativeAttempt:
+    """A batch queued on a native signer (``_p11native.SignJob``)."""
+
+    def __init__(self, job: Any) -> None:
+        self._job, self._pair = job, None
+
+    def result(self) -> tuple[Results, str]:
+        if self._pair is None:
+            raw = self._job.wait()
+            self._pair = ([r if isinstance(r, bytes) else None if r is None else describe_rv(r) for r in raw], "")
+            self._job = None
+        return self._pair
+
+
 class _PythonKey:
     """One issuer's key through python-pkcs11: one session, one thread."""
 
@@ -190,10 +229,10 @@ class _NativeKey:
         else:
             self.mechanism, self.prehash = native.CKM_ECDSA, getattr(hashlib, spec.hash_name)
 
-    def sign(self, tbs: list[bytes]) -> list[bytes | str | None]:
+    def submit(self, tbs: list[bytes]) -> _NativeAttempt:
+        """Queue the batch on the sessions' threads; returns at once."""
         data = [self.prehash(t).digest() for t in tbs] if self.prehash else tbs
-        return [r if isinstance(r, bytes) else None if r is None else describe_rv(r)
-                for r in self.signer.sign_batch(data, self.mechanism, der=self.der)]
+        return _NativeAttempt(self.signer.submit(data, self.mechanism, der=self.der))
 
 
 class _SoftwareKey:
@@ -351,9 +390,17 @@ class _Keys:
                 pass
         self.sessions, self.keys, self._signers, self._modules = [], {}, [], {}
 
-    def sign_batch(self, issuer: str, tbs: list[bytes]) -> list[bytes | str | None]:
-        """Per item: the signature value (DER ECDSA-Sig-Value or RSA
-        octets), a description of its PKCS#11 error, or None (not tried)."""
-        return self.keys[issuer].sign(tbs)
+    @property
+    def pipelined(self) -> bool:
+        """Whether ``submit`` returns while the batch is signing (the
+        native backend), so that the next batch can be queued behind it."""
+        return self.backend == "native"
 
-
+    def submit(self, issuer: str, tbs: list[bytes]) -> Attempt:
+        """Sign a batch with ``issuer``'s key: queued on the native
+        backend's sessions, else signed here. Raises what ``errors()``
+        lists when the key cannot take it (closed sessions)."""
+        key = self.keys[issuer]
+        if isinstance(key, _NativeKey):
+            return key.submit(tbs)
+        return Done(key.sign(tbs))
