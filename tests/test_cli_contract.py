@@ -250,3 +250,38 @@ def test_audit_of_a_store_folder_that_does_not_exist_is_exit_2(tmp_path):
     p = ocspmint(demo, "audit", "--store", f"file:{tmp_path / 'missing'}")
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert f"{tmp_path / 'missing'}: store folder does not exist" in p.stderr
+
+
+# ------------------------------------------------------------------ ingest: says what it did
+
+
+def test_ingest_says_it_skipped_sqlite_sources_and_that_nothing_was_ingested(tmp_path):
+    """Before, a config whose sources are all sqlite (the ledger itself)
+    printed only "0 error(s)": nothing said that no row was read. Exit 0
+    still (nothing was due), and the `--into` ledger is still opened for
+    writing (docs/ledger.md: how an upgraded ledger gets its change log)."""
+    demo = small_demo(tmp_path)
+    db = demo.root / "ledger.sqlite"
+    p = ocspmint(demo, "ingest", "--into", str(db))
+    assert p.returncode == 0 and "nothing ingested" not in p.stdout and ": skipped" not in p.stdout, p.stdout
+    head, _, _ = demo.config.read_text().partition("[[sources]]")
+    only_sqlite = demo.root / "sqlite.toml"
+    only_sqlite.write_text(head + '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+
+    p = ocspmint(demo, "ingest", "--into", str(db), config=only_sqlite)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert p.stdout.splitlines() == [
+        f"sqlite {db}: skipped (a sqlite source is a ledger ingest writes into, not one it reads)",
+        f"nothing ingested: the config has no openssl-index or certdir source; {db} was only opened for writing "
+        "(which brings its schema and change log up to date)",
+        "0 error(s)"], p.stdout
+    typo = demo.root / "ledgr.sqlite"
+    p = ocspmint(demo, "ingest", "--into", str(typo), config=only_sqlite)
+    assert p.returncode == 0 and f"; {typo} was created, empty" in p.stdout, p.stdout
+
+    both = demo.root / "both.toml"  # the index read, the sqlite source skipped and said so
+    both.write_text(demo.config.read_text() + '\n[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')
+    p = ocspmint(demo, "ingest", "--into", str(db), config=both)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and lines[0].startswith(f"sqlite {db}: skipped") and lines[-1] == "0 error(s)", p.stdout
+    assert any(line.startswith(f"openssl-index {demo.index}: read ") for line in lines), p.stdout

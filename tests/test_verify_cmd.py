@@ -147,3 +147,30 @@ def test_responses_signed_before_the_validity_setting_changed_still_verify(tmp_p
     demo.config.write_text(text.replace("[[issuers]]", '[response]\nvalidity = "P4D"\n\n[[issuers]]', 1))
     code, report = verify_json(demo)
     assert code == 0 and report["checked"] == len(demo.serials["good"]) and report["with_findings"] == 0, report
+
+
+def test_ledger_rows_that_name_no_serial_fail_verify_as_they_fail_run_and_audit(tmp_path: Path) -> None:
+    """Before, verify printed a hint and exited 0 (JSON ok true) while `run`
+    and `audit` exit 1 for the same ledger: a garbled row may be the
+    revocation of a serial whose stored `good` verify called right."""
+    demo = published(tmp_path)
+    lines = demo.index.read_text().splitlines()
+    row = lines[0].split("\t")  # its revocation, with the serial field garbled
+    row[0], row[3] = "R", "NOT-A-SERIAL"
+    row[2] = (utc_now() - dt.timedelta(hours=1)).strftime("%y%m%d%H%M%SZ") + ",keyCompromise"
+    demo.index.write_text("\n".join([*lines, "\t".join(row)]) + "\n")
+    where = f"{demo.index}:{len(lines) + 1}"
+
+    p = ocspmint(demo, "verify")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr[-3000:]
+    out = p.stdout.splitlines()
+    assert any(line.startswith(f"ledger: {where}: ") for line in out), p.stdout
+    assert "1 ledger rows in error name no serial" in p.stdout and out[-1] == "2 responses checked, 0 with findings"
+    code, report = verify_json(demo)
+    assert (code, report["ok"], report["with_findings"], report["ledger_errors_without_serial"]) == (1, False, 0, 1)
+    (error,) = report["ledger_errors"]
+    assert error.startswith(f"{where}: "), error
+
+    code, summary = run_json(demo)
+    assert code == 1 and [f["source"] for f in summary["failures"]] == [where], summary["failures"]
+    assert ocspmint(demo, "audit", "--quiet").returncode == 1

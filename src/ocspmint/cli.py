@@ -154,7 +154,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _config(args)
     issuers = load_issuers(cfg)
     try:
-        report = ingest(args.into, [s for s in cfg.sources if s.type != "sqlite"], issuers, cfg.on_error)
+        report = ingest(args.into, cfg.sources, issuers, cfg.on_error)  # it skips sqlite sources, and says so
     except LedgerError as e:  # the ledger database cannot be opened, or failed while written
         raise Unusable(f"{e}{_open_hint(args.into)}") from None
     print(report.text())

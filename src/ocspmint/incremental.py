@@ -19,12 +19,20 @@ why, when the ledger cannot be read incrementally (schema version 1, change
 log triggers missing), there is no mark yet, the sources or signers or
 refresh_after changed, the change log does not continue from the mark
 (ledger replaced or restored from a backup, unread change rows deleted, the
-log re-created), or journal records of a configured issuer have no
+log re-created), journal records of a configured issuer have no
 ``refresh_at`` and an unexpired notAfter (a journal from before it existed;
 the records of an issuer no longer configured, which routine retires, do
-not count: they would make every run a full pass). A full pass that cannot
-follow the change log voids the mark: changes made while the log was
+not count: they would make every run a full pass), or the change log holds
+more than MAX_CHANGES rows past the mark (a bulk load). A full pass that
+cannot follow the change log voids the mark: changes made while the log was
 incomplete are in no log.
+
+Memory: the run keeps the key of every changed entry it plans, for routine
+re-signing to skip (the journal still holds its older status), ~200 bytes
+each; so it reads at most MAX_CHANGES change rows, counted before reading
+(the newest change id minus the mark's). Past that, a full pass, whose
+memory does not grow with the ledger, and which costs less than that many
+lookups by key once the changes are a good part of the ledger.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ocspmint.model import LedgerEntry, LedgerError
 from ocspmint.planner import routine
 
 MARK = "incremental_mark"
+MAX_CHANGES = 1_000_000  # change rows an incremental run reads at most (module docstring: memory)
 _CURSOR = ("position", "change", "log")  # the mark's keys that are the cursor, not the identity
 
 
@@ -75,6 +84,9 @@ class LedgerMark:
             return "the ledger source, a signer key or refresh_after changed since the last full pass"
         if self.journal.unscheduled(("", 0), 1, self.issuers):
             return "journal records without refresh_at (journal written before it existed)"
+        if (unread := self.tail.unread) > MAX_CHANGES:
+            return (f"{unread:,} ledger changes since the last complete run, more than the {MAX_CHANGES:,} an "
+                    "incremental run reads (it keeps every changed serial in memory; a full pass does not)")
         return None
 
     @staticmethod
@@ -101,11 +113,14 @@ class LedgerMark:
                             journal.set_setting(MARK, json.dumps({**self.identity, "position": None, "void": e.message}))
 
     def changes(self) -> Iterator[LedgerEntry | LedgerError]:
-        """Ledger entries (and error rows) changed since the mark; raises
-        LedgerError when the change log does not continue from it."""
+        """Ledger entries (and error rows) changed since the mark, from at
+        most MAX_CHANGES change rows (more written since ``why_full`` counted
+        them are left to the next run); raises LedgerError when the change
+        log does not continue from the mark."""
         assert self.tail is not None
-        self.tail.start(self._cursor(json.loads(self.journal.setting(MARK) or "{}")))
-        for change in self.tail.changes():
+        cursor = self._cursor(json.loads(self.journal.setting(MARK) or "{}"))
+        self.tail.start(cursor)
+        for change in self.tail.changes(upto=cursor.position + MAX_CHANGES):
             yield change.item
 
     def routine(self, issuers: dict[str, IssuerIdentity], now: dt.datetime,

@@ -183,6 +183,151 @@ def _record(row: tuple) -> Record:
                   why or "", kind or "", _dt(not_after), _dt(refresh_at), _dt(produced))
 
 
+KEYS_FLUSH = 8192  # keys buffered before one INSERT transaction
+KEYS_CACHE_KIB = 16 * 1024  # the keys' page cache, also the sort's memory: beyond it, temporary files
+
+
+class LedgerKeys:
+    """The (issuer, serial) keys one full ledger pass read from the sources
+    ``Journal.forget_absent`` cannot ATTACH (``openssl-index``,
+    ``certdir``), for the sweep after the pass, kept by SQLite rather than
+    in a Python set of every key (10M rows must stay within the memory
+    target).
+
+    A private temporary database (``sqlite3.connect("")``): held in a
+    KEYS_CACHE_KIB page cache, spilled beyond it to an unlinked file of
+    SQLite's temporary folder (SQLITE_TMPDIR, else TMPDIR, else /var/tmp
+    or /tmp; never the state folder), gone when the connection closes,
+    also after a kill. ``add`` appends in transactions of KEYS_FLUSH keys
+    to one of two unindexed tables: ``held`` (entries unexpired at
+    ``now``, and rows in error that name a serial) and ``expired``
+    (entries expired at ``now``, with their notAfter: only ever scanned,
+    and only when the sweep has candidates, so a ledger of mostly expired
+    rows pays an append each). ``sweep`` sorts ``held`` into a table in
+    key order and probes it.
+
+    Memory: KEYS_FLUSH keys and the page cache (+18 MiB peak RSS for a
+    1M-row pass). Temporary disk: ~62 bytes per held key, twice once
+    sorted, plus the sort's passing files; ~65 per expired key. Cost at
+    1M index.txt rows: 5.1 s (docs/ledger.md, "the sweep"). Create, use
+    and close it in one thread. Raises JournalError when SQLite fails (a
+    full temporary folder)."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self._now = now
+        self._held: list[tuple[str, str]] = []
+        self._expired: list[tuple[str, str, int]] = []
+        self._db = sqlite3.connect("", isolation_level=None, timeout=BUSY_SECONDS)
+        try:
+            self._run(f"""
+                PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{KEYS_CACHE_KIB};
+                CREATE TABLE held (issuer TEXT NOT NULL, serial TEXT NOT NULL);
+                CREATE TABLE expired (issuer TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL);""")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> LedgerKeys:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, script: str) -> None:
+        try:
+            self._db.executescript(script)
+        except sqlite3.Error as e:
+            raise JournalError(f"the sweep's ledger keys (a temporary database): {_why(e)}") from None
+
+    def add(self, issuer: str, serial: int, not_after: dt.datetime | None) -> None:
+        """Record a key a source holds: an entry's, with its ``not_after``,
+        or a row in error naming it (None: held, its state is unknown,
+        not absent)."""
+        if not_after is not None and not_after <= self._now:
+            self._expired.append((issuer, serial_hex(serial), int(not_after.timestamp())))
+            if len(self._expired) >= KEYS_FLUSH:
+                self._flush()
+        else:
+            self._held.append((issuer, serial_hex(serial)))
+            if len(self._held) >= KEYS_FLUSH:
+                self._flush()
+
+    def _flush(self) -> None:
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO held VALUES (?, ?)", self._held)
+                self._db.executemany("INSERT INTO expired VALUES (?, ?, ?)", self._expired)
+        except sqlite3.Error as e:
+            raise JournalError(f"the sweep's ledger keys (a temporary database): {_why(e)}") from None
+        self._held, self._expired = [], []
+
+    def sweep(self, journal: Path, ledgers: list[str], issuers: Collection[str],
+              now: dt.datetime) -> tuple[list[tuple[str, int]], list[tuple[str, int, dt.datetime]]]:
+        """(absent, expired): the scheduled records of ``issuers`` in the
+        journal file ``journal`` whose notAfter is after ``now`` that no
+        source holds, as (issuer, serial) keys, and those whose rows all
+        expired at ``now``, with the latest notAfter of those rows; both
+        in key order. See ``Journal.forget_absent``, which acts on them.
+
+        Reads the journal and the SQLite ``ledgers`` (each ATTACHed here,
+        at most 9), writes nothing to them. Cost: the held keys sorted
+        once; one pass over the scheduled records in key order, each a
+        primary-key probe into the sorted keys and into every ledger; then,
+        only if there are candidates, one scan of the expired keys.
+        Raises JournalError naming the journal."""
+        self._flush()
+        names = [f"ledger{n}" for n in range(len(ledgers))]
+        try:
+            for path, name in [(str(journal), "journal"), *zip(ledgers, names)]:
+                self._db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
+            rows = self._candidates(names, issuers, now)
+        except sqlite3.Error as e:
+            raise JournalError(f"{journal}: journal sweep failed: {_why(e)}") from None
+        absent: list[tuple[str, int]] = []
+        expired: list[tuple[str, int, dt.datetime]] = []
+        for issuer, serial, *times in rows:
+            found = [t for t in times if t is not None]
+            if not found:
+                absent.append((issuer, int(serial, 16)))
+            elif -1 not in found:  # -1: a ledger row whose notAfter does not parse (in error: the pass forgets it)
+                expired.append((issuer, int(serial, 16), dt.datetime.fromtimestamp(max(found), UTC)))
+        return absent, expired
+
+    def _candidates(self, names: list[str], issuers: Collection[str], now: dt.datetime) -> list[tuple]:
+        """(issuer, serial, the expired keys' latest notAfter, then per
+        ledger its row's notAfter (-1 when it does not parse)), each None
+        when there is no row, for the scheduled, unexpired records no
+        unexpired row holds."""
+        self._db.executescript("""
+            CREATE TABLE held_keys (issuer TEXT NOT NULL, serial TEXT NOT NULL, PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+            INSERT OR IGNORE INTO held_keys SELECT issuer, serial FROM held ORDER BY issuer, serial;
+            CREATE TABLE candidates (issuer TEXT NOT NULL, serial TEXT NOT NULL, PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
+            CREATE TABLE late (issuer TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL,
+                               PRIMARY KEY (issuer, serial)) WITHOUT ROWID;""")
+        unexpired = "".join(f" AND NOT EXISTS (SELECT 1 FROM {name}.entries e WHERE e.issuer = p.issuer "
+                            "AND e.serial = p.serial AND e.not_after > :now_text)" for name in names)
+        params = {"now": int(now.timestamp()), "now_text": f"{now:%Y-%m-%dT%H:%M:%SZ}",
+                  **{f"issuer{n}": name for n, name in enumerate(sorted(issuers))}}
+        wanted = ",".join(f":issuer{n}" for n in range(len(issuers)))
+        self._db.execute(f"INSERT INTO candidates SELECT p.issuer, p.serial FROM journal.published p "
+                         f"WHERE p.refresh_at IS NOT NULL AND p.not_after > :now AND p.issuer IN ({wanted}) "
+                         f"AND NOT EXISTS (SELECT 1 FROM held_keys k WHERE k.issuer = p.issuer "
+                         f"AND k.serial = p.serial){unexpired}", params)
+        if self._db.execute("SELECT 1 FROM candidates LIMIT 1").fetchone() is None:
+            return []
+        # their expired rows: the expired keys scanned once (CROSS JOIN keeps that loop order)
+        self._db.execute("INSERT INTO late SELECT x.issuer, x.serial, max(x.not_after) FROM expired x CROSS JOIN "
+                         "candidates c ON c.issuer = x.issuer AND c.serial = x.serial GROUP BY x.issuer, x.serial")
+        in_ledgers = "".join(f", (SELECT coalesce(CAST(strftime('%s', e.not_after) AS INTEGER), -1) FROM "
+                             f"{name}.entries e WHERE e.issuer = c.issuer AND e.serial = c.serial)" for name in names)
+        return self._db.execute(f"SELECT c.issuer, c.serial, (SELECT l.not_after FROM late l WHERE l.issuer = c.issuer "
+                                f"AND l.serial = c.serial){in_ledgers} FROM candidates c "
+                                "ORDER BY c.issuer, c.serial").fetchall()
+
 class Journal:
     """Open (creating) the journal in ``state_dir``, with a page cache of
     ``cache_kib`` KiB; use as a context manager."""
@@ -303,27 +448,40 @@ class Journal:
                                  [(i, serial_hex(s)) for i, s in keys])
 
     @_named("write")
-    def forget_absent(self, ledgers: list[str], issuers: Collection[str]) -> list[tuple[str, int]]:
-        """``forget`` the scheduled records of ``issuers`` that none of the
-        SQLite ``ledgers`` (every source of the config) holds a row for, and
-        return their keys: a row deleted while no reader followed the
-        change log. One pass over the scheduled records, a primary-key
-        probe into each ledger per record."""
-        names = [f"ledger{n}" for n in range(len(ledgers))]
-        for path, name in zip(ledgers, names):
-            self._db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
-        try:
-            absent = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {name}.entries e WHERE e.issuer = p.issuer "
-                                  "AND e.serial = p.serial)" for name in names)
-            rows = self._db.execute(f"SELECT issuer, serial FROM published p WHERE refresh_at IS NOT NULL AND issuer IN "
-                                    f"({','.join('?' * len(issuers))}) AND {absent}", tuple(issuers)).fetchall()
-        finally:
-            for name in names:
-                self._db.execute(f"DETACH DATABASE {name}")
-        keys = [(issuer, int(serial, 16)) for issuer, serial in rows]
-        if keys:
-            self.forget(keys)
-        return keys
+    def retire_expired(self, rows: list[tuple[str, int, dt.datetime]]) -> None:
+        """Stop scheduling (issuer, serial, notAfter) records whose ledger
+        entry expired, and take the ledger's notAfter: a notAfter moved
+        into the past, which the journal's later one would have had
+        routine re-sign up to, and ``unscheduled`` list as waiting for a
+        schedule (``Planner.complete_records``, ``forget_absent``)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE published SET refresh_at=NULL, not_after=? WHERE issuer=? AND serial=?",
+                                 [(_ts(t), i, serial_hex(s)) for i, s, t in rows])
+
+    @_named("write")
+    def forget_absent(self, ledgers: list[str], keys: LedgerKeys, issuers: Collection[str],
+                      now: dt.datetime) -> list[tuple[str, int]]:
+        """The sweep after a complete full pass: of the scheduled records of
+        ``issuers`` whose notAfter is after ``now``, ``forget`` those that
+        no source holds a row for and return their keys (in key order);
+        retire those whose rows all expired at ``now`` (a notAfter moved
+        into the past) with the latest ledger notAfter (``retire_expired``).
+
+        A source holds a key when one of the SQLite ``ledgers`` (paths of
+        existing files: every ``sqlite`` source) has an ``entries`` row
+        for it, or the pass put it in ``keys`` (every other source); a row
+        in error that names the serial counts as held (the pass reports
+        it and forgets it itself). Absent: a row deleted while no reader
+        followed the change log, an index line removed, a certificate file
+        removed or unreadable. Cost and memory: ``LedgerKeys.sweep``, plus
+        the keys returned. Raises JournalError."""
+        absent, expired = keys.sweep(self.path, ledgers, issuers, now)
+        if absent:
+            self.forget(absent)
+        if expired:
+            self.retire_expired(expired)
+        return absent
 
     @_named("read")
     def unscheduled(self, after: tuple[str, int], limit: int, issuers: Collection[str] | None = None) -> list[Record]:

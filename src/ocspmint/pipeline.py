@@ -13,14 +13,14 @@ import datetime as dt
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import closing
 
 from ocspmint.config import Config
 from ocspmint.incremental import LedgerMark
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
-from ocspmint.journal import ClockError, Journal
+from ocspmint.journal import ClockError, Journal, LedgerKeys
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
@@ -63,7 +63,8 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
 def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
     """``items``, taking every serial whose ledger state is unknown off the
     journal's schedule (``Journal.forget``) as it passes: a row in error
-    that names it, or a row gone (``ledger.sqlite.RowDeleted``). Routine
+    that names it, or a row gone (``ledger.sqlite.RowDeleted``, the tails'
+    ``openssl_index.removed`` and ``certdir._removed``). Routine
     re-signing reads the journal alone and would publish its old status
     again; the row stays a ledger failure naming the serial
     (``checked_entries``), and a row made right is scheduled again."""
@@ -73,20 +74,44 @@ def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Jour
         yield item
 
 
-def report_absent(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, summary: Summary) -> None:
-    """After a complete full pass over SQLite sources only: every serial
-    the journal schedules that no ledger holds (a row deleted while no
-    reader followed the change log) leaves the schedule and is a ledger
-    failure, as a deletion read from the change log is
-    (``ledger.sqlite.RowDeleted``). Other source types are not swept."""
-    if not config.sources or any(source.type != "sqlite" or not os.path.isfile(source.path)
-                                 for source in config.sources):
-        return  # (ATTACH would make a missing file: an empty ledger, and every serial absent)
-    for issuer, serial in journal.forget_absent([source.path for source in config.sources], issuers):
-        summary.failures.append(Failure(
-            "ledger", "published and scheduled, but no longer in the ledger (its row was deleted while no run or "
-                      "refresh followed the change log): no longer re-signed, served until its nextUpdate; restore "
-                      "the row, or remove the response with `ocspmint audit --fix`", issuer, serial_hex(serial)))
+ABSENT = ("published and scheduled, but no longer in the ledger: no source holds a row naming it (its row was "
+          "deleted, its index line removed or its certificate file removed or unreadable, while no run or refresh "
+          "followed the ledger's changes): no longer re-signed, served until its nextUpdate; restore the row, or "
+          "remove the response with `ocspmint audit --fix`")
+
+
+def report_absent(config: Config, issuers: dict[str, IssuerIdentity], journal: Journal, summary: Summary,
+                  keys: LedgerKeys, now: dt.datetime) -> None:
+    """After a complete full pass (every source read to its end, none
+    unusable: a pass stopped early must not call it, since what it did
+    not read would be absent): every serial the journal schedules that
+    no source holds (``Journal.forget_absent``: ``sqlite`` ledgers are
+    probed, the keys the pass read from the others are in ``keys``,
+    filled by ``ledger_entries``) leaves the schedule and is a ledger
+    failure naming issuer and serial, once (it is no longer scheduled
+    after). Routine re-signing reads the journal, not the ledger, and
+    would sign it ``good`` for ever. A serial whose rows all expired at
+    ``now`` (the planner's) is retired with the ledger's notAfter, not
+    reported. A sqlite source that is not a file (ATTACH would make an
+    empty ledger: every serial absent) makes it do nothing."""
+    ledgers = [source.path for source in config.sources if source.type == "sqlite"]
+    if not config.sources or not all(os.path.isfile(path) for path in ledgers):
+        return
+    for issuer, serial in journal.forget_absent(ledgers, keys, issuers, now):
+        summary.failures.append(Failure("ledger", ABSENT, issuer, serial_hex(serial)))
+
+
+def holding(items: Iterable[LedgerEntry | LedgerError], keys: LedgerKeys,
+            issuers: Container[str]) -> Iterator[LedgerEntry | LedgerError]:
+    """``items`` (one source's rows), recording in ``keys`` the key of each
+    entry of a configured issuer and of each row in error naming one."""
+    for item in items:
+        if isinstance(item, LedgerEntry):
+            if item.issuer in issuers:
+                keys.add(item.issuer, item.serial, item.not_after)
+        elif item.key is not None and item.key[0] in issuers:
+            keys.add(*item.key, None)
+        yield item
 
 
 def _statement(e: LedgerEntry) -> tuple[object, ...]:
@@ -106,17 +131,22 @@ def stated_differently(first: LedgerEntry, entry: LedgerEntry) -> LedgerError | 
 
 
 def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: Summary,
-                   conflicts: set[tuple[str, int]] | None = None) -> Iterator[LedgerEntry]:
+                   conflicts: set[tuple[str, int]] | None = None, keys: LedgerKeys | None = None) -> Iterator[LedgerEntry]:
     """Every good entry of every source (see ``checked_entries``), each
     (issuer, serial) once: with several sources, a serial they state alike
     comes once, and one they state differently (one says revoked, the
     other good) is a ledger failure added to ``conflicts``, whose entries
-    the caller must not publish. Memory: one key per entry when there is
-    more than one source. An unusable source raises LedgerStop."""
+    the caller must not publish. ``keys``: the key of every row of a
+    source that is not ``sqlite`` goes there too (``holding``), for
+    ``report_absent``. Memory: one key per entry when there is more than
+    one source. An unusable source raises LedgerStop."""
     seen: dict[tuple[str, int], LedgerEntry] | None = {} if len(config.sources) > 1 else None
     for source in config.sources:
         try:
-            for entry in checked_entries(config, issuers, read_source(source, issuers), summary, conflicts):
+            items = read_source(source, issuers)
+            if keys is not None and source.type != "sqlite":
+                items = holding(items, keys, issuers)
+            for entry in checked_entries(config, issuers, items, summary, conflicts):
                 if seen is None:
                     yield entry
                     continue
@@ -267,10 +297,10 @@ class Plan:
         try:
             changes = forgetting_unknown(mark.changes(), self.runner.journal)
             for entry, why in self.planner.due(checked_entries(self.config, self.issuers, changes, self.summary,
-                                                               conflicts)):
+                                                               conflicts), expired=True):
                 changed.add((entry.issuer, entry.serial))
                 self.spool.add((entry, why))
-            self.planner.complete_records()  # a row put back after a deletion
+            self.planner.complete_records()  # a row put back after a deletion, a notAfter moved into the past
         except LedgerError as e:  # the database as a whole is unusable
             self.summary.failures.append(Failure("ledger", e.message, source=e.source))
             raise LedgerStop(str(e)) from None
@@ -294,18 +324,20 @@ class Plan:
 
     def _pass(self, mark: LedgerMark) -> None:
         conflicts: set[tuple[str, int]] = set()
-        entries = ledger_entries(self.config, self.issuers, self.summary, conflicts)
+        planner = self.planner
         try:
-            # closing: the ledger's connections close in this thread, which opened them
-            with Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own, closing(entries):
-                planner, main = self.planner, self.planner.journal
+            # closing: the ledger's connections close in this thread, which opened them (so does ``keys``'s)
+            with (Journal(self.config.state_dir, cache_kib=PLAN_CACHE_KIB) as own,
+                  LedgerKeys(planner.now) as keys,
+                  closing(ledger_entries(self.config, self.issuers, self.summary, conflicts, keys)) as entries):
+                main = planner.journal
                 planner.journal = own
                 try:
                     mark.start()
                     for planned in planner.due(self._selected(entries)):
                         self.spool.add(planned)
                     planner.complete_records()
-                    report_absent(self.config, self.issuers, own, self.summary)
+                    report_absent(self.config, self.issuers, own, self.summary, keys, planner.now)
                 finally:
                     planner.journal = main
                     report_unrevoked(planner, self.summary)

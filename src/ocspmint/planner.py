@@ -4,7 +4,11 @@ An entry is due when it has never been published (``new``), when the
 ledger's status, revocation time or reason differs from what was published
 (``changed``), when the signing key differs (``signer``), or when ``now``
 is past the refresh point thisUpdate + refresh_after (``refresh``,
-BR 4.9.9). Entries whose notAfter has passed are not re-signed.
+BR 4.9.9). Entries whose notAfter has passed are not re-signed; their
+journal records leave the schedule with the ledger's notAfter (one moved
+into the past must not leave routine re-signing the journal's later one):
+``judge`` and ``due(expired=True)`` look them up, a full pass leaves that
+to its sweep (``pipeline.report_absent``).
 
 A revocation is final (RFC 5280 §5.3.1, BR 4.9.13): a ledger entry that
 says good for a serial the journal shows published revoked is judged as
@@ -127,6 +131,8 @@ class Planner:
         self.force = force
         # ledger entries saying good for a serial published revoked: (entry, its record)
         self.unrevoked: list[tuple[LedgerEntry, Record]] = []
+        # expired ledger entries whose record is still scheduled or states another notAfter (``complete_records``)
+        self.outdated: list[LedgerEntry] = []
 
     def _decide(self, entry: LedgerEntry, rec: Record | None) -> tuple[LedgerEntry, str | None]:
         """(the entry to sign, why it is due: "new", "changed", "signer",
@@ -153,9 +159,18 @@ class Planner:
             self.incomplete.append((entry, rec))
         return entry, None
 
+    def _expired(self, entry: LedgerEntry, rec: Record | None) -> None:
+        """Count an expired ledger entry; keep it in ``outdated`` when its
+        record is still scheduled or states another notAfter."""
+        self.counts["expired"] += 1
+        if rec is not None and (rec.refresh_at is not None or rec.not_after != entry.not_after.replace(microsecond=0)):
+            self.outdated.append(entry)
+
     def complete_records(self) -> None:
         """Rewrite kind, not_after and refresh_at of the ``incomplete``
-        records from their ledger entries and the current refresh_after.
+        records from their ledger entries and the current refresh_after,
+        and retire the ``outdated`` ones with their entry's notAfter
+        (``Journal.retire_expired``).
 
         A record not due yet is ``incomplete`` when routine re-signing
         (which reads the journal alone) would otherwise get it wrong:
@@ -174,6 +189,9 @@ class Planner:
             self.journal.complete([(e, refresh_at(r.this_update, r.next_update, e.serial, self.refresh_after, e.not_after))
                                    for e, r in self.incomplete])
             self.incomplete = []
+        if self.outdated:
+            self.journal.retire_expired([(e.issuer, e.serial, e.not_after) for e in self.outdated])
+            self.outdated = []
 
     def _forced_done(self, rec: Record) -> bool:
         """Signed by this force already: journaled with its ``why`` since it began."""
@@ -182,21 +200,26 @@ class Planner:
 
     def judge(self, entry: LedgerEntry) -> tuple[LedgerEntry, str] | None:
         """(the entry to sign, why) when ``entry`` is due now, else None;
-        judged like ``due``, counted in ``counts``."""
+        judged like ``due(expired=True)``, counted in ``counts``."""
+        rec = self.journal.get(entry.issuer, entry.serial)
         if entry.not_after <= self.now:
-            self.counts["expired"] += 1
+            self._expired(entry, rec)
             return None
-        entry, why = self._decide(entry, self.journal.get(entry.issuer, entry.serial))
+        entry, why = self._decide(entry, rec)
         self.counts[why or "up_to_date"] += 1
         return None if why is None else (entry, why)
 
-    def due(self, entries: Iterable[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
+    def due(self, entries: Iterable[LedgerEntry], expired: bool = False) -> Iterator[tuple[LedgerEntry, str]]:
         """(entry, why) for every due entry, judged like ``judge``; the
         journal is read ``LOOKUP_CHUNK`` serials of one issuer at a time,
-        so entries come out grouped by issuer, not in ledger order."""
+        so entries come out grouped by issuer, not in ledger order.
+        ``expired``: also read the records of expired entries, for
+        ``outdated`` (a set of changes); a whole-ledger pass leaves it
+        False (most rows of an old ledger are expired: a probe each) and
+        sweeps instead (``pipeline.report_absent``)."""
         pending: dict[str, list[LedgerEntry]] = {}
         for entry in entries:
-            if entry.not_after <= self.now:
+            if entry.not_after <= self.now and not expired:
                 self.counts["expired"] += 1
                 continue
             group = pending.setdefault(entry.issuer, [])
@@ -209,11 +232,15 @@ class Planner:
     def _judge_group(self, group: list[LedgerEntry]) -> Iterator[tuple[LedgerEntry, str]]:
         records = self.journal.get_many(group[0].issuer, [e.serial for e in group])
         for ledger_entry in group:
+            if ledger_entry.not_after <= self.now:
+                self._expired(ledger_entry, records.get(ledger_entry.serial))
+                continue
             entry, why = self._decide(ledger_entry, records.get(ledger_entry.serial))
             self.counts[why or "up_to_date"] += 1
             if why:
                 yield entry, why
-        if len(self.incomplete) >= COMPLETE_CHUNK and self.force is None:  # a forced pass may be a dry run
+        full = max(len(self.incomplete), len(self.outdated)) >= COMPLETE_CHUNK
+        if full and self.force is None:  # a forced pass may be a dry run
             self.complete_records()
 
 

@@ -51,7 +51,7 @@ import msgspec
 
 from ocspmint.config import Config, load_config
 from ocspmint.issuer import load_issuers
-from ocspmint.journal import ClockError, Journal
+from ocspmint.journal import ClockError, Journal, LedgerKeys
 from ocspmint.ledger import read_source
 from ocspmint.ledger.sqlite import ChangeLogError
 from ocspmint.ledger.tail import Tail
@@ -224,16 +224,17 @@ class Session:
         self._routine_keys = set()
         with Spool(self.config.state_dir) as spool:
             unknown: set[Key] = set()
-            complete = True
-            try:
-                for planned in planner.due(ledger_entries(self.reading, self.issuers, summary, unknown)):
-                    spool.add(planned)
-            except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
-                complete = False
-            self.journal.forget(sorted(unknown))  # state unknown: routine must not re-sign the journal's
-            planner.complete_records()
-            if complete:
-                report_absent(self.reading, self.issuers, self.journal, summary)
+            with LedgerKeys(planner.now) as keys:  # freed before signing
+                complete = True
+                try:
+                    for planned in planner.due(ledger_entries(self.reading, self.issuers, summary, unknown, keys)):
+                        spool.add(planned)
+                except LedgerStop:  # a source is unusable: sign what was read; its Tail retries every tick
+                    complete = False
+                self.journal.forget(sorted(unknown))  # state unknown: routine must not re-sign the journal's
+                planner.complete_records()
+                if complete:  # only then is a serial no source gave absent
+                    report_absent(self.reading, self.issuers, self.journal, summary, keys, planner.now)
             report_unrevoked(planner, summary)
             spool.finish()
             self._sign(spool.entries(), summary, planner.counts)

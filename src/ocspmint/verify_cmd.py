@@ -5,7 +5,10 @@ checked by the verifier against the ledger entry for its serial (status,
 revocation, times, signature, signer, encoding). A response for a serial
 the ledger does not know is a finding (BR 4.9.9: never `good` for an
 unassigned serial); so is a store object whose key does not name the
-serial inside it.
+serial inside it. A ledger row in error that names no serial fails the
+command (exit 1) whatever the responses say, as it fails `run` and `audit`:
+it may be the row of any serial checked (a revocation whose serial field is
+garbled), so no response can be called right while it stands.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ocspmint.store import StoreError, folder_missing, object_key, open_store
 from ocspmint.verifier import Expectation, describe, verify_response
 
 Key = tuple[str, int]  # (issuer name, serial)
+LISTED = 50  # ledger rows in error that name no serial, listed (as `audit` lists its ledger errors)
 
 
 class Checked(msgspec.Struct):
@@ -146,10 +150,13 @@ def _responses(config: Config, files: list[str], store_url: str | None) -> Itera
 
 def verify_command(config: Config, files: list[str], store_url: str | None, as_json: bool) -> int:
     """Print one line (or JSON record) per response; return 1 on any
-    finding, or when nothing was checked (an empty store).
+    finding, when nothing was checked (an empty store), or when ledger rows
+    in error name no serial (each listed as ``file:line: why``, the first
+    LISTED: any response checked may be theirs).
 
     JSON: ``{"ok": bool (the exit status is 0), "checked": int,
-    "with_findings": int, "ledger_errors_without_serial": int, "responses":
+    "with_findings": int, "ledger_errors_without_serial": int,
+    "ledger_errors": [str] (those rows, the first LISTED), "responses":
     [Checked]}``. Raises LedgerError (a source unusable) and StoreError
     (the store unusable) for the caller (exit 2)."""
     issuers = list(load_issuers(config).values())
@@ -166,15 +173,21 @@ def verify_command(config: Config, files: list[str], store_url: str | None, as_j
         else:
             state = "OK" if not r.findings else "FAIL " + "; ".join(r.findings)
             print(f"{r.path}: {state} (issuer {r.issuer or '?'} serial {r.serial or '?'} {r.status})")
+    unnamed = len(ledger.unnamed)
+    ok = bool(checked) and not bad and not unnamed
     if as_json:
-        doc = {"ok": bool(checked) and not bad, "checked": checked, "with_findings": bad,
-               "ledger_errors_without_serial": len(ledger.unnamed), "responses": results}
+        doc = {"ok": ok, "checked": checked, "with_findings": bad, "ledger_errors_without_serial": unnamed,
+               "ledger_errors": ledger.unnamed[:LISTED], "responses": results}
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
     else:
-        if ledger.unnamed:
-            print(f"{len(ledger.unnamed)} ledger rows in error name no serial (`ocspmint run` and `audit` report "
-                  f"them); the first: {ledger.unnamed[0]}")
+        for error in ledger.unnamed[:LISTED]:
+            print(f"ledger: {error}")
+        if unnamed > LISTED:
+            print(f"ledger: ... and {unnamed - LISTED} more rows in error that name no serial")
+        if unnamed:
+            print(f"{unnamed} ledger rows in error name no serial: any response checked may be for one of them, so "
+                  "none can be called right until they are corrected (`ocspmint run` and `audit` fail on them too)")
         print(f"{checked} responses checked, {bad} with findings")
     if not checked:
         print(f"ocspmint: {store_url or config.store.url}: the store holds no object: nothing was verified", file=sys.stderr)
-    return 1 if bad or not checked else 0
+    return 0 if ok else 1

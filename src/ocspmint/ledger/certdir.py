@@ -186,6 +186,24 @@ def _orphan(key: Key, rev: _Revocation, folder: str) -> LedgerError:
     )
 
 
+def _valid(group: _Group, now: dt.datetime) -> bool:
+    """Whether a certificate of ``group`` is unexpired at ``now``."""
+    return any(not_after > now for _, _, not_after in [*group.final.values(), *group.pre.values()])
+
+
+def _removed(key: Key, folder: str) -> LedgerError:
+    """The error row of an unexpired serial whose every certificate left
+    the folder, naming it (``key``), like a row deleted from a SQLite
+    ledger (``ledger.sqlite.RowDeleted``): its state is unknown, so it
+    leaves the routine schedule (``pipeline.forgetting_unknown``)."""
+    issuer, serial = key
+    return LedgerError(folder, f"no certificate of serial {openssl_hex(serial)} of issuer {issuer!r} is in the folder "
+                               "any more (its files were removed, replaced or are unreadable): its response is no "
+                               "longer re-signed and is served until its nextUpdate; a CA does not delete what it "
+                               "issued: put the certificate back, or remove the response with `ocspmint audit --fix`",
+                       key)
+
+
 def _read(path: str) -> tuple[bytes, int]:
     """(content, st_mtime_ns) of a file; OSError when it cannot be read."""
     with open(path, "rb") as fh:
@@ -411,7 +429,9 @@ class CertdirTail:
     final certificate pairing, conflicts: as ``read_certdir``), and the error
     rows of new files and new listing failures. A removed or replaced file
     (other inode) makes the call re-read every file, so its certificates no
-    longer count, and yields the pairs whose certificates changed. A file
+    longer count, and yields the pairs whose certificates changed; a pair
+    left without any certificate while one was unexpired is an error row
+    naming its serial (``_removed``; expired ones may be pruned). A file
     rewritten in place (same inode) is not noticed: write a new file and
     rename it. ``start()`` reads every certificate, as ``read_certdir`` does;
     the groups stay in memory (~1 KB per certificate). A CRL that is not
@@ -496,6 +516,8 @@ class CertdirTail:
                 yield Change(_entry(key, group, revoked.get(key)), seen_at)
             elif key in revoked:
                 yield Change(_orphan(key, revoked[key], root), seen_at)
+            elif (old := pos.certs.groups.get(key)) is not None and _valid(old, now):
+                yield Change(_removed(key, root), seen_at)
         self._pos = _Position(certs, folders, files, crls, revoked, walk_errors, crl_times)
 
     def _crl_keys(self) -> list[tuple[int, int, int]]:

@@ -369,7 +369,8 @@ class IndexTail:
     is left for a later call. Memory: 8 bytes per line plus the serial →
     first line map (~115 bytes per serial). When lines were removed or an
     in-place change altered a line's serial, the map is rebuilt from every
-    line's fields (no certificate read).
+    line's fields (no certificate read), and each serial no line holds any
+    more is an error row naming it (``removed``), first in the call.
     """
 
     def __init__(self, source: Source, issuers: Mapping[str, IssuerIdentity]) -> None:
@@ -385,7 +386,9 @@ class IndexTail:
 
     def changes(self) -> Iterator[Change]:
         """Entries (or errors) of changed and new lines since the last call,
-        in line order, each with the index's mtime as ``seen_at``."""
+        in line order, after an error row for each serial that no line
+        holds any more (``removed``), each with the index's mtime as
+        ``seen_at``."""
         pos = self._pos
         assert pos is not None, "start() first"
         path = self._source.path
@@ -403,6 +406,8 @@ class IndexTail:
         seen = pos.seen
         if len(lines) < len(pos.digests) or not all(_same_serial(lines[i], i + 1, seen) for i in changed[:in_place]):
             seen = first_lines(lines)
+            for serial in sorted(pos.seen.keys() - seen.keys()):
+                yield Change(removed(path, self._source.issuer, serial), mtime)
         last_row = _last_row(lines)
         # rows appended after trailing empty lines make those lines errors
         for i in sorted({*changed, *range(pos.last_row, last_row)}):
@@ -412,6 +417,17 @@ class IndexTail:
             elif i + 1 < last_row:
                 yield Change(LedgerError(f"{path}:{i + 1}", "empty line inside the index"), mtime)
         self._pos = _Position(key, digests, last_row, seen)
+
+
+def removed(path: str, issuer: str, serial: int) -> LedgerError:
+    """The error row of a serial no line of the index holds any more,
+    naming it (``key``), like a row deleted from a SQLite ledger
+    (``ledger.sqlite.RowDeleted``): its state is unknown, so it leaves the
+    routine schedule (``pipeline.forgetting_unknown``)."""
+    return LedgerError(path, f"serial {openssl_hex(serial)} is no longer in the index (its line was removed, or now "
+                             "holds another serial): its response is no longer re-signed and is served until its "
+                             "nextUpdate; a CA does not delete what it issued: restore the line, or remove the "
+                             "response with `ocspmint audit --fix`", (issuer, serial))
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:

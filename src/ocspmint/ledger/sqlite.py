@@ -162,11 +162,17 @@ WHERE (entries.kind, entries.status, entries.revoked_at, entries.reason, entries
             excluded.status, excluded.revoked_at, excluded.reason, excluded.source,
             coalesce(entries.not_before, excluded.not_before))
 """
+# Each key changed in (?, ?] once, in the order of its first change, with that change's ``at`` (a bare column
+# beside min() comes from the min() row). SQLite groups and sorts with its own temporary storage, which
+# spills to a file: no key is kept in Python however many changed. LEFT JOIN: entries is probed by key
+# once per changed key; no row: deleted.
 _CHANGED = f"""
-SELECT c.id, c.at, c.issuer, c.serial, e.issuer IS NOT NULL, {", ".join("e." + c for c in _COLUMNS.split(", "))}
-FROM changes c LEFT JOIN entries e ON e.issuer = c.issuer AND e.serial = c.serial
-WHERE c.id > ? ORDER BY c.id
-"""  # LEFT JOIN: changes stays the outer loop (a range on its id), entries is probed by key; no row: deleted
+SELECT c.at, c.issuer, c.serial, e.issuer IS NOT NULL, {", ".join("e." + c for c in _COLUMNS.split(", "))}
+FROM (SELECT min(id) AS first, at, issuer, serial FROM changes WHERE id > ? AND id <= ? GROUP BY issuer, serial) c
+LEFT JOIN entries e ON e.issuer = c.issuer AND e.serial = c.serial
+ORDER BY c.first
+"""
+_LAST_CHANGE = "SELECT max(id) FROM changes WHERE id > ? AND id <= ?"  # the last change row a read takes
 
 
 @dataclass
@@ -186,12 +192,17 @@ class SourceReport:
 
 @dataclass
 class IngestReport:
-    """What ``ingest`` did: per-source counts, every LedgerError, and
-    ``stopped`` when on_error="stop" aborted the run."""
+    """What ``ingest`` did: per-source counts, every LedgerError,
+    ``stopped`` when on_error="stop" aborted the run, the paths of the
+    ``skipped`` sqlite sources, the ledger written (``into``) and whether
+    ingest ``created`` it."""
 
     sources: list[SourceReport] = field(default_factory=list)
     errors: list[LedgerError] = field(default_factory=list)
     stopped: bool = False
+    skipped: list[str] = field(default_factory=list)
+    into: str = ""
+    created: bool = False
 
     @property
     def ok(self) -> bool:
@@ -202,12 +213,19 @@ class IngestReport:
         return sum(s.written for s in self.sources)
 
     def text(self) -> str:
-        """One line per source, then every error, then the verdict."""
-        lines = [
+        """One line per source (a skipped one says why), what was done when
+        there was nothing to read, then every error, then the verdict."""
+        lines = [f"sqlite {path}: skipped (a sqlite source is a ledger ingest writes into, not one it reads)"
+                 for path in self.skipped]
+        lines += [
             f"{s.type} {s.path}: read {s.read}, written {s.written}, unchanged {s.unchanged}, "
             f"errors {s.errors}, {'committed' if s.committed else 'NOT committed'}"
             for s in self.sources
         ]
+        if not self.sources:
+            done = ("created, empty" if self.created
+                    else "only opened for writing (which brings its schema and change log up to date)")
+            lines.append(f"nothing ingested: the config has no openssl-index or certdir source; {self.into} was {done}")
         lines += [f"error: {e}" for e in self.errors]
         lines.append("stopped at the first error (on_error=stop)" if self.stopped else f"{len(self.errors)} error(s)")
         return "\n".join(lines)
@@ -330,7 +348,9 @@ def ingest(
     db_path: str, sources: Iterable[Source], issuers: Mapping[str, IssuerIdentity], on_error: str = "stop"
 ) -> IngestReport:
     """Upsert the entries of every non-sqlite source into the ledger
-    (sources of type sqlite are skipped and get no SourceReport).
+    (sources of type sqlite are skipped: listed in ``skipped``, no
+    SourceReport). With none to read, the ledger is still opened for
+    writing (``connect``: created, or migrated and its change log made whole).
 
     ``on_error`` is "stop" or "quarantine" (see module docstring for what is
     committed). Returns an IngestReport; raises LedgerError when the
@@ -340,11 +360,12 @@ def ingest(
     """
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
-    report = IngestReport()
+    report = IngestReport(into=db_path, created=not os.path.exists(db_path))
     conn = connect(db_path)
     try:
         for source in sources:
             if source.type == "sqlite":
+                report.skipped.append(source.path)
                 continue
             sr = SourceReport(type=source.type, path=source.path)
             report.sources.append(sr)
@@ -518,13 +539,16 @@ class SqliteTail:
     """Incremental reader of the ledger's change log (contract: ``ledger.tail.Tail``).
 
     Remembers the highest ``changes.id`` seen. Each call runs one query: the
-    ``changes`` rows after it (a range on the integer primary key), each
-    joined to its ``entries`` row by primary key, so the rows examined are
-    the changes since the last call, whatever the ledger's size. A serial
-    changed several times comes once, in the order of its first change,
-    with that change's ``at`` as ``seen_at``; memory: the (issuer, serial)
-    keys of one call. Ids grow with every commit (AUTOINCREMENT, one writer
-    at a time), so no committed change is skipped. Needs schema version 2.
+    ``changes`` rows after it (a range on the integer primary key), grouped
+    by key, each key joined to its ``entries`` row by primary key, so the
+    rows examined are the changes since the last call, whatever the
+    ledger's size. A serial changed several times comes once, in the order
+    of its first change, with that change's ``at`` as ``seen_at``; SQLite
+    groups and orders them in its temporary storage (spilled to a file), so
+    memory does not grow with the changes read. Ids grow with every commit
+    (AUTOINCREMENT, one writer at a time), so no committed change is
+    skipped. ``unread`` tells, without reading them, how many change rows
+    follow the position. Needs schema version 2.
 
     The log must be complete and continue from the position, or no change
     is read (LedgerError; only a full pass of the ledger is then right):
@@ -542,12 +566,22 @@ class SqliteTail:
         self._path = source.path
         self._issuers = issuers
         self._cursor = Cursor(0)
+        self._newest = 0  # the log's newest id at the last start() / changes()
 
     @property
     def cursor(self) -> Cursor:
         """The position with what proves the log still continues from it: a
         durable cursor (`ocspmint run --incremental`); resume with ``start``."""
         return self._cursor
+
+    @property
+    def unread(self) -> int:
+        """How many change rows follow the position, as of the last
+        ``start`` / ``changes``: the log's newest id minus the position (ids
+        are contiguous past it, ``start`` checks that), no row read. An upper
+        bound on the entries the next ``changes`` yields (a serial changed
+        several times comes once), but for what is written meanwhile."""
+        return max(self._newest - self._cursor.position, 0)
 
     def start(self, position: Cursor | None = None) -> None:
         """Remember the newest change, or resume after ``position`` (a
@@ -560,10 +594,11 @@ class SqliteTail:
             conn.execute("BEGIN")  # one snapshot
             if position is None:
                 self._check_log(conn, None)
-                newest = conn.execute(_NEWEST).fetchone()[0]
-                self._cursor = Cursor(newest, self._change(conn, newest), self._token(conn))
+                self._newest = conn.execute(_NEWEST).fetchone()[0]
+                self._cursor = Cursor(self._newest, self._change(conn, self._newest), self._token(conn))
             else:
                 self._cursor = self._check_log(conn, position)
+                self._newest = conn.execute(_NEWEST).fetchone()[0]
         except sqlite3.Error as e:
             raise LedgerError(self._path, f"cannot read ledger database: {e}") from None
         finally:
@@ -607,27 +642,30 @@ class SqliteTail:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (LOG_KEY,)).fetchone()
         return "" if row is None else str(row[0])
 
-    def changes(self) -> Iterator[Change]:
-        """Entries changed since the last call, ``seen_at`` = ``changes.at``.
-        Raises LedgerError (on first ``next()``) as ``start`` does."""
+    def changes(self, upto: int | None = None) -> Iterator[Change]:
+        """Entries changed since the last call, ``seen_at`` = ``changes.at``;
+        with ``upto``, only those of change ids up to it (the position then
+        stops there, and the next call goes on from it). Raises LedgerError
+        (on first ``next()``) as ``start`` does."""
         path = self._path
         conn, _ = _open_reader(path, (SCHEMA_VERSION,))
         try:
             try:
                 conn.execute("BEGIN")  # the checks and the read see one snapshot
                 cursor = self._check_log(conn, self._cursor)
-                cur = conn.execute(_CHANGED, (cursor.position,))
+                newest = conn.execute(_NEWEST).fetchone()[0]
+                bounds = (cursor.position, newest if upto is None else min(newest, upto))
+                last = conn.execute(_LAST_CHANGE, bounds).fetchone()[0]
+                if last is not None:
+                    cursor = Cursor(last, self._change(conn, last), cursor.log)
+                cur = conn.execute(_CHANGED, bounds)
             except sqlite3.Error as e:
                 raise LedgerError(path, f"cannot read ledger database: {e}") from None
-            keys = set()
             for rows in _batches(cur, path):
-                for change_id, at, issuer, serial, present, *row in rows:
-                    cursor = Cursor(change_id, f"{issuer}/{serial}@{at}", cursor.log)
-                    if (issuer, serial) not in keys:
-                        keys.add((issuer, serial))
-                        item = _entry(tuple(row), path, self._issuers) if present else _deleted(path, issuer, serial)
-                        yield Change(item, dt.datetime.fromtimestamp(at, UTC))
-            self._cursor = cursor
+                for at, issuer, serial, present, *row in rows:
+                    item = _entry(tuple(row), path, self._issuers) if present else _deleted(path, issuer, serial)
+                    yield Change(item, dt.datetime.fromtimestamp(at, UTC))
+            self._cursor, self._newest = cursor, newest
         finally:
             conn.close()
 

@@ -34,9 +34,10 @@ it until a new ``start()`` (then a full pass), rather than changes missed.
 Cost per call (details in each reader's Tail class and docs/ledger.md):
 
 - ``sqlite`` (``ledger.sqlite.SqliteTail``): one indexed range query on the
-  ``changes`` log from the last id seen, one primary-key lookup per change.
-  Needs schema version 2 (a version-1 file is migrated when opened for
-  writing). Memory: the keys of one call's changes.
+  ``changes`` log from the last id seen, grouped by key in SQLite's
+  temporary storage, one primary-key lookup per changed key. Needs schema
+  version 2 (a version-1 file is migrated when opened for writing).
+  Memory: nothing per change.
 - ``openssl-index`` (``ledger.openssl_index.IndexTail``): one ``stat``
   when unchanged; else a read of the file, a hash per line, and parsing of
   changed and appended lines only. Memory: 8 bytes per line plus a
