@@ -974,7 +974,9 @@ static PyObject *Signer_submit(SignerObject *self, PyObject *args, PyObject *kwd
 static void job_wait(SignJobObject *j)
 {
     SignerObject *s = j->signer;
-    if (!j->queued || s->pid != getpid()) /* a fork child: the threads are the parent's */
+    /* never queued; a closed signer (it refuses to close while a job is queued, and its mutex is gone);
+       or a fork child (the threads are the parent's) */
+    if (j->n == 0 || !s->open || !s->sync_ready || s->pid != getpid())
         return;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->mu);
@@ -1013,10 +1015,11 @@ static PyObject *SignJob_wait(SignJobObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *SignJob_get_done(SignJobObject *self, void *Py_UNUSED(closure))
 {
     int queued = 0;
-    if (self->queued && self->signer->pid == getpid()) {
-        pthread_mutex_lock(&self->signer->mu);
+    SignerObject *s = self->signer;
+    if (self->n > 0 && s->open && s->sync_ready && s->pid == getpid()) {
+        pthread_mutex_lock(&s->mu);
         queued = self->queued;
-        pthread_mutex_unlock(&self->signer->mu);
+        pthread_mutex_unlock(&s->mu);
     }
     return PyBool_FromLong(!queued);
 }

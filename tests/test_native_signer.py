@@ -218,7 +218,7 @@ def test_batches_submitted_back_to_back_each_get_their_own_signatures(demos, shi
     waited for in any order, each job gives the signatures of its own
     items; an empty batch is done at once. ``close`` is refused while a
     job is queued; a job dropped without ``wait`` is waited for, so the
-    signer closes cleanly after."""
+    signer closes cleanly after, and jobs outlive their closed signer."""
     demo = demos["ec-p256"]
     env = {"TEST_P11_MODULE": str(shim), "P11FAULT_MODULE": SOFTHSM, "P11FAULT_SIGN_DELAY_US": "20000"}
     out = child(demo, NATIVE + """
@@ -239,11 +239,13 @@ out["done"] = [j.done for j in jobs]
 dropped = signer.submit([digest(i) for i in range(6)], native.CKM_ECDSA)
 del dropped
 signer.close()
+out["done_after_close"] = jobs[0].done
+del jobs, got  # freed after the signer closed (its mutex gone): nothing to wait for
 module.close()
 out["closed"] = signer.closed
 """, str(demo.pin_file), env=env)
     assert "while 4 submitted batch(es) are being signed" in out["close_while_queued"], out["close_while_queued"]
-    assert out["done"] == [True] * 5 and out["again_same"] == [True] * 5 and out["closed"]
+    assert out["done"] == [True] * 5 and out["again_same"] == [True] * 5 and out["closed"] and out["done_after_close"]
     key = responder_key(demo)
     assert [(start, len(results)) for start, results in out["results"]] == [(13, 4), (13, 0), (6, 7), (5, 1), (0, 5)]
     for start, results in out["results"]:
