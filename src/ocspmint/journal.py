@@ -535,6 +535,17 @@ class Journal:
                                (issuer,)).fetchone()
         return _dt(row[0])
 
+    @_named("read")
+    def earliest_next_update(self, issuer: str) -> dt.datetime | None:
+        """The earliest nextUpdate among ``issuer``'s scheduled records: when
+        the first response still served and re-signed expires. No index
+        serves it (one on next_update would be rewritten at every journal
+        write): it reads the issuer's rows in primary-key order, a range
+        scan, so callers keep it rare (refresh: ``EARLIEST_EVERY``)."""
+        row = self._db.execute("SELECT min(next_update) FROM published WHERE issuer=? AND refresh_at IS NOT NULL",
+                               (issuer,)).fetchone()
+        return _dt(row[0])
+
     @_named("write")
     def check_clock(self, now: dt.datetime) -> None:
         """Record ``now`` (whole seconds) as the latest time seen; raise

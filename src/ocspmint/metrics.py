@@ -18,6 +18,8 @@ class RefreshMetrics:
     ``ocspmint_failed_total{stage}`` (one per ``failure`` log line).
     Gauges: ``ocspmint_oldest_this_update_seconds{issuer}`` (Unix time of the
     oldest thisUpdate still scheduled: staleness),
+    ``ocspmint_earliest_next_update_seconds{issuer}`` (Unix time of the
+    earliest nextUpdate still scheduled: the first served response to expire),
     ``ocspmint_ledger_changes_pending`` (ledger changes not published yet,
     retried with backoff), ``ocspmint_purges_pending{target}`` (purges
     queued in the journal for a target, after its last attempt). Histograms:
@@ -40,6 +42,9 @@ class RefreshMetrics:
                                     ["target"], registry=r)
         self.oldest = Gauge("ocspmint_oldest_this_update_seconds", "Oldest scheduled thisUpdate (Unix time)",
                             ["issuer"], registry=r)
+        self.earliest = Gauge("ocspmint_earliest_next_update_seconds",
+                              "Earliest scheduled nextUpdate (Unix time): when the first served response expires",
+                              ["issuer"], registry=r)
         self.ledger_to_published = Histogram("ocspmint_ledger_to_published_seconds",
                                              "Ledger change seen to response published", buckets=LATENCY_BUCKETS, registry=r)
         self.sign_seconds = Histogram("ocspmint_sign_batch_seconds", "Signing (and verifying) latency of one batch",

@@ -17,6 +17,10 @@ once, probes every issuer's key, remembers each ledger source's position
    ``refresh_after`` (``planner.refresh_at``), so a population signed at
    once comes due spread out and the HSM sees a flat load.
 
+As in `ocspmint run`, a serial two sources state differently (or a row in
+error names) is published by neither the catch-up pass nor a tick
+(``Session.held_back``) until the sources state it alike (``_recheck``).
+
 A ledger change (catch-up or tick) that was not published stays pending in
 ``Session.pending`` and is planned again after a backoff of its own (1 s
 doubling to ``refresh_purge.RETRY_MAX``) until it is published or the ledger and journal
@@ -68,6 +72,7 @@ from ocspmint.store import open_store
 
 ROUTINE_MAX = 50_000  # journal records taken per tick at most
 SCHEDULE_PAGE = 10_000
+EARLIEST_EVERY = 60.0  # seconds between reads of ``Journal.earliest_next_update`` (a range scan, no index)
 @dataclass(slots=True)
 class Pending:
     """A ledger change not published yet: planned again from ``retry_at``
@@ -136,6 +141,8 @@ class Session:
         self.published: set[Key] = set()  # keys journaled by the current ``_sign``
         self._failed: dict[Key, LedgerEntry] = {}  # ledger changes failed in the current ``_sign``
         self._routine_keys: set[Key] = set()  # routine work of the current tick (stays due in the journal)
+        self._earliest_at = 0.0  # monotonic time of the next ``earliest_next_update`` read (0: at the first ``_sign``)
+        self.held_back: set[Key] = set()  # in conflict or error at the last full pass: not published (``_recheck``)
 
     def __enter__(self) -> Session:
         """Start the signer pool (once: a second pool would double the
@@ -237,7 +244,12 @@ class Session:
                     report_absent(self.reading, self.issuers, self.journal, summary, keys, planner.now)
             report_unrevoked(planner, summary)
             spool.finish()
-            self._sign(spool.entries(), summary, planner.counts)
+            self.held_back = unknown  # as `run` excludes them (``Runner.release``): not published at all
+            for key in unknown:  # a pending change of such a serial is dropped, as in ``tick``
+                self.pending.pop(key, None)
+                self.seen.pop(key, None)
+            self._sign((p for p in spool.entries() if p is None or (p[0].issuer, p[0].serial) not in unknown),
+                       summary, planner.counts)
         return summary
 
     def _reschedule_if_changed(self) -> None:
@@ -273,6 +285,8 @@ class Session:
                 self._reread(tail, e, changes, summary)
             except LedgerError as e:  # the source is unusable now; the tail retries next tick
                 summary.failures.append(Failure("ledger", e.message, source=e.source))
+        if recheck := changes.keys() & self.held_back:
+            self._recheck(recheck, changes, unknown, summary)
         for key in unknown:  # a pending change of such a serial is dropped, not published at its retry
             changes.pop(key, None)
             self.pending.pop(key, None)
@@ -294,6 +308,38 @@ class Session:
             planner.counts["refresh"] += len(scheduled)
         self._sign(urgent + scheduled, summary, planner.counts)
         return summary
+
+    def _recheck(self, keys: set[Key], changes: dict[Key, tuple[LedgerEntry, float | None]], unknown: set[Key],
+                 summary: Summary) -> None:
+        """A change to serials the last full pass held back (``held_back``:
+        two sources stated them differently, or a row in error named them):
+        one source's change alone does not say whether the sources agree
+        now, so every source is read whole once (as ``catch_up`` does, rare:
+        only when such a serial changes). Still in conflict or in error:
+        added to ``unknown`` (not published), with the ledger failures
+        naming them. Agreeing: the entry the sources state replaces the
+        change, and the serial is no longer held back. A source unusable
+        now: they all stay held back, and the next change tries again."""
+        found: dict[Key, LedgerEntry] = {}
+        conflicts: set[Key] = set()
+        scratch = Summary(started=summary.started)
+        try:
+            for entry in ledger_entries(self.reading, self.issuers, scratch, conflicts):
+                if (key := (entry.issuer, entry.serial)) in keys:
+                    found[key] = entry
+        except LedgerStop:  # its failure (the last) names the source
+            conflicts = set(keys)
+            summary.failures.append(scratch.failures[-1])
+        summary.failures.extend(f for f in scratch.failures if f.serial and (f.issuer, int(f.serial, 16)) in keys)
+        for key in keys:
+            if key in conflicts:
+                unknown.add(key)
+                continue
+            self.held_back.discard(key)
+            if key in found:
+                changes[key] = (found[key], changes[key][1])
+            else:  # no source holds it any more: the tails reported its removal
+                changes.pop(key, None)
 
     def _reread(self, tail: Tail, why: ChangeLogError, changes: dict[Key, tuple[LedgerEntry, float | None]],
                 summary: Summary) -> None:
@@ -331,6 +377,7 @@ class Session:
         (with their next backoff); finish ``summary`` with the planner's
         ``counts``; log each failure and count it once; update metrics."""
         runner = self._runner(summary)
+        runner.counts = counts  # the plan is complete: an entry expired by its batch's producedAt counts expired
         self.published, self._failed = set(), {}
         try:
             sign_all(self.pool, runner, planned, None, 0.0, self.stopping)
@@ -353,6 +400,11 @@ class Session:
         for issuer in self.issuers:
             if (oldest := self.journal.oldest(issuer)) is not None:
                 self.metrics.oldest.labels(issuer).set(oldest.timestamp())
+        if now >= self._earliest_at:  # the catch-up pass's, then once every EARLIEST_EVERY
+            self._earliest_at = now + EARLIEST_EVERY
+            for issuer in self.issuers:
+                if (earliest := self.journal.earliest_next_update(issuer)) is not None:
+                    self.metrics.earliest.labels(issuer).set(earliest.timestamp())
         summary.finish(counts)
         for why, n in summary.due.items():
             self.metrics.due.labels(why).inc(n)

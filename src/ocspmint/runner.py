@@ -16,7 +16,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -146,6 +146,9 @@ class Runner:
         self.force: Force | None = None
         self.observer: Observer | None = None
         self.excluded: Container[tuple[str, int]] = ()  # (issuer, serial) never to publish: ledger conflicts
+        # the planner's counts, once the plan is complete (refresh): an entry expired by its batch's producedAt
+        # is moved from its reason to "expired" there and never signed (``make_batch``); None: signed as planned
+        self.counts: Counter[str] | None = None
         self.held: list[Signed | Checked | Failed] = []
         self._released = threading.Event()
         self._released.set()
@@ -177,6 +180,10 @@ class Runner:
         except ValueError as e:
             self.fail_all([entry for entry, _ in planned], "sign", str(e))
             return None
+        if self.counts is not None:
+            planned = self._unexpired(planned, times.produced_at)
+            if not planned:
+                return None
         tbs, kept, whys = [], [], []
         for e, why in planned:
             try:
@@ -190,6 +197,23 @@ class Runner:
             return SignBatch(batch_id, issuer, tbs)
         validity = int((times.next_update - times.this_update).total_seconds())
         return SignBatch(batch_id, issuer, tbs, [expect(e) for e in kept], validity)
+
+    def _unexpired(self, planned: list[Planned], produced_at: dt.datetime) -> list[Planned]:
+        """``planned`` but the entries whose certificate expired by
+        ``produced_at`` (a long pass judged expiry at its start): those are
+        counted expired in ``counts``, as the planner counts them, and are
+        neither signed nor journaled, nor failures."""
+        assert self.counts is not None
+        kept = []
+        for e, why in planned:
+            if e.not_after > produced_at:
+                kept.append((e, why))
+            else:
+                self.counts[why] -= 1
+                if not self.counts[why]:
+                    del self.counts[why]
+                self.counts["expired"] += 1
+        return kept
 
     def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
         self.summary.failures.append(Failure(stage, message, e.issuer, serial_hex(e.serial), e.source))
