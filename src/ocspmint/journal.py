@@ -248,12 +248,10 @@ class LedgerKeys:
         not absent)."""
         if not_after is not None and not_after <= self._now:
             self._expired.append((issuer, serial_hex(serial), int(not_after.timestamp())))
-            if len(self._expired) >= KEYS_FLUSH:
-                self._flush()
         else:
             self._held.append((issuer, serial_hex(serial)))
-            if len(self._held) >= KEYS_FLUSH:
-                self._flush()
+        if len(self._held) + len(self._expired) >= KEYS_FLUSH:
+            self._flush()
 
     def _flush(self) -> None:
         try:

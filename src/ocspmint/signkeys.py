@@ -188,12 +188,12 @@ class _PythonKey:
     def __init__(self, key: Any, mechanism: Any, spec: KeySpec) -> None:
         self.key, self.mechanism, self.spec = key, mechanism, spec
 
-    def sign(self, tbs: list[bytes]) -> list[bytes | str | None]:
+    def sign(self, tbs: list[bytes]) -> Results:
         """Sign in order; the first PKCS#11 error ends the batch (its
         description in that item's place, None for the items after it)."""
         import pkcs11
 
-        out: list[bytes | str | None] = []
+        out: Results = []
         for data in tbs:
             try:
                 if self.spec.key_type == "ec":
@@ -270,7 +270,7 @@ class _SoftwareKey:
         else:  # the certificate check above already refused other key types
             raise SignerError(f"{where}: key type {type(key).__name__} is not supported (ECDSA or RSA)")
 
-    def sign(self, tbs: list[bytes]) -> list[bytes | str | None]:
+    def sign(self, tbs: list[bytes]) -> Results:
         return [self._sign(t) for t in tbs]
 
 
