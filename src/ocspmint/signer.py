@@ -204,10 +204,12 @@ def _sign_loop(conn: Connection, keys: _Keys, retries: int,
     """Sign the batches the parent sends, in order, until it closes the
     pipe. A pipelined key holder gets up to ``PIPELINE`` batches at once
     (the next is queued while one signs, when the parent has sent it
-    already); a batch that failed anywhere waits until those behind it are
-    done, since a retry reopens every session."""
+    already). A batch that failed anywhere waits until those behind it are
+    done, since a retry reopens every session; they are then signed again
+    from the start on the new sessions, so an attempt on sessions that had
+    already failed never counts against a batch's ``retries``."""
     depth = PIPELINE if keys.pipelined else 1
-    pending: deque[tuple[SignBatch, Attempt]] = deque()
+    pending: deque[tuple[SignBatch, Attempt | None]] = deque()
     open_pipe = True
     while open_pipe or pending:
         while open_pipe and len(pending) < depth and (not pending or conn.poll()):
@@ -220,11 +222,17 @@ def _sign_loop(conn: Connection, keys: _Keys, retries: int,
         if not pending:
             continue
         req, first = pending.popleft()
-        results, error = first.result()
-        if error or not all(isinstance(r, bytes) for r in results):
-            for _, behind in pending:
-                behind.result()
+        if first is not None and not _all_signed(first):
+            for _, behind in pending:  # let them finish on the old sessions, then sign them afresh after the reopen:
+                if behind is not None:  # each batch's attempts count on sessions opened after the last failure
+                    behind.result()
+            pending = deque((r, None) for r, _ in pending)
         signed.put((req, _sign_with_retry(keys, req, retries, first)))
+
+
+def _all_signed(attempt: Attempt) -> bool:
+    results, error = attempt.result()
+    return not error and all(isinstance(r, bytes) for r in results)
 
 
 def _attempt(keys: _Keys, issuer: str, tbs: list[bytes]) -> Attempt:
