@@ -228,7 +228,7 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
                 plan.start_full(mark)
             _sign(signers, runner, spool, show_progress, rate)
         except LedgerStop:  # nothing was published: the Runner holds what it gets until the plan is complete
-            summary.finish(plan.join().counts)
+            summary.finish(runner.counted(plan.join().counts))
             return summary
         finally:
             plan.stop()
@@ -240,7 +240,7 @@ def run(config: Config, show_progress: bool = True, *, select: Select | None = N
         if config.verify_served.url:
             summary.served_checked, failures = check_served(config, issuers, journal, runner.sample)
             summary.failures.extend(failures)
-        summary.finish(plan.join().counts)
+        summary.finish(runner.counted(plan.join().counts))
         if summary.ok and select is None and force is None:
             mark.save()
         if summary.published:

@@ -381,7 +381,6 @@ class Session:
         (with their next backoff); finish ``summary`` with the planner's
         ``counts``; log each failure and count it once; update metrics."""
         runner = self._runner(summary)
-        runner.counts = counts  # the plan is complete: an entry expired by its batch's producedAt counts expired
         self.published, self._failed = set(), {}
         try:
             sign_all(self.pool, runner, planned, None, 0.0, self.stopping)
@@ -409,7 +408,7 @@ class Session:
             for issuer in self.issuers:
                 if (earliest := self.journal.earliest_next_update(issuer)) is not None:
                     self.metrics.earliest.labels(issuer).set(earliest.timestamp())
-        summary.finish(counts)
+        summary.finish(runner.counted(counts))
         for why, n in summary.due.items():
             self.metrics.due.labels(why).inc(n)
 

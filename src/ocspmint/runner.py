@@ -146,9 +146,9 @@ class Runner:
         self.force: Force | None = None
         self.observer: Observer | None = None
         self.excluded: Container[tuple[str, int]] = ()  # (issuer, serial) never to publish: ledger conflicts
-        # the planner's counts, once the plan is complete (refresh): an entry expired by its batch's producedAt
-        # is moved from its reason to "expired" there and never signed (``make_batch``); None: signed as planned
-        self.counts: Counter[str] | None = None
+        # by planned reason, the entries whose certificate expired by their batch's producedAt (a long pass
+        # judged expiry at its start): never signed (``make_batch``); ``counted`` moves them to "expired"
+        self.expired_late: Counter[str] = Counter()
         self.held: list[Signed | Checked | Failed] = []
         self._released = threading.Event()
         self._released.set()
@@ -180,10 +180,9 @@ class Runner:
         except ValueError as e:
             self.fail_all([entry for entry, _ in planned], "sign", str(e))
             return None
-        if self.counts is not None:
-            planned = self._unexpired(planned, times.produced_at)
-            if not planned:
-                return None
+        planned = self._unexpired(planned, times.produced_at)
+        if not planned:
+            return None
         tbs, kept, whys = [], [], []
         for e, why in planned:
             try:
@@ -200,20 +199,28 @@ class Runner:
 
     def _unexpired(self, planned: list[Planned], produced_at: dt.datetime) -> list[Planned]:
         """``planned`` but the entries whose certificate expired by
-        ``produced_at`` (a long pass judged expiry at its start): those are
-        counted expired in ``counts``, as the planner counts them, and are
-        neither signed nor journaled, nor failures."""
-        assert self.counts is not None
+        ``produced_at`` (a long pass judged expiry at its start; the
+        planner does not sign an entry already expired then): those are
+        neither signed nor journaled, nor failures; ``expired_late``
+        counts them."""
         kept = []
         for e, why in planned:
             if e.not_after > produced_at:
                 kept.append((e, why))
             else:
-                self.counts[why] -= 1
-                if not self.counts[why]:
-                    del self.counts[why]
-                self.counts["expired"] += 1
+                self.expired_late[why] += 1
         return kept
+
+    def counted(self, planned: Counter[str]) -> Counter[str]:
+        """The planner's ``planned`` counts (reason -> entries) with the
+        entries ``make_batch`` found expired moved from their reason to
+        "expired", as the planner counts an entry expired at its start:
+        what ``Summary.finish`` takes once signing is over."""
+        counts = planned.copy()
+        for why, n in self.expired_late.items():
+            counts[why] -= n
+            counts["expired"] += n
+        return +counts
 
     def fail(self, e: LedgerEntry, stage: str, message: str) -> None:
         self.summary.failures.append(Failure(stage, message, e.issuer, serial_hex(e.serial), e.source))
