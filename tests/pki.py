@@ -41,7 +41,8 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, oc
     if ocsp:  # the delegated responder profile of BR 7.1.2.8
         b = (b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
-             .add_extension(x509.OCSPNoCheck(), critical=False))
+             .add_extension(x509.OCSPNoCheck(), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False))
     alg = hashes.SHA384() if isinstance(issuer_key, ec.EllipticCurvePrivateKey) and issuer_key.curve.name == "secp384r1" else hashes.SHA256()
     return b.sign(issuer_key, alg)
 

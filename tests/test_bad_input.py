@@ -24,6 +24,7 @@ code lacks; each reason says what goes wrong today.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shutil
 import signal
@@ -60,6 +61,18 @@ def set_sources(demo: Demo, sources: str, on_error: str = "stop") -> None:
     head, _, _ = demo.config.read_text().partition("[[sources]]")
     head = "".join(line for line in head.splitlines(keepends=True) if not line.startswith("on_error = "))
     demo.config.write_text(f'on_error = "{on_error}"\n' + head + sources)
+
+
+def verify_ledger_errors(demo: Demo) -> tuple[int, list[str]]:
+    """`ocspmint verify --json` over a store whose every response is right
+    while ledger rows in error name serials no response was checked for: it
+    exits 1; returns how many responses it checked and where those rows are
+    (the ``file:line`` or ``db:issuer/serial`` each error starts with)."""
+    p = ocspmint(demo, "verify", "--json")
+    report = json.loads(p.stdout)
+    assert (p.returncode, report["ok"], report["with_findings"]) == (1, False, 0), p.stdout[-3000:] + p.stderr[-2000:]
+    assert report["ledger_errors_without_response"] == len(report["ledger_errors"]), report["ledger_errors"]
+    return report["checked"], sorted(e.split(": ")[0] for e in report["ledger_errors"])
 
 
 def index_source() -> str:
@@ -212,7 +225,8 @@ def test_ledger_rows_of_an_unknown_issuer_are_named_and_the_rest_published(tmp_p
     assert code == 1 and summary["published"] == 5
     assert sorted(f["source"] for f in summary["failures"]) == [f"{db}:retired-ca/{serial_hex(e.serial)}" for e in strays]
     assert all(f["stage"] == "ledger" and "issuer 'retired-ca' is not configured" in f["message"] for f in summary["failures"])
-    assert verify_clean(demo) == 5
+    # every stored response is right, but the rows of the unknown issuer fail verify as they fail run
+    assert verify_ledger_errors(demo) == (5, [f"{db}:retired-ca/{serial_hex(e.serial)}" for e in strays])
     set_sources(demo, '[[sources]]\ntype = "sqlite"\npath = "ledger.sqlite"\n')  # on_error = "stop"
     code, summary = run_json(demo)
     assert code == 1 and summary["published"] == 0 and len(journal_rows(demo)) == 5
@@ -271,7 +285,7 @@ def test_a_conflict_found_at_the_end_of_a_long_pass_is_not_published(tmp_path):
     assert failure["serial"] == serial_hex(live[0]) and "stated differently" in failure["message"]
     assert set(journal_rows(demo)) == {("issuing-ca", s) for s in live[1:]}
     assert not response_path(demo, live[0]).exists() and len(file_objects(demo)) == len(live) - 1
-    assert verify_clean(demo) == len(live) - 1
+    assert verify_ledger_errors(demo) == (len(live) - 1, [f"{demo.root / 'late.sqlite'}:issuing-ca/{serial_hex(live[0])}"])
 
 
 def test_a_conflicting_serial_whose_batch_fails_signing_is_reported_once(tmp_path, shim):
@@ -366,6 +380,7 @@ CA_USAGES = x509.KeyUsage(True, False, False, False, False, True, True, False, F
 def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None, lifetime: dt.timedelta = dt.timedelta(days=30),
                   by_root: bool = False, nocheck: str = "non-critical", ku: x509.KeyUsage | None = DS_ONLY,
                   ku_critical: bool = True, not_before: dt.timedelta | None = None, ca: bool = False,
+                  aki: str = "keyid", aki_critical: bool = False,
                   extra: tuple[x509.ExtensionType, ...] = ()) -> x509.Certificate:
     """Replace ca/responder.pem by a certificate for the same token key, issued
     by the issuing CA (or the root), with ``eku`` (None: no EKU extension),
@@ -373,7 +388,11 @@ def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None,
     "malformed": an OCTET STRING where NULL belongs),
     keyUsage ``ku`` (None: absent) critical or not, and notAfter = now +
     ``lifetime``; notBefore now + ``not_before``, by default an hour before
-    now or notAfter; basicConstraints cA ``ca``; ``extra`` extensions (non-critical).
+    now or notAfter; basicConstraints cA ``ca``; authorityKeyIdentifier
+    ``aki`` ("keyid": the issuer's key identifier, "absent", "keyid+issuer-serial"
+    adding authorityCertIssuer and authorityCertSerialNumber, "issuer-serial"
+    without keyIdentifier, "other-keyid": another key's) critical or not;
+    ``extra`` extensions (non-critical).
     With the defaults but ``eku`` it has the BR 7.1.2.8 profile."""
     ca_path, key_path = (demo.root_ca, demo.root / "ca" / "root.key") if by_root else (demo.issuing_ca, demo.issuing_key)
     issuer = x509.load_pem_x509_certificate(ca_path.read_bytes())
@@ -383,8 +402,9 @@ def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None,
     b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(issuer.subject).public_key(old.public_key())
          .serial_number(x509.random_serial_number()).not_valid_before(start)
          .not_valid_after(now + lifetime)
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), critical=False))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if aki != "absent":
+        b = b.add_extension(authority_key_id(aki, issuer), critical=aki_critical)
     for extension in extra:
         b = b.add_extension(extension, critical=False)
     if ku is not None:
@@ -398,6 +418,20 @@ def new_responder(demo: Demo, *, eku: list[x509.ObjectIdentifier] | None = None,
     cert = b.sign(serialization.load_pem_private_key(key_path.read_bytes(), None), hashes.SHA256())
     demo.responder_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert
+
+
+def authority_key_id(form: str, issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """An authorityKeyIdentifier of ``form`` (see new_responder) for a
+    certificate ``issuer`` issues."""
+    keyid = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
+    names, serial = [x509.DirectoryName(issuer.issuer)], issuer.serial_number
+    if form == "keyid+issuer-serial":
+        return x509.AuthorityKeyIdentifier(keyid, names, serial)
+    if form == "issuer-serial":
+        return x509.AuthorityKeyIdentifier(None, names, serial)
+    if form == "other-keyid":
+        return x509.AuthorityKeyIdentifier(hashlib.sha1(keyid).digest(), None, None)
+    return x509.AuthorityKeyIdentifier(keyid, None, None)
 
 
 def new_issuing_ca(demo: Demo, *, ku: x509.KeyUsage = CA_USAGES, not_before: dt.timedelta | None = None) -> x509.Certificate:
@@ -460,13 +494,23 @@ NAME_CONSTRAINTS = x509.NameConstraints(permitted_subtrees=[x509.DNSName("exampl
     ({"eku": [OCSP], "ku_critical": False}, "responder certificate keyUsage is not critical (BR 7.1.2.8.2)"),
     ({"eku": [OCSP], "extra": (SAN, CRL_DP)},
      "responder certificate has subjectAltName, cRLDistributionPoints (BR 7.1.2.8.2: MUST NOT)"),
-    ({"eku": [OCSP], "extra": (POLICIES, NAME_CONSTRAINTS)},
-     "responder certificate has nameConstraints, certificatePolicies (BR 7.1.2.8.2: MUST NOT)"),
+    ({"eku": [OCSP], "extra": (POLICIES, NAME_CONSTRAINTS)},  # certificatePolicies: SHOULD NOT, so not named
+     "responder certificate has nameConstraints (BR 7.1.2.8.2: MUST NOT)"),
     ({"eku": [OCSP], "ca": True},
      "responder certificate is a CA certificate (basicConstraints cA TRUE; BR 7.1.2.8.4: cA FALSE)"),
+    ({"eku": [OCSP], "aki": "absent"}, "responder certificate lacks authorityKeyIdentifier (BR 7.1.2.8.2: MUST)"),
+    ({"eku": [OCSP], "aki_critical": True},
+     "responder certificate marks authorityKeyIdentifier critical (BR 7.1.2.8.2, RFC 5280 §4.2.1.1: non-critical)"),
+    ({"eku": [OCSP], "aki": "issuer-serial"},
+     "responder certificate authorityKeyIdentifier lacks keyIdentifier (BR 7.1.2.11.1: MUST be present)"),
+    ({"eku": [OCSP], "aki": "keyid+issuer-serial"},
+     "responder certificate authorityKeyIdentifier has authorityCertIssuer or authorityCertSerialNumber "
+     "(BR 7.1.2.11.1: MUST NOT be present)"),
+    ({"eku": [OCSP], "aki": "other-keyid"}, "responder certificate authorityKeyIdentifier keyIdentifier "),
 ], ids=["no-eku", "serverAuth-only", "issued-by-root", "serverAuth-too", "anyEKU-too", "no-nocheck", "critical-nocheck",
         "malformed-nocheck", "no-keyUsage", "keyUsage-without-digitalSignature", "keyUsage-keyEncipherment-too", "keyUsage-not-critical",
-        "san-and-crldp", "policies-and-name-constraints", "cA-true"])
+        "san-and-crldp", "policies-and-name-constraints", "cA-true", "no-aki", "critical-aki", "aki-without-keyid",
+        "aki-with-issuer-and-serial", "aki-of-another-key"])
 def test_unusable_responder_certificate_is_refused_naming_the_file(tmp_path, kw, words):
     demo = build_demo(tmp_path, certs=2, precerts=1, revoke=0)
     configured = load_issuers(load_config(demo.config))["issuing-ca"]

@@ -7,14 +7,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from e2e import ocspmint, response_path, run_json
-from ocspmint.demo import Demo, build_demo
+from ocspmint.demo import Demo, build_demo, revoke
 from ocspmint.issuer import key_bits
 from ocspmint.ledger.sqlite import write_entries
 from ocspmint.model import Kind, LedgerEntry, Status, serial_hex, utc_now
@@ -174,3 +176,55 @@ def test_ledger_rows_that_name_no_serial_fail_verify_as_they_fail_run_and_audit(
     code, summary = run_json(demo)
     assert code == 1 and [f["source"] for f in summary["failures"]] == [where], summary["failures"]
     assert ocspmint(demo, "audit", "--quiet").returncode == 1
+
+
+def held_by_a_crl(demo: Demo, serial: int) -> str:
+    """A second source, the certificate folder with a CRL putting ``serial``
+    on hold (a row in error naming it: BR 4.9.13 forbids certificateHold);
+    the index never heard of the hold. What the error says."""
+    index = demo.index.read_text()
+    revoke(demo, serial, "certificateHold")
+    crl = demo.root / "crl.pem"
+    subprocess.run(["openssl", "ca", "-config", str(demo.openssl_cnf), "-gencrl", "-out", str(crl)],
+                   cwd=demo.openssl_cnf.parent, check=True, capture_output=True)
+    demo.index.write_text(index)
+    with demo.config.open("a") as fh:
+        fh.write(f'\n[[sources]]\ntype = "certdir"\npath = "ca/newcerts"\ncrls = ["{crl}"]\n')
+    return "certificateHold"
+
+
+def stated_revoked_by_a_second_source(demo: Demo, serial: int) -> str:
+    """A second source stating ``serial`` revoked, the index good. What the
+    error says."""
+    write_entries(str(demo.root / "second.sqlite"), [LedgerEntry(
+        "issuing-ca", serial, Kind.CERTIFICATE, utc_now() + dt.timedelta(days=60), Status.REVOKED,
+        utc_now() - dt.timedelta(hours=1), None, "second")])
+    with demo.config.open("a") as fh:
+        fh.write('\n[[sources]]\ntype = "sqlite"\npath = "second.sqlite"\n')
+    return "stated differently"
+
+
+@pytest.mark.parametrize("in_error", [held_by_a_crl, stated_revoked_by_a_second_source], ids=["hold", "conflict"])
+def test_a_row_in_error_naming_a_serial_never_published_fails_verify(tmp_path: Path, in_error) -> None:
+    """Before, verify exited 0 (JSON ok true): the serial the row names has
+    no stored response, so no finding, though its ledger state is unknown
+    and `run` fails on the same ledger. Now the row is a ledger error
+    naming the serial, exit 1, as a row naming no serial."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    serial = demo.serials["good"][0]
+    why = in_error(demo, serial)
+    demo.config.write_text('on_error = "quarantine"\n' + demo.config.read_text())
+    code, summary = run_json(demo)
+    assert code == 1 and summary["published"] == 1, summary
+    assert [f["serial"] for f in summary["failures"]] == [serial_hex(serial)], summary["failures"]
+    assert not response_path(demo, serial).exists()
+
+    code, report = verify_json(demo)
+    assert (code, report["ok"], report["checked"], report["with_findings"]) == (1, False, 1, 0), report
+    assert (report["ledger_errors_without_serial"], report["ledger_errors_without_response"]) == (0, 1), report
+    (error,) = report["ledger_errors"]
+    assert why in error and f"issuer issuing-ca serial {serial_hex(serial)}: no response for it was checked" in error
+    p = ocspmint(demo, "verify")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr[-3000:]
+    assert f"ledger: {error}" in p.stdout.splitlines(), p.stdout
+    assert p.stdout.splitlines()[-1] == "1 responses checked, 0 with findings"

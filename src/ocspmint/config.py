@@ -58,9 +58,20 @@ class Signer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Issuer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An issuing CA: ``name`` (referenced by sources), ``cert`` its
+    certificate file, ``signer`` the key that signs its responses.
+
+    ``precert_signing_certificates``: the files of the CA's Precertificate
+    Signing Certificates (RFC 6962 §3.1, BR 7.1.2.4), CA certificates it
+    issued whose keys sign precertificates on its behalf; a certdir source
+    credits such a precertificate to this issuer (docs/ledger.md). Each is
+    checked when the issuers load (``issuer.issuer_identity``).
+    """
+
     name: str
     cert: str
     signer: Signer
+    precert_signing_certificates: list[str] = []
 
 
 class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -188,6 +199,21 @@ class Refresh(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     metrics_listen: str = "127.0.0.1:9310"
 
 
+class Sweep(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The sweep after a complete full pass (docs/ledger.md, "the sweep"):
+    one sweep takes at most max(``max_absent``, ``max_absent_fraction`` ×
+    M) serials of an issuer off the routine schedule, M being the
+    issuer's scheduled records whose certificate has not expired. More
+    absent at once (a ledger read as complete but (nearly) empty: a
+    truncated index.txt, an empty certdir mount, a sqlite ledger restored
+    from an old backup) forgets none of them and is one ledger failure.
+    ``max_absent_fraction = 1.0`` lets any number through (a removal that
+    is meant: raise it for one run)."""
+
+    max_absent: int = 10
+    max_absent_fraction: float = 0.01
+
+
 class Signing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Signer pool: ``workers`` 0 means the CPU count; ``batch_size`` serials
     per IPC message; ``retries`` consecutive PKCS#11 failures, each
@@ -222,6 +248,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     purge: list[Purge] = []
     verify_served: VerifyServed = VerifyServed()
     refresh: Refresh = Refresh()
+    sweep: Sweep = Sweep()
 
     def issuer(self, name: str) -> Issuer:
         for issuer in self.issuers:
@@ -239,6 +266,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         msgspec.structs.replace(
             i,
             cert=_resolve(base, i.cert),
+            precert_signing_certificates=[_resolve(base, c) for c in i.precert_signing_certificates],
             signer=msgspec.structs.replace(
                 i.signer,
                 cert=_resolve(base, i.signer.cert),
@@ -337,6 +365,18 @@ def _check_signer(n: int, sig: Signer) -> None:
         raise ConfigError(f"{key}: give one PIN source, not {' and '.join(sources)}")
 
 
+def _check_precert_signing(n: int, paths: list[str]) -> None:
+    """``$.issuers[n].precert_signing_certificates``: file names, none
+    empty, none twice (the certificates are checked when they are loaded,
+    ``issuer.issuer_identity``)."""
+    key = f"$.issuers[{n}].precert_signing_certificates"
+    for m, path in enumerate(paths):
+        if not path.strip():
+            raise ConfigError(f"{key}[{m}]: empty")
+        if path in paths[:m]:
+            raise ConfigError(f"{key}[{m}]: {path!r} is listed twice")
+
+
 def _check(cfg: Config) -> None:
     check_response_rules(cfg.response)
     names = [i.name for i in cfg.issuers]
@@ -348,6 +388,7 @@ def _check(cfg: Config) -> None:
         for key in ("name", "cert"):
             if not getattr(i, key).strip():
                 raise ConfigError(f"$.issuers[{n}].{key}: empty")
+        _check_precert_signing(n, i.precert_signing_certificates)
         sig = i.signer
         if sig.key_file:
             if sig.uri or sig.module or sig.pin_env or sig.pin_file:
@@ -367,6 +408,7 @@ def _check(cfg: Config) -> None:
     if cfg.refresh.tick <= dt.timedelta(0) or cfg.refresh.routine_rate < 0:
         raise ConfigError("$.refresh: tick > 0 and routine_rate ≥ 0")
     check_verify_served(cfg.verify_served)
+    check_sweep(cfg.sweep)
 
 
 def check_signing(s: Signing) -> None:
@@ -437,6 +479,16 @@ def check_verify_served(v: VerifyServed) -> None:
         raise ConfigError("$.verify_served.sample: a count ≥ 0 or \"all\"")
     if v.timeout <= dt.timedelta(0):
         raise ConfigError(f"$.verify_served.timeout: {_seconds(v.timeout)} must be > 0 (per request)")
+
+
+def check_sweep(s: Sweep) -> None:
+    """Raise ConfigError naming the [sweep] key whose value makes no sense."""
+    if s.max_absent < 0:
+        raise ConfigError(f"$.sweep.max_absent: {s.max_absent} must be ≥ 0 (absent serials one sweep may forget "
+                          "per issuer, whatever its size)")
+    if not 0.0 <= s.max_absent_fraction <= 1.0:
+        raise ConfigError(f"$.sweep.max_absent_fraction: {s.max_absent_fraction} must lie in [0, 1] (the part of "
+                          "an issuer's scheduled serials one sweep may forget; 1.0: no limit)")
 
 
 def check_store(s: Store) -> None:

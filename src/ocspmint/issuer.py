@@ -6,6 +6,9 @@ responder certificate as RFC 6960 §4.2.2.2 and BR 7.1.2.8 require it
 (issued directly by the CA, EKU id-kp-OCSPSigning only, id-pkix-ocsp-nocheck
 non-critical, keyUsage critical digitalSignature only); a CA certificate
 whose own key signs with keyUsage digitalSignature (BR 7.1.2.10.7).
+It also reads each of the issuer's Precertificate Signing Certificates
+(``precert_signing_certificates``) and checks their profile
+(``_check_precert_signer``: RFC 6962 §3.1, BR 7.1.2.4).
 Errors raise IdentityError naming the file and the rule.
 """
 
@@ -88,10 +91,23 @@ class SignerIdentity:
 
 
 @dataclass(frozen=True)
+class PrecertSigner:
+    """A Precertificate Signing Certificate (RFC 6962 §3.1, BR 7.1.2.4)
+    of an issuer, checked (``_check_precert_signer``): ``path`` the file
+    it was read from, for messages."""
+
+    cert: x509.Certificate
+    path: str
+
+
+@dataclass(frozen=True)
 class IssuerIdentity:
     """An issuing CA: ``id`` is hex SHA-1 of its subjectPublicKey (the
     SHA-1 issuerKeyHash), used in store keys; ``name_hash``/``key_hash`` map
-    "sha1"/"sha256" to the CertID hashes of RFC 6960 §4.1.1."""
+    "sha1"/"sha256" to the CertID hashes of RFC 6960 §4.1.1.
+    ``precert_signers``: its Precertificate Signing Certificates, whose
+    precertificates are this CA's serials (RFC 6962 §3.1: the CA issues the
+    final certificate with the same serial; their CertID is this CA's)."""
 
     name: str
     cert: x509.Certificate
@@ -100,6 +116,7 @@ class IssuerIdentity:
     key_hash: dict[str, bytes]
     signer: SignerIdentity
     config: Issuer = field(repr=False)
+    precert_signers: tuple[PrecertSigner, ...] = ()
 
 
 def _signer_identity(cert: x509.Certificate, delegated: bool, path: str) -> SignerIdentity:
@@ -150,7 +167,6 @@ def _extensions(cert: x509.Certificate, path: str, what: str) -> x509.Extensions
 
 _NOT_IN_RESPONDER = ((ExtensionOID.NAME_CONSTRAINTS, "nameConstraints"),
                      (ExtensionOID.SUBJECT_ALTERNATIVE_NAME, "subjectAltName"),
-                     (ExtensionOID.CERTIFICATE_POLICIES, "certificatePolicies"),
                      (ExtensionOID.CRL_DISTRIBUTION_POINTS, "cRLDistributionPoints"))
 
 
@@ -160,10 +176,12 @@ def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> 
     and nothing else (7.1.2.8.5), id-pkix-ocsp-nocheck present and
     non-critical (7.1.2.8.6, 7.1.2.8.2), keyUsage present, critical
     (7.1.2.8.2), digitalSignature and no other bit (7.1.2.8.7); no
-    nameConstraints, subjectAltName, certificatePolicies or
-    cRLDistributionPoints (7.1.2.8.2: MUST NOT); basicConstraints, when
-    present, cA FALSE (7.1.2.8.4). Raises IdentityError naming ``path``
-    and the rule."""
+    nameConstraints, subjectAltName or cRLDistributionPoints (7.1.2.8.2:
+    MUST NOT; certificatePolicies is SHOULD NOT there, so it is allowed,
+    profiled by 7.1.2.8.8); basicConstraints, when
+    present, cA FALSE (7.1.2.8.4); authorityKeyIdentifier as
+    ``_check_authority_key_id`` (7.1.2.8.2, 7.1.2.11.1). Raises
+    IdentityError naming ``path`` and the rule."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as e:
@@ -198,6 +216,33 @@ def _check_delegate(cert: x509.Certificate, ca: x509.Certificate, path: str) -> 
     if constraints is not None and constraints.value.ca:
         raise IdentityError(f"{path}: responder certificate is a CA certificate (basicConstraints cA TRUE; "
                             "BR 7.1.2.8.4: cA FALSE)")
+    _check_authority_key_id(exts, ca, path)
+
+
+def _check_authority_key_id(exts: x509.Extensions, ca: x509.Certificate, path: str) -> None:
+    """authorityKeyIdentifier of the responder certificate ``exts``: present
+    and non-critical (BR 7.1.2.8.2; RFC 5280 §4.2.1.1), keyIdentifier present
+    and no authorityCertIssuer or authorityCertSerialNumber (BR 7.1.2.11.1),
+    keyIdentifier identical to the subjectKeyIdentifier of the issuing CA
+    ``ca`` when it has one (BR 7.1.2.11.1; RFC 5280 §4.2.1.2). Raises
+    IdentityError naming ``path`` and the rule."""
+    aki = _ext(exts, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    if aki is None:
+        raise IdentityError(f"{path}: responder certificate lacks authorityKeyIdentifier (BR 7.1.2.8.2: MUST)")
+    if aki.critical:
+        raise IdentityError(f"{path}: responder certificate marks authorityKeyIdentifier critical "
+                            "(BR 7.1.2.8.2, RFC 5280 §4.2.1.1: non-critical)")
+    if aki.value.key_identifier is None:
+        raise IdentityError(f"{path}: responder certificate authorityKeyIdentifier lacks keyIdentifier "
+                            "(BR 7.1.2.11.1: MUST be present)")
+    if aki.value.authority_cert_issuer is not None or aki.value.authority_cert_serial_number is not None:
+        raise IdentityError(f"{path}: responder certificate authorityKeyIdentifier has authorityCertIssuer or "
+                            "authorityCertSerialNumber (BR 7.1.2.11.1: MUST NOT be present)")
+    ski = _ext(_extensions(ca, path, "issuer"), ExtensionOID.SUBJECT_KEY_IDENTIFIER)
+    if ski is not None and ski.value.digest != aki.value.key_identifier:
+        raise IdentityError(f"{path}: responder certificate authorityKeyIdentifier keyIdentifier "
+                            f"{aki.value.key_identifier.hex()} is not the issuer's subjectKeyIdentifier "
+                            f"{ski.value.digest.hex()} (BR 7.1.2.11.1: MUST be identical)")
 
 
 def _check_ca_signs(ca: x509.Certificate, path: str) -> None:
@@ -231,8 +276,68 @@ def _eku_name(oid: x509.ObjectIdentifier) -> str:
     return _EKU_NAMES.get(oid, oid.dotted_string)
 
 
+CT_PRECERT_SIGNING = x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.4")  # EKU, RFC 6962 §3.1
+
+
+def _key_algorithm(cert: x509.Certificate) -> str:
+    """The public key algorithm of ``cert`` as messages name it: "RSA",
+    "EC secp256r1", or the key class's name."""
+    pub = cert.public_key()
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        return f"EC {pub.curve.name}"
+    if isinstance(pub, rsa.RSAPublicKey):
+        return "RSA"
+    return type(pub).__name__
+
+
+def _check_precert_signer(cert: x509.Certificate, ca: x509.Certificate, path: str) -> None:
+    """A Precertificate Signing Certificate of CA ``ca``: issued directly
+    by it (RFC 6962 §3.1; BR 7.1.2.4: issuer byte-identical to the CA's
+    subject), a CA certificate (basicConstraints cA TRUE: RFC 6962 §3.1,
+    BR 7.1.2.10.4), keyUsage present, critical, with keyCertSign
+    (BR 7.1.2.10.7, RFC 5280 §4.2.1.3), EKU 1.3.6.1.4.1.11129.2.4.4 and no
+    other purpose (RFC 6962 §3.1, BR 7.1.2.4.2), a public key of the CA's
+    algorithm and curve (BR 7.1.2.4: its precertificates carry the
+    signature algorithm of the CA's final certificates). Raises
+    IdentityError naming ``path`` and the rule."""
+    what = "Precertificate Signing Certificate"
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception as e:
+        raise IdentityError(f"{path}: {what} is not issued directly by its issuer "
+                            f"{ca.subject.rfc4514_string()!r} (RFC 6962 §3.1): {e or type(e).__name__}") from None
+    exts = _extensions(cert, path, what)
+    constraints = _ext(exts, ExtensionOID.BASIC_CONSTRAINTS)
+    if constraints is None or not constraints.value.ca:
+        raise IdentityError(f"{path}: {what} is not a CA certificate (basicConstraints cA TRUE: RFC 6962 §3.1, "
+                            "BR 7.1.2.4, 7.1.2.10.4)")
+    eku = _ext(exts, ExtensionOID.EXTENDED_KEY_USAGE)
+    if eku is None or CT_PRECERT_SIGNING not in eku.value:
+        raise IdentityError(f"{path}: {what} lacks EKU {CT_PRECERT_SIGNING.dotted_string} (RFC 6962 §3.1)")
+    others = [_eku_name(o) for o in eku.value if o != CT_PRECERT_SIGNING]
+    if others:
+        raise IdentityError(f"{path}: {what} has EKU {', '.join(others)} besides "
+                            f"{CT_PRECERT_SIGNING.dotted_string} (BR 7.1.2.4.2: MUST NOT)")
+    ku = _ext(exts, ExtensionOID.KEY_USAGE)
+    if ku is None or not ku.critical or not ku.value.key_cert_sign:
+        raise IdentityError(f"{path}: {what} lacks a critical keyUsage with keyCertSign, so its signature on a "
+                            "precertificate is not one a CA may make (BR 7.1.2.4.1, 7.1.2.10.7)")
+    if (mine := _key_algorithm(cert)) != (theirs := _key_algorithm(ca)):
+        raise IdentityError(f"{path}: {what} key is {mine}, its issuer's is {theirs} (BR 7.1.2.4: the same "
+                            "public key algorithm as the issuing CA)")
+
+
+def _precert_signer(path: str, ca: x509.Certificate) -> PrecertSigner:
+    """Read and check (``_check_precert_signer``) the Precertificate
+    Signing Certificate in file ``path`` of CA ``ca``; raise IdentityError."""
+    cert = load_certificate(path)
+    _check_precert_signer(cert, ca, path)
+    return PrecertSigner(cert, path)
+
+
 def issuer_identity(issuer: Issuer) -> IssuerIdentity:
-    """Load one configured issuer and its signer; raise IdentityError."""
+    """Load one configured issuer, its signer and its Precertificate
+    Signing Certificates; raise IdentityError."""
     ca = load_certificate(issuer.cert)
     responder = None
     if issuer.signer.cert:
@@ -240,13 +345,17 @@ def issuer_identity(issuer: Issuer) -> IssuerIdentity:
         _check_delegate(responder, ca, issuer.signer.cert)
     else:
         _check_ca_signs(ca, issuer.cert)
-    return identity(issuer, ca, responder)
+    signers = tuple(_precert_signer(path, ca) for path in issuer.precert_signing_certificates)
+    return identity(issuer, ca, responder, signers)
 
 
-def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate | None) -> IssuerIdentity:
+def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate | None,
+             precert_signers: tuple[PrecertSigner, ...] = ()) -> IssuerIdentity:
     """The identity of ``issuer`` from certificates already read and checked
-    (``responder`` None: the CA's own key signs); raise IdentityError for a
-    signer key type or curve BR 7.1.3.2 does not allow."""
+    (``responder`` None: the CA's own key signs; ``precert_signers`` its
+    checked Precertificate Signing Certificates, none where no ledger is
+    read); raise IdentityError for a signer key type or curve BR 7.1.3.2
+    does not allow."""
     bits = key_bits(ca)
     name_der = ca.subject.public_bytes()
     if responder is not None:
@@ -261,6 +370,7 @@ def identity(issuer: Issuer, ca: x509.Certificate, responder: x509.Certificate |
         key_hash={h: hashlib.new(h, bits).digest() for h in HASHES},
         signer=signer,
         config=issuer,
+        precert_signers=precert_signers,
     )
 
 

@@ -52,13 +52,13 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, Self, TypeVar
 
 import msgspec
 
-from ocspmint.model import UTC, LedgerEntry, serial_hex, utc_now
+from ocspmint.model import UTC, LedgerEntry, Reason, Status, serial_hex, utc_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS published (
@@ -183,22 +183,150 @@ def _record(row: tuple) -> Record:
                   why or "", kind or "", _dt(not_after), _dt(refresh_at), _dt(produced))
 
 
+# a candidate of the sweep no row of any source holds, expired or not
+_ABSENT = "NOT EXISTS (SELECT 1 FROM late l WHERE l.issuer = c.issuer AND l.serial = c.serial)"
 KEYS_FLUSH = 8192  # keys buffered before one INSERT transaction
-KEYS_CACHE_KIB = 16 * 1024  # the keys' page cache, also the sort's memory: beyond it, temporary files
+KEYS_CACHE_KIB = 16 * 1024  # a Scratch database's page cache, also the sort's memory: beyond it, temporary files
+STATEMENTS_BATCH = 4096  # keys looked up in one query (2 variables each; SQLite allows 32,766)
 
 
-class LedgerKeys:
+class Scratch:
+    """A private temporary SQLite database (``sqlite3.connect("")``) for
+    what one ledger pass must remember of every row, kept by SQLite rather
+    than in Python objects (10M rows must stay within the memory target):
+    held in a KEYS_CACHE_KIB page cache, spilled beyond it to an unlinked
+    file of SQLite's temporary folder (SQLITE_TMPDIR, else TMPDIR, else
+    /var/tmp or /tmp; never the state folder), gone when the connection
+    closes, also after a kill. ``schema`` creates its tables; ``what``
+    names it in errors. Use it as a context manager, from one thread at a
+    time. Raises JournalError when SQLite fails (a full temporary folder)."""
+
+    what = "a ledger pass's scratch"
+
+    def __init__(self, schema: str) -> None:
+        self._db = sqlite3.connect("", isolation_level=None, timeout=BUSY_SECONDS, check_same_thread=False)
+        try:
+            self._run(f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{KEYS_CACHE_KIB}; {schema}")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _error(self, e: sqlite3.Error) -> JournalError:
+        return JournalError(f"{self.what} (a temporary database): {_why(e)}")
+
+    def _run(self, script: str) -> None:
+        try:
+            self._db.executescript(script)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def _write(self, *inserts: tuple[str, list[tuple]]) -> None:
+        """Each (statement, rows) of ``inserts``, in one transaction."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for sql, rows in inserts:
+                    self._db.executemany(sql, rows)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def _read(self, sql: str, params: Sequence[object]) -> list[tuple]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+
+class FirstStatements(Scratch):
+    """The first statement of each (issuer, serial) key a full pass over
+    several sources read (``pipeline.ledger_entries`` compares each later
+    entry of the key with it: a serial two sources state differently is
+    published from neither), in a Scratch database rather than a dict of
+    every entry.
+
+    Table ``stated``: issuer, serial (040x hex), status, revoked_at (Unix
+    seconds), reason (CRLReason code), source (the entry's ``path:line``);
+    primary key (issuer, serial). Memory: one batch of STATEMENTS_BATCH
+    entries and the page cache. Temporary disk: the key, the statement and
+    the source text of each key (~130 bytes for an index.txt row).
+    Cost and measurements: docs/ledger.md ("several sources")."""
+
+    what = "the pass's first statements"
+
+    def __init__(self) -> None:
+        super().__init__("CREATE TABLE stated (issuer TEXT NOT NULL, serial TEXT NOT NULL, status TEXT NOT NULL, "
+                         "revoked_at INTEGER, reason INTEGER, source TEXT NOT NULL, "
+                         "PRIMARY KEY (issuer, serial)) WITHOUT ROWID;")
+
+    def first(self, entries: list[LedgerEntry]) -> list[LedgerEntry]:
+        """For each of ``entries`` (at most STATEMENTS_BATCH, in the order
+        read), the entry that first stated its key: the entry itself when
+        no entry of an earlier call, nor one before it in ``entries``, did
+        (it is recorded), else that one's statement (status, revoked_at,
+        reason) and source, with this entry's other fields. One lookup
+        query and one insert transaction. Raises JournalError."""
+        if not entries:
+            return []
+        keys = [(e.issuer, serial_hex(e.serial)) for e in entries]
+        rows = self._read(f"SELECT s.issuer, s.serial, s.status, s.revoked_at, s.reason, s.source FROM (VALUES "
+                          f"{','.join(['(?,?)'] * len(keys))}) k CROSS JOIN stated s ON s.issuer = k.column1 "
+                          "AND s.serial = k.column2", [part for key in keys for part in key])  # a PK probe per key
+        found = {(issuer, serial): statement for issuer, serial, *statement in rows}
+        firsts: list[LedgerEntry] = []
+        new: dict[tuple[str, str], LedgerEntry] = {}
+        for entry, key in zip(entries, keys):
+            if (stated := found.get(key)) is None:
+                firsts.append(new.setdefault(key, entry))
+                continue
+            status, revoked_at, reason, source = stated
+            firsts.append(msgspec.structs.replace(entry, status=Status(status), revoked_at=_dt(revoked_at),
+                                                  reason=None if reason is None else Reason(reason), source=source))
+        self._write(("INSERT INTO stated VALUES (?, ?, ?, ?, ?, ?)",
+                     [(*key, e.status.value, _ts(e.revoked_at), None if e.reason is None else int(e.reason), e.source)
+                      for key, e in new.items()]))
+        return firsts
+
+
+WITHHELD_EXAMPLES = 3  # absent serials a withheld sweep names
+
+
+class Withheld(NamedTuple):
+    """An issuer whose sweep forgot nothing (``Journal.forget_absent``'s
+    guard): ``absent`` of its ``scheduled`` records (unexpired) no source
+    holds, more than ``limit``; ``examples``: the first absent serials."""
+
+    issuer: str
+    absent: int
+    scheduled: int
+    limit: int
+    examples: list[int]
+
+
+class Swept(NamedTuple):
+    """What one sweep did: the (issuer, serial) keys it took off the
+    schedule, in key order, and the issuers it left alone (``Withheld``)."""
+
+    forgotten: list[tuple[str, int]]
+    withheld: list[Withheld]
+
+
+class LedgerKeys(Scratch):
     """The (issuer, serial) keys one full ledger pass read from the sources
     ``Journal.forget_absent`` cannot ATTACH (``openssl-index``,
     ``certdir``), for the sweep after the pass, kept by SQLite rather than
     in a Python set of every key (10M rows must stay within the memory
     target).
 
-    A private temporary database (``sqlite3.connect("")``): held in a
-    KEYS_CACHE_KIB page cache, spilled beyond it to an unlinked file of
-    SQLite's temporary folder (SQLITE_TMPDIR, else TMPDIR, else /var/tmp
-    or /tmp; never the state folder), gone when the connection closes,
-    also after a kill. ``add`` appends in transactions of KEYS_FLUSH keys
+    A Scratch database: ``add`` appends in transactions of KEYS_FLUSH keys
     to one of two unindexed tables: ``held`` (entries unexpired at
     ``now``, and rows in error that name a serial) and ``expired``
     (entries expired at ``now``, with their notAfter: only ever scanned,
@@ -209,38 +337,18 @@ class LedgerKeys:
     Memory: KEYS_FLUSH keys and the page cache (+18 MiB peak RSS for a
     1M-row pass). Temporary disk: ~62 bytes per held key, twice once
     sorted, plus the sort's passing files; ~65 per expired key. Cost at
-    1M index.txt rows: 5.1 s (docs/ledger.md, "the sweep"). Create, use
-    and close it in one thread. Raises JournalError when SQLite fails (a
-    full temporary folder)."""
+    1M index.txt rows: 5.1 s (docs/ledger.md, "the sweep"). Raises
+    JournalError when SQLite fails (a full temporary folder)."""
+
+    what = "the sweep's ledger keys"
 
     def __init__(self, now: dt.datetime) -> None:
         self._now = now
         self._held: list[tuple[str, str]] = []
         self._expired: list[tuple[str, str, int]] = []
-        self._db = sqlite3.connect("", isolation_level=None, timeout=BUSY_SECONDS)
-        try:
-            self._run(f"""
-                PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{KEYS_CACHE_KIB};
-                CREATE TABLE held (issuer TEXT NOT NULL, serial TEXT NOT NULL);
-                CREATE TABLE expired (issuer TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL);""")
-        except BaseException:
-            self._db.close()
-            raise
-
-    def __enter__(self) -> LedgerKeys:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def _run(self, script: str) -> None:
-        try:
-            self._db.executescript(script)
-        except sqlite3.Error as e:
-            raise JournalError(f"the sweep's ledger keys (a temporary database): {_why(e)}") from None
+        super().__init__("""
+            CREATE TABLE held (issuer TEXT NOT NULL, serial TEXT NOT NULL);
+            CREATE TABLE expired (issuer TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL);""")
 
     def add(self, issuer: str, serial: int, not_after: dt.datetime | None) -> None:
         """Record a key a source holds: an entry's, with its ``not_after``,
@@ -254,77 +362,90 @@ class LedgerKeys:
             self._flush()
 
     def _flush(self) -> None:
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT INTO held VALUES (?, ?)", self._held)
-                self._db.executemany("INSERT INTO expired VALUES (?, ?, ?)", self._expired)
-        except sqlite3.Error as e:
-            raise JournalError(f"the sweep's ledger keys (a temporary database): {_why(e)}") from None
+        self._write(("INSERT INTO held VALUES (?, ?)", self._held), ("INSERT INTO expired VALUES (?, ?, ?)", self._expired))
         self._held, self._expired = [], []
 
-    def sweep(self, journal: Path, ledgers: list[str], issuers: Collection[str],
-              now: dt.datetime) -> tuple[list[tuple[str, int]], list[tuple[str, int, dt.datetime]]]:
-        """(absent, expired): the scheduled records of ``issuers`` in the
-        journal file ``journal`` whose notAfter is after ``now`` that no
-        source holds, as (issuer, serial) keys, and those whose rows all
-        expired at ``now``, with the latest notAfter of those rows; both
-        in key order. See ``Journal.forget_absent``, which acts on them.
+    def sweep(self, journal: Path, ledgers: list[str], issuers: Collection[str], now: dt.datetime) -> dict[str, int]:
+        """Find the scheduled records of ``issuers`` in the journal file
+        ``journal`` whose notAfter is after ``now`` that no source holds
+        (``absent``), and those whose rows all expired at ``now``
+        (``expired``); returns the number of absent records per issuer
+        (only issuers with some). See ``Journal.forget_absent``, which acts
+        on them.
 
-        Reads the journal and the SQLite ``ledgers`` (each ATTACHed here,
-        at most 9), writes nothing to them. Cost: the held keys sorted
-        once; one pass over the scheduled records in key order, each a
-        primary-key probe into the sorted keys and into every ledger; then,
-        only if there are candidates, one scan of the expired keys.
-        Raises JournalError naming the journal."""
+        Reads the journal and the SQLite ``ledgers`` (ATTACHed here, as
+        many at a time as SQLite allows beside the journal: 9 with its
+        default SQLITE_MAX_ATTACHED of 10), writes nothing to them. Cost:
+        the held keys sorted once; one pass over the scheduled records in
+        key order, each a primary-key probe into the sorted keys and into
+        the first 9 ledgers; each further 9 ledgers, a probe per record
+        still not held; then, only if there are candidates, one scan of
+        the expired keys. Raises JournalError naming the journal."""
         self._flush()
-        names = [f"ledger{n}" for n in range(len(ledgers))]
         try:
-            for path, name in [(str(journal), "journal"), *zip(ledgers, names)]:
-                self._db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
-            rows = self._candidates(names, issuers, now)
+            self._db.execute("ATTACH DATABASE ? AS journal", (str(journal),))
+            per = self._db.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED) - 1
+            self._candidates([ledgers[n:n + per] for n in range(0, len(ledgers), per)] or [[]], issuers, now)
+            return dict(self._db.execute(f"SELECT c.issuer, count(*) FROM candidates c WHERE {_ABSENT} GROUP BY c.issuer"))
         except sqlite3.Error as e:
             raise JournalError(f"{journal}: journal sweep failed: {_why(e)}") from None
-        absent: list[tuple[str, int]] = []
-        expired: list[tuple[str, int, dt.datetime]] = []
-        for issuer, serial, *times in rows:
-            found = [t for t in times if t is not None]
-            if not found:
-                absent.append((issuer, int(serial, 16)))
-            elif -1 not in found:  # -1: a ledger row whose notAfter does not parse (in error: the pass forgets it)
-                expired.append((issuer, int(serial, 16), dt.datetime.fromtimestamp(max(found), UTC)))
-        return absent, expired
 
-    def _candidates(self, names: list[str], issuers: Collection[str], now: dt.datetime) -> list[tuple]:
-        """(issuer, serial, the expired keys' latest notAfter, then per
-        ledger its row's notAfter (-1 when it does not parse)), each None
-        when there is no row, for the scheduled, unexpired records no
-        unexpired row holds."""
+    def absent(self, issuer: str, limit: int = -1) -> list[int]:
+        """The serials of ``issuer`` that ``sweep`` found absent, in key
+        order; the first ``limit`` only, when given. Raises JournalError."""
+        return [int(serial, 16) for (serial,) in self._read(
+            f"SELECT c.serial FROM candidates c WHERE c.issuer = ? AND {_ABSENT} ORDER BY c.serial LIMIT ?", (issuer, limit))]
+
+    def expired(self) -> list[tuple[str, int, dt.datetime]]:
+        """(issuer, serial, the latest notAfter of its rows) of the records
+        ``sweep`` found held by expired rows only, in key order; a record
+        one of whose ledger rows has a notAfter that does not parse (-1: a
+        row in error, which the pass forgets) is not among them. Raises
+        JournalError."""
+        rows = self._read("SELECT c.issuer, c.serial, max(l.not_after) FROM candidates c CROSS JOIN late l "
+                          "ON l.issuer = c.issuer AND l.serial = c.serial GROUP BY c.issuer, c.serial "
+                          "HAVING sum(l.not_after = -1) = 0 ORDER BY c.issuer, c.serial", ())
+        return [(issuer, int(serial, 16), dt.datetime.fromtimestamp(t, UTC)) for issuer, serial, t in rows]
+
+    def _candidates(self, groups: list[list[str]], issuers: Collection[str], now: dt.datetime) -> None:
+        """Fill ``candidates``, the scheduled, unexpired records of
+        ``issuers`` no unexpired row holds, and ``late``, the notAfter of
+        each of their expired rows (-1 for a ledger row's that does not
+        parse): the held keys and each group of ledger paths (each
+        attached while it is probed) rule records out."""
         self._db.executescript("""
             CREATE TABLE held_keys (issuer TEXT NOT NULL, serial TEXT NOT NULL, PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
             INSERT OR IGNORE INTO held_keys SELECT issuer, serial FROM held ORDER BY issuer, serial;
             CREATE TABLE candidates (issuer TEXT NOT NULL, serial TEXT NOT NULL, PRIMARY KEY (issuer, serial)) WITHOUT ROWID;
             CREATE TABLE late (issuer TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL,
-                               PRIMARY KEY (issuer, serial)) WITHOUT ROWID;""")
-        unexpired = "".join(f" AND NOT EXISTS (SELECT 1 FROM {name}.entries e WHERE e.issuer = p.issuer "
-                            "AND e.serial = p.serial AND e.not_after > :now_text)" for name in names)
+                               PRIMARY KEY (issuer, serial, not_after)) WITHOUT ROWID;""")
         params = {"now": int(now.timestamp()), "now_text": f"{now:%Y-%m-%dT%H:%M:%SZ}",
                   **{f"issuer{n}": name for n, name in enumerate(sorted(issuers))}}
         wanted = ",".join(f":issuer{n}" for n in range(len(issuers)))
-        self._db.execute(f"INSERT INTO candidates SELECT p.issuer, p.serial FROM journal.published p "
-                         f"WHERE p.refresh_at IS NOT NULL AND p.not_after > :now AND p.issuer IN ({wanted}) "
-                         f"AND NOT EXISTS (SELECT 1 FROM held_keys k WHERE k.issuer = p.issuer "
-                         f"AND k.serial = p.serial){unexpired}", params)
-        if self._db.execute("SELECT 1 FROM candidates LIMIT 1").fetchone() is None:
-            return []
-        # their expired rows: the expired keys scanned once (CROSS JOIN keeps that loop order)
-        self._db.execute("INSERT INTO late SELECT x.issuer, x.serial, max(x.not_after) FROM expired x CROSS JOIN "
-                         "candidates c ON c.issuer = x.issuer AND c.serial = x.serial GROUP BY x.issuer, x.serial")
-        in_ledgers = "".join(f", (SELECT coalesce(CAST(strftime('%s', e.not_after) AS INTEGER), -1) FROM "
-                             f"{name}.entries e WHERE e.issuer = c.issuer AND e.serial = c.serial)" for name in names)
-        return self._db.execute(f"SELECT c.issuer, c.serial, (SELECT l.not_after FROM late l WHERE l.issuer = c.issuer "
-                                f"AND l.serial = c.serial){in_ledgers} FROM candidates c "
-                                "ORDER BY c.issuer, c.serial").fetchall()
+        for n, group in enumerate(groups):
+            names = [f"ledger{m}" for m in range(len(group))]
+            for path, name in zip(group, names):
+                self._db.execute(f"ATTACH DATABASE ? AS {name}", (path,))
+            held = [f"EXISTS (SELECT 1 FROM {name}.entries e WHERE e.issuer = p.issuer AND e.serial = p.serial "
+                    "AND e.not_after > :now_text)" for name in names]
+            if n == 0:  # the first group probed in the pass over the schedule: candidates are few
+                self._db.execute(f"INSERT INTO candidates SELECT p.issuer, p.serial FROM journal.published p "
+                                 f"WHERE p.refresh_at IS NOT NULL AND p.not_after > :now AND p.issuer IN ({wanted}) "
+                                 f"AND NOT EXISTS (SELECT 1 FROM held_keys k WHERE k.issuer = p.issuer "
+                                 f"AND k.serial = p.serial){''.join(f' AND NOT {h}' for h in held)}", params)
+            else:
+                self._db.execute(f"DELETE FROM candidates AS p WHERE {' OR '.join(held)}", params)
+            for name in names:  # their rows in these ledgers are expired (or do not parse): candidates first
+                self._db.execute(f"INSERT OR IGNORE INTO late SELECT c.issuer, c.serial, coalesce(CAST(strftime('%s', "
+                                 f"e.not_after) AS INTEGER), -1) FROM candidates c CROSS JOIN {name}.entries e "
+                                 "ON e.issuer = c.issuer AND e.serial = c.serial")
+            for name in names:
+                self._db.execute(f"DETACH DATABASE {name}")
+        if self._db.execute("SELECT 1 FROM candidates LIMIT 1").fetchone() is not None:
+            # their expired keys of the other sources: scanned once (CROSS JOIN keeps that loop order)
+            self._db.execute("INSERT OR IGNORE INTO late SELECT x.issuer, x.serial, x.not_after FROM expired x "
+                             "CROSS JOIN candidates c ON c.issuer = x.issuer AND c.serial = x.serial")
+
 
 class Journal:
     """Open (creating) the journal in ``state_dir``, with a page cache of
@@ -458,13 +579,13 @@ class Journal:
                                  [(_ts(t), i, serial_hex(s)) for i, s, t in rows])
 
     @_named("write")
-    def forget_absent(self, ledgers: list[str], keys: LedgerKeys, issuers: Collection[str],
-                      now: dt.datetime) -> list[tuple[str, int]]:
+    def forget_absent(self, ledgers: list[str], keys: LedgerKeys, issuers: Collection[str], now: dt.datetime,
+                      limit: Callable[[int], int]) -> Swept:
         """The sweep after a complete full pass: of the scheduled records of
         ``issuers`` whose notAfter is after ``now``, ``forget`` those that
-        no source holds a row for and return their keys (in key order);
-        retire those whose rows all expired at ``now`` (a notAfter moved
-        into the past) with the latest ledger notAfter (``retire_expired``).
+        no source holds a row for; retire those whose rows all expired at
+        ``now`` (a notAfter moved into the past) with the latest ledger
+        notAfter (``retire_expired``).
 
         A source holds a key when one of the SQLite ``ledgers`` (paths of
         existing files: every ``sqlite`` source) has an ``entries`` row
@@ -472,14 +593,37 @@ class Journal:
         in error that names the serial counts as held (the pass reports
         it and forgets it itself). Absent: a row deleted while no reader
         followed the change log, an index line removed, a certificate file
-        removed or unreadable. Cost and memory: ``LedgerKeys.sweep``, plus
-        the keys returned. Raises JournalError."""
-        absent, expired = keys.sweep(self.path, ledgers, issuers, now)
-        if absent:
-            self.forget(absent)
-        if expired:
+        removed or unreadable.
+
+        The guard: an issuer with more absent records than ``limit(M)``
+        (M: its scheduled records whose notAfter is after ``now``; ``limit``
+        is non-decreasing, so M is counted only when more than ``limit(0)``
+        are absent) forgets none of them (``Swept.withheld``): a ledger
+        source read as complete but (nearly) empty must not take every
+        serial off the schedule, which would let every response served
+        expire at its nextUpdate (BR 4.9.10). Cost and memory:
+        ``LedgerKeys.sweep``, plus the keys forgotten and a count of the
+        issuer's records per issuer over ``limit(0)``. Raises JournalError."""
+        absent = keys.sweep(self.path, ledgers, issuers, now)
+        forgotten: list[tuple[str, int]] = []
+        withheld: list[Withheld] = []
+        for issuer, count in sorted(absent.items()):
+            if count > limit(0) and count > (most := limit(scheduled := self._scheduled(issuer, now))):
+                withheld.append(Withheld(issuer, count, scheduled, most, keys.absent(issuer, WITHHELD_EXAMPLES)))
+            else:
+                forgotten += [(issuer, serial) for serial in keys.absent(issuer)]
+        if forgotten:
+            self.forget(forgotten)
+        if expired := keys.expired():
             self.retire_expired(expired)
-        return absent
+        return Swept(forgotten, withheld)
+
+    def _scheduled(self, issuer: str, now: dt.datetime) -> int:
+        """How many records of ``issuer`` are scheduled with a notAfter after
+        ``now`` (a range scan of the issuer's records: for the guard only)."""
+        (count,), = self._db.execute("SELECT count(*) FROM published WHERE issuer = ? AND refresh_at IS NOT NULL "
+                                     "AND not_after > ?", (issuer, _ts(now)))
+        return count
 
     @_named("read")
     def unscheduled(self, after: tuple[str, int], limit: int, issuers: Collection[str] | None = None) -> list[Record]:

@@ -14,13 +14,13 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 
 from ocspmint.config import Config
 from ocspmint.incremental import LedgerMark
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
-from ocspmint.journal import ClockError, Journal, LedgerKeys
+from ocspmint.journal import STATEMENTS_BATCH, ClockError, FirstStatements, Journal, LedgerKeys, Withheld
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
@@ -93,12 +93,41 @@ def report_absent(config: Config, issuers: dict[str, IssuerIdentity], journal: J
     would sign it ``good`` for ever. A serial whose rows all expired at
     ``now`` (the planner's) is retired with the ledger's notAfter, not
     reported. A sqlite source that is not a file (ATTACH would make an
-    empty ledger: every serial absent) makes it do nothing."""
+    empty ledger: every serial absent) makes it do nothing.
+
+    The guard (``[sweep]``, ``absent_limit``): an issuer with more
+    absent serials than its limit keeps them all scheduled and is one
+    ledger failure (``withheld``) instead of one per serial."""
     ledgers = [source.path for source in config.sources if source.type == "sqlite"]
     if not config.sources or not all(os.path.isfile(path) for path in ledgers):
         return
-    for issuer, serial in journal.forget_absent(ledgers, keys, issuers, now):
+    swept = journal.forget_absent(ledgers, keys, issuers, now, absent_limit(config))
+    for issuer, serial in swept.forgotten:
         summary.failures.append(Failure("ledger", ABSENT, issuer, serial_hex(serial)))
+    for held in swept.withheld:
+        summary.failures.append(Failure("ledger", withheld(config, held), held.issuer))
+
+
+def absent_limit(config: Config) -> Callable[[int], int]:
+    """The most absent serials one sweep may forget of an issuer with a
+    given number of scheduled, unexpired records (``[sweep]``):
+    max(max_absent, ⌊max_absent_fraction × scheduled⌋)."""
+    sweep = config.sweep
+    return lambda scheduled: max(sweep.max_absent, int(sweep.max_absent_fraction * scheduled))
+
+
+def withheld(config: Config, held: Withheld) -> str:
+    """The ledger failure of an issuer whose sweep the guard held back:
+    the numbers, example serials, the sources to check, how to let it through."""
+    examples = ", ".join(serial_hex(s) for s in held.examples)
+    sources = ", ".join(f"{s.type} {s.path}" for s in config.sources)
+    return (f"the sweep would forget {held.absent} of {held.scheduled} scheduled serials of this issuer, more than "
+            f"the limit of {held.limit} ([sweep] max_absent = {config.sweep.max_absent}, max_absent_fraction = "
+            f"{config.sweep.max_absent_fraction:g}): no source holds a row naming them (e.g. {examples}); none was "
+            "forgotten, all stay scheduled and re-signed. A ledger source read as complete but (nearly) empty (a "
+            f"truncated index, an empty certificate folder, a ledger restored from an old backup)? check the ledger "
+            f"sources ({sources}); if the removal is meant, raise [sweep] max_absent_fraction (1.0: no limit) for "
+            "one run")
 
 
 def holding(items: Iterable[LedgerEntry | LedgerError], keys: LedgerKeys,
@@ -136,34 +165,71 @@ def ledger_entries(config: Config, issuers: dict[str, IssuerIdentity], summary: 
     (issuer, serial) once: with several sources, a serial they state alike
     comes once, and one they state differently (one says revoked, the
     other good) is a ledger failure added to ``conflicts``, whose entries
-    the caller must not publish. ``keys``: the key of every row of a
-    source that is not ``sqlite`` goes there too (``holding``), for
-    ``report_absent``. Memory: one key per entry when there is more than
-    one source. An unusable source raises LedgerStop."""
-    seen: dict[tuple[str, int], LedgerEntry] | None = {} if len(config.sources) > 1 else None
-    for source in config.sources:
-        try:
-            items = read_source(source, issuers)
-            if keys is not None and source.type != "sqlite":
-                items = holding(items, keys, issuers)
-            for entry in checked_entries(config, issuers, items, summary, conflicts):
-                if seen is None:
-                    yield entry
-                    continue
-                key = (entry.issuer, entry.serial)
-                first = seen.setdefault(key, entry)
-                if first is entry:
-                    yield entry
-                elif (differs := stated_differently(first, entry)) is not None:
-                    summary.failures.append(Failure("ledger", differs.message, entry.issuer, serial_hex(entry.serial),
-                                                    entry.source))
-                    if conflicts is not None:
-                        conflicts.add(key)
-                    if config.on_error == "stop":
-                        raise LedgerStop(f"{entry.source}: serial {entry.serial:#x} stated differently by two sources")
-        except LedgerError as e:
-            summary.failures.append(Failure("ledger", e.message, source=e.source))
-            raise LedgerStop(str(e)) from None
+    the caller must not publish (``once_stated``). ``keys``: the key of
+    every row of a source that is not ``sqlite`` goes there too
+    (``holding``), for ``report_absent``. Memory: flat; with more than one
+    source, the first statement of each key is kept in a temporary SQLite
+    database (``journal.FirstStatements``; docs/ledger.md, "several
+    sources"), closed with this generator. An unusable source raises
+    LedgerStop."""
+    with FirstStatements() if len(config.sources) > 1 else nullcontext() as stated:
+        for source in config.sources:
+            try:
+                items = read_source(source, issuers)
+                if keys is not None and source.type != "sqlite":
+                    items = holding(items, keys, issuers)
+                if stated is None:
+                    yield from checked_entries(config, issuers, items, summary, conflicts)
+                else:
+                    yield from once_stated(config, issuers, items, summary, stated, conflicts)
+            except LedgerError as e:
+                summary.failures.append(Failure("ledger", e.message, source=e.source))
+                raise LedgerStop(str(e)) from None
+
+
+def once_stated(config: Config, issuers: dict[str, IssuerIdentity], items: Iterator[LedgerEntry | LedgerError],
+                summary: Summary, stated: FirstStatements,
+                conflicts: set[tuple[str, int]] | None = None) -> Iterator[LedgerEntry]:
+    """The good entries of one source's ``items`` (``checked_entries``)
+    whose key no earlier entry of the pass stated (``stated`` records
+    them); an entry stating a key otherwise than its first statement is a
+    ledger failure (``stated_differently``) added to ``conflicts``, and
+    LedgerStop when ``config.on_error`` is "stop". Looks the keys up a
+    batch of STATEMENTS_BATCH rows at a time, then reports and yields row
+    by row, in the order read, as a lookup per row would."""
+    for batch in _batches(items, STATEMENTS_BATCH):
+        good = [item for item in batch if isinstance(item, LedgerEntry) and item.issuer in issuers]
+        firsts = dict(zip(map(id, good), stated.first(good)))
+        for entry in checked_entries(config, issuers, iter(batch), summary, conflicts):
+            first = firsts[id(entry)]
+            if first is entry:
+                yield entry
+            elif (differs := stated_differently(first, entry)) is not None:
+                summary.failures.append(Failure("ledger", differs.message, entry.issuer, serial_hex(entry.serial),
+                                                entry.source))
+                if conflicts is not None:
+                    conflicts.add((entry.issuer, entry.serial))
+                if config.on_error == "stop":
+                    raise LedgerStop(f"{entry.source}: serial {entry.serial:#x} stated differently by two sources")
+
+
+def _batches(items: Iterator[LedgerEntry | LedgerError], size: int) -> Iterator[list[LedgerEntry | LedgerError]]:
+    """``items`` in lists of ``size`` (the last one shorter); when
+    ``items`` raises (an unusable source), the items read before it come
+    first, then the error."""
+    batch: list[LedgerEntry | LedgerError] = []
+    try:
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except Exception:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
 
 
 def report_unrevoked(planner: Planner, summary: Summary) -> None:

@@ -6,6 +6,7 @@ helpers the service shares with it (``log``, ``retry_delay``,
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import threading
@@ -18,7 +19,7 @@ from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IdentityError, IssuerIdentity
 from ocspmint.journal import Journal
 from ocspmint.metrics import RefreshMetrics
-from ocspmint.model import LedgerError, utc_now
+from ocspmint.model import LedgerError
 from ocspmint.pkcs11uri import UriError
 from ocspmint.report import PurgeResult
 from ocspmint.signer import SignerError
@@ -34,8 +35,11 @@ _log_lock = threading.Lock()
 
 
 def log(event: str, **fields: object) -> None:
-    """One JSON line on stderr (structured log), whole even when threads log at once."""
-    line = json.dumps({"time": utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": event, **fields}, default=str) + "\n"
+    """One JSON line on stderr (structured log), whole even when threads log
+    at once: ``time`` (RFC 3339 UTC with microseconds and ``Z``, as `serve`
+    writes it), ``event``, then ``fields``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    line = json.dumps({"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": event, **fields}, default=str) + "\n"
     with _log_lock:
         sys.stderr.write(line)
         sys.stderr.flush()

@@ -23,7 +23,9 @@ request path is base64 of a DER SEQUENCE and always starts with "M", so
 they cannot collide.
 
 HTTP is aiohttp on uvloop, with aiohttp's pure-Python request parser:
-the C parser (llhttp) refuses the ``BAN`` method outright.
+the C parser (llhttp) refuses the ``BAN`` method outright. Each request
+must be read whole within REQUEST_TIMEOUT, else 408 and the connection
+closed (``_Connection``: no slowloris client holds a connection).
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ OCSP_METHODS = ("GET", "HEAD", "POST")
 ALLOW = "GET, HEAD, POST, PURGE, BAN"
 _HEX = frozenset("0123456789abcdef")
 KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this (aiohttp's default: an hour)
+# Seconds a client has to send a whole request (request line, headers, body), counted from
+# the connection opening or the first byte of a later request on it; then 408 and close.
+REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT_REPLY = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 MAX_LINE = 4 * MAX_BODY  # request line: a GET of a request POST accepts, base64 then percent-encoded
 FILE_CACHE_TTL = 60.0  # default [serve] cache_ttl, seconds, for a store whose hits are revalidated (file)
 MAX_SIGNERS = 64  # responder certificates remembered across rollovers
@@ -88,8 +94,10 @@ class UnservableResponse(ValueError):
 
 
 def _log(event: str, **fields: Any) -> None:
-    """One JSON line on stderr (never PINs, credentials or request bodies)."""
-    line = {"ts": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "event": event, **fields}
+    """One JSON line on stderr (never PINs, credentials or request bodies):
+    ``time`` (RFC 3339 UTC with microseconds and ``Z``, as
+    ``refresh_purge.log`` writes it), ``event``, then ``fields``."""
+    line = {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": event, **fields}
     print(json.dumps(line), file=sys.stderr, flush=True)
 
 
@@ -112,6 +120,23 @@ class _HttpErrorLog(logging.Handler):
         detail = f"{type(error).__name__}: {str(error).strip()[:200]}" if error else record.getMessage()[:200]
         _log("http_error", error=detail, suppressed=self._quiet)
         self._last, self._quiet = now, 0
+
+
+class _Throttle:
+    """At most one log line a second for events any client can cause."""
+
+    def __init__(self) -> None:
+        self._last, self._suppressed = 0.0, 0
+
+    def take(self) -> int | None:
+        """None: skip this event's line (counted); else log it now, with
+        this many events skipped since the last line."""
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._suppressed += 1
+            return None
+        suppressed, self._last, self._suppressed = self._suppressed, now, 0
+        return suppressed
 
 
 def _http_logger() -> logging.Logger:
@@ -477,6 +502,109 @@ class Responder:
         return web.Response(body=body, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
 
 
+# --- connections --------------------------------------------------------------
+
+
+def _connection_class() -> type:
+    """``_Connection``: aiohttp's per-connection protocol with the request
+    read deadline (aiohttp is imported only when serving)."""
+    from aiohttp import web
+
+    class _Connection(web.RequestHandler):
+        """One client connection. Each request must be read whole (request
+        line, headers and any body) within REQUEST_TIMEOUT of the connection
+        opening, or of the first byte of that request on a kept-alive
+        connection (a slowloris client trickling bytes or sending none holds
+        nothing for longer). When the deadline passes before the request is
+        read, nothing has been answered yet: the client gets 408 and the
+        connection is closed, logged as one ``request_timeout`` line
+        (``throttle``: at most one a second). A kept-alive connection idle
+        between requests is aiohttp's: closed silently after
+        KEEPALIVE_SECONDS."""
+
+        def __init__(self, server: web.Server, throttle: _Throttle, **kwargs: Any) -> None:
+            super().__init__(server, **kwargs)
+            self._throttle = throttle
+            self._deadline: asyncio.TimerHandle | None = None
+            self._payload: Any = None  # the body of the request read last (aiohttp's StreamReader)
+            self._body = False  # the deadline now waits for a request body
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and (self._payload is None or self._payload.is_eof()):
+                self._arm()  # the first byte of a later request, not the rest of a body
+            super().data_received(data)
+
+        def headers_read(self, payload: Any) -> None:
+            """A request's line and headers are parsed; its body (if any)
+            is ``payload``: the deadline stands until its end."""
+            self._payload = payload
+            if payload.is_eof():
+                self._disarm()
+                return
+            if self._deadline is None:  # a pipelined request read with the previous one
+                self._arm()
+            self._body = True
+            payload.on_eof(self._disarm)
+
+        async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> tuple[Any, bool]:
+            """Write the answer. A body still unread (a GET's) is
+            aiohttp's from here (read for lingering_time, then the
+            connection closed): its deadline ends, no 408 follows an answer."""
+            try:
+                return await super().finish_response(request, resp, start_time)
+            finally:
+                if not self._payload.is_eof():
+                    self._disarm()
+
+        def _arm(self) -> None:
+            self._body = False
+            self._deadline = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _timed_out(self) -> None:
+            self._deadline = None
+            if self.transport is None:
+                return
+            peer = self.transport.get_extra_info("peername")
+            self.transport.write(REQUEST_TIMEOUT_REPLY)
+            self.force_close()
+            if (suppressed := self._throttle.take()) is not None:
+                _log("request_timeout", peer=peer[0] if peer else None, waiting_for="body" if self._body else "headers",
+                     seconds=REQUEST_TIMEOUT, suppressed=suppressed)
+
+    return _Connection
+
+
+def _server(handler: Callable[[Any], Any], **kwargs: Any) -> Any:
+    """An aiohttp low-level server answering with ``handler`` whose
+    connections are ``_Connection``s (``kwargs``: theirs)."""
+    from aiohttp import web
+
+    connection, throttle = _connection_class(), _Throttle()
+
+    def request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        protocol.headers_read(payload)
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop())
+
+    class _Server(web.Server):
+        def __call__(self) -> web.RequestHandler:
+            return connection(self, throttle, loop=asyncio.get_running_loop(), **kwargs)
+
+    return _Server(handler, request_factory=request)
+
+
 # --- start and stop -----------------------------------------------------------
 
 
@@ -529,8 +657,8 @@ async def _run(config: Config, issuers: list[IssuerIdentity], host: str, port: i
     except (StoreError, ServeError, OSError) as e:
         print(f"ocspmint serve: store {config.store.url} unusable: {e}", file=sys.stderr)
         return 2
-    server = web.Server(responder.handle, access_log=None, logger=_http_logger(), keepalive_timeout=KEEPALIVE_SECONDS,
-                        max_line_size=MAX_LINE)
+    server = _server(responder.handle, access_log=None, logger=_http_logger(), keepalive_timeout=KEEPALIVE_SECONDS,
+                     max_line_size=MAX_LINE)
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, host or None, port)

@@ -8,7 +8,12 @@ unassigned serial); so is a store object whose key does not name the
 serial inside it. A ledger row in error that names no serial fails the
 command (exit 1) whatever the responses say, as it fails `run` and `audit`:
 it may be the row of any serial checked (a revocation whose serial field is
-garbled), so no response can be called right while it stands.
+garbled), so no response can be called right while it stands. A row in
+error that names a serial (or two sources stating one differently) fails
+that serial's response; with no response checked for that serial (none
+published yet: a certificateHold, a conflict), it fails the command the same
+way, listed with the ledger errors: verify never ends OK while the ledger
+holds a row it cannot read.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ocspmint.store import StoreError, folder_missing, object_key, open_store
 from ocspmint.verifier import Expectation, describe, verify_response
 
 Key = tuple[str, int]  # (issuer name, serial)
-LISTED = 50  # ledger rows in error that name no serial, listed (as `audit` lists its ledger errors)
+LISTED = 50  # ledger rows in error listed (as `audit` lists its ledger errors)
 
 
 class Checked(msgspec.Struct):
@@ -125,6 +130,15 @@ def check_one(path: str, der: bytes, issuers: list[IssuerIdentity], ledger: Ledg
     return Checked(path, ident.name, serial_hex(serial), status, findings, describe(der))
 
 
+def unchecked_errors(ledger: Ledger, checked: set[tuple[str, str]]) -> list[str]:
+    """The ledger's rows in error naming a serial no response was checked
+    for (``checked``: (issuer name, serial hex) of the responses checked),
+    each ``file:line: why (issuer NAME serial HEX: ...)``: the serial's
+    state is unknown, as for a row naming no serial."""
+    return [f"{why} (issuer {issuer} serial {serial_hex(serial)}: no response for it was checked)"
+            for (issuer, serial), why in ledger.in_error.items() if (issuer, serial_hex(serial)) not in checked]
+
+
 def _responses(config: Config, files: list[str], store_url: str | None) -> Iterator[tuple[str, bytes | str, str | None]]:
     """(path, bytes or why they cannot be read, store key or None) per
     response. Raises StoreError when the store as a whole is unusable."""
@@ -150,43 +164,55 @@ def _responses(config: Config, files: list[str], store_url: str | None) -> Itera
 
 def verify_command(config: Config, files: list[str], store_url: str | None, as_json: bool) -> int:
     """Print one line (or JSON record) per response; return 1 on any
-    finding, when nothing was checked (an empty store), or when ledger rows
-    in error name no serial (each listed as ``file:line: why``, the first
-    LISTED: any response checked may be theirs).
+    finding, when nothing was checked (an empty store), when ledger rows
+    in error name no serial (any response checked may be theirs), or when
+    rows in error name a serial no response was checked for
+    (``unchecked_errors``); those rows are listed as ``file:line: why``,
+    the first LISTED.
 
     JSON: ``{"ok": bool (the exit status is 0), "checked": int,
     "with_findings": int, "ledger_errors_without_serial": int,
-    "ledger_errors": [str] (those rows, the first LISTED), "responses":
+    "ledger_errors_without_response": int, "ledger_errors": [str] (those
+    rows, without serial first, the first LISTED), "responses":
     [Checked]}``. Raises LedgerError (a source unusable) and StoreError
     (the store unusable) for the caller (exit 2)."""
     issuers = list(load_issuers(config).values())
     by_name = {i.name: i for i in issuers}
     ledger = read_ledger(config, by_name)
     results: list[Checked] = []
+    seen: set[tuple[str, str]] = set()  # (issuer name, serial hex) of the responses checked that rows in error name
     checked = bad = 0
     for p, der, key in _responses(config, files, store_url):
         r = Checked(p, findings=[der]) if isinstance(der, str) else check_one(p, der, issuers, ledger, config, key)
         checked += 1
         bad += bool(r.findings)
+        if r.serial and (r.issuer, int(r.serial, 16)) in ledger.in_error:
+            seen.add((r.issuer, r.serial))
         if as_json:
             results.append(r)
         else:
             state = "OK" if not r.findings else "FAIL " + "; ".join(r.findings)
             print(f"{r.path}: {state} (issuer {r.issuer or '?'} serial {r.serial or '?'} {r.status})")
+    unanswered = unchecked_errors(ledger, seen)
+    errors = [*ledger.unnamed, *unanswered]
     unnamed = len(ledger.unnamed)
-    ok = bool(checked) and not bad and not unnamed
+    ok = bool(checked) and not bad and not errors
     if as_json:
         doc = {"ok": ok, "checked": checked, "with_findings": bad, "ledger_errors_without_serial": unnamed,
-               "ledger_errors": ledger.unnamed[:LISTED], "responses": results}
+               "ledger_errors_without_response": len(unanswered), "ledger_errors": errors[:LISTED],
+               "responses": results}
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n")
     else:
-        for error in ledger.unnamed[:LISTED]:
+        for error in errors[:LISTED]:
             print(f"ledger: {error}")
-        if unnamed > LISTED:
-            print(f"ledger: ... and {unnamed - LISTED} more rows in error that name no serial")
+        if len(errors) > LISTED:
+            print(f"ledger: ... and {len(errors) - LISTED} more rows in error")
         if unnamed:
             print(f"{unnamed} ledger rows in error name no serial: any response checked may be for one of them, so "
                   "none can be called right until they are corrected (`ocspmint run` and `audit` fail on them too)")
+        if unanswered:
+            print(f"{len(unanswered)} ledger rows in error name a serial no response was checked for: its state is "
+                  "unknown until they are corrected (`ocspmint run` and `audit` fail on them too)")
         print(f"{checked} responses checked, {bad} with findings")
     if not checked:
         print(f"ocspmint: {store_url or config.store.url}: the store holds no object: nothing was verified", file=sys.stderr)

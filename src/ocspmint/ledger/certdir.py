@@ -13,12 +13,21 @@ not a serial that issuer assigned).
 
 Issuer: each certificate is matched to the configured issuer whose subject
 equals its issuer Name (DER) and whose key verifies its signature
-(``verify_directly_issued_by``); no match is an error row naming the file.
-A precertificate signed by a Precertificate Signing Certificate
-(RFC 6962 §3.1) does not match and is reported, not guessed.
+(``verify_directly_issued_by``), or to a configured
+Precertificate Signing Certificate (``[[issuers]]
+precert_signing_certificates``, RFC 6962 §3.1, BR 7.1.2.4) matched the
+same way: its precertificate is an entry of the issuer that issued that
+certificate (RFC 6962 §3.1: that CA issues the final certificate with the
+same serial; the CertID is the CA's). A certificate without the CT poison
+signed by a Precertificate Signing Certificate is an error row naming the
+file (such a CA signs only precertificates, BR 7.1.2.4). No match is an
+error row naming the file: a precertificate whose Precertificate Signing
+Certificate is not configured is reported, not guessed.
 
 Kind and dedup (RFC 6962 §3.1): a precertificate (critical CT poison) and
-its final certificate share issuer + serial and give ONE entry, CERTIFICATE
+its final certificate share issuer + serial (the issuer of a
+precertificate a Precertificate Signing Certificate signed is that
+certificate's issuer) and give ONE entry, CERTIFICATE
 when a final certificate exists, PRECERTIFICATE otherwise. The same bytes
 found twice are one certificate. Two different final certificates, two
 different precertificates, or a precertificate and final certificate with
@@ -62,7 +71,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ocspmint.config import Source
-from ocspmint.issuer import IssuerIdentity
+from ocspmint.issuer import IssuerIdentity, PrecertSigner
 from ocspmint.ledger import (
     cert_kind,
     cert_serial,
@@ -110,6 +119,7 @@ class _Revocation:
 
 
 Key = tuple[str, int]  # (issuer name, serial)
+Signed = tuple[PrecertSigner, IssuerIdentity]  # a Precertificate Signing Certificate and the issuer it stands for
 _Member = tuple[str, dt.datetime, dt.datetime]  # (where, notBefore, notAfter)
 
 
@@ -126,10 +136,13 @@ class _Certificates:
 
     def __init__(self, issuers: Mapping[str, IssuerIdentity]) -> None:
         self.by_name: dict[bytes, list[IssuerIdentity]] = {}
+        self.precert_signers: dict[bytes, list[Signed]] = {}  # by subject DER
         self.own: set[bytes] = set()  # the issuers' own certificates (SHA-256), skipped
         for ident in issuers.values():
             self.by_name.setdefault(ident.cert.subject.public_bytes(), []).append(ident)
             self.own.add(ident.cert.fingerprint(_SHA256))
+            for psc in ident.precert_signers:
+                self.precert_signers.setdefault(psc.cert.subject.public_bytes(), []).append((psc, ident))
         self.groups: dict[Key, _Group] = {}
 
     def add(self, path: str, data: bytes) -> tuple[list[LedgerError], list[Key]]:
@@ -144,12 +157,33 @@ class _Certificates:
             try:
                 digest = item.fingerprint(_SHA256)
                 if digest not in self.own:
-                    keys.append(_add(self.groups, item, digest, where, self.by_name))
+                    keys.append(self._add(item, digest, where))
             except LedgerError as e:
                 errors.append(e)
             except Exception as e:  # never crash on one file
                 errors.append(LedgerError(where, f"cannot read certificate: {type(e).__name__}: {e}"))
         return errors, keys
+
+    def _add(self, cert: x509.Certificate, digest: bytes, where: str) -> Key:
+        """Put ``cert`` (SHA-256 ``digest``, read at ``where``) in its
+        group → its Key. Raises LedgerError naming ``where`` when no
+        configured issuer or Precertificate Signing Certificate signed it,
+        a Precertificate Signing Certificate signed a certificate without
+        the CT poison, or the serial or extensions are bad."""
+        ident, psc = _match(cert, where, self.by_name, self.precert_signers)
+        serial = check_serial(cert_serial(cert), where)
+        try:
+            kind = cert_kind(cert)
+        except ValueError as e:
+            raise LedgerError(where, str(e)) from None
+        if psc is not None and kind is not Kind.PRECERTIFICATE:
+            raise LedgerError(where, f"certificate serial {openssl_hex(serial)} has no CT poison extension but is "
+                                     f"signed by Precertificate Signing Certificate {psc.path} of issuer "
+                                     f"{ident.name!r}, which signs only precertificates (RFC 6962 §3.1, BR 7.1.2.4)")
+        group = self.groups.setdefault((ident.name, serial), _Group())
+        bucket = group.pre if kind is Kind.PRECERTIFICATE else group.final
+        bucket.setdefault(digest, (where, cert.not_valid_before_utc, cert.not_valid_after_utc))
+        return ident.name, serial
 
 
 def read_certdir(source: Source, issuers: Mapping[str, IssuerIdentity]) -> Iterator[LedgerEntry | LedgerError]:
@@ -258,24 +292,35 @@ def _certificates(path: str, data: bytes) -> list[tuple[str, x509.Certificate | 
         return [(path, str(e))]
 
 
-def _match(cert: x509.Certificate, where: str, by_name: dict[bytes, list[IssuerIdentity]]) -> IssuerIdentity:
-    candidates = by_name.get(cert.issuer.public_bytes(), [])
+def _match(
+    cert: x509.Certificate, where: str, by_name: dict[bytes, list[IssuerIdentity]], signers: dict[bytes, list[Signed]]
+) -> tuple[IssuerIdentity, PrecertSigner | None]:
+    """The issuer of ``cert`` (read at ``where``), and the Precertificate
+    Signing Certificate that signed it on that issuer's behalf (None: the
+    issuer itself did): the one whose subject is ``cert``'s issuer Name and
+    whose key verifies its signature. Raises LedgerError naming ``where``
+    when none does."""
+    name = cert.issuer.public_bytes()
+    candidates = [(None, ident) for ident in by_name.get(name, [])] + signers.get(name, [])
     if not candidates:
-        raise LedgerError(where, f"issuer {name_text(cert.issuer)!r} is not a configured issuer")
+        raise LedgerError(where, f"issuer {name_text(cert.issuer)!r} is not a configured issuer or Precertificate "
+                                 "Signing Certificate")
     if len(candidates) > 1:  # same name (re-keyed CA): try the AKI match first, still verify
         try:
             aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
         except Exception:
             aki = None
-        candidates = sorted(candidates, key=lambda i: _ski(i.cert) != aki)
-    for ident in candidates:
+        candidates = sorted(candidates, key=lambda c: _ski((c[0] or c[1]).cert) != aki)
+    for psc, ident in candidates:
         try:
-            cert.verify_directly_issued_by(ident.cert)
-            return ident
+            cert.verify_directly_issued_by((psc or ident).cert)
+            return ident, psc
         except Exception:
             continue
-    names = ", ".join(repr(i.name) for i in candidates)
-    raise LedgerError(where, f"signature does not verify with configured issuer {names} ({name_text(cert.issuer)!r})")
+    names = ", ".join(f"configured issuer {ident.name!r}" if psc is None
+                      else f"Precertificate Signing Certificate {psc.path} of issuer {ident.name!r}"
+                      for psc, ident in candidates)
+    raise LedgerError(where, f"signature does not verify with {names} ({name_text(cert.issuer)!r})")
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -283,21 +328,6 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except Exception:
         return None
-
-
-def _add(
-    groups: dict[Key, _Group], cert: x509.Certificate, digest: bytes, where: str, by_name: dict[bytes, list[IssuerIdentity]]
-) -> Key:
-    ident = _match(cert, where, by_name)
-    serial = check_serial(cert_serial(cert), where)
-    try:
-        kind = cert_kind(cert)
-    except ValueError as e:
-        raise LedgerError(where, str(e)) from None
-    group = groups.setdefault((ident.name, serial), _Group())
-    bucket = group.pre if kind is Kind.PRECERTIFICATE else group.final
-    bucket.setdefault(digest, (where, cert.not_valid_before_utc, cert.not_valid_after_utc))
-    return ident.name, serial
 
 
 def _entry(key: Key, group: _Group, rev: _Revocation | None) -> LedgerEntry | LedgerError:
