@@ -54,6 +54,15 @@ class LedgerError(Exception):
         self.key = key  # (issuer, serial) when the row names a serial that must then not be published at all
 
 
+class RowRemoved(LedgerError):
+    """A row that left its source: a SQLite ``entries`` row deleted (or its
+    issuer/serial changed), an index.txt line removed, every certificate
+    of a serial removed from a certdir folder. ``key`` names the serial
+    (None when a logged serial does not parse). A reader following the
+    source's changes yields it; ``pipeline.forgetting_unknown`` decides
+    whether it is a failure (not when nothing of the serial is served)."""
+
+
 class LedgerEntry(msgspec.Struct, frozen=True, gc=False):
     """One assigned serial of one issuer.
 

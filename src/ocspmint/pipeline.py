@@ -22,7 +22,7 @@ from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
 from ocspmint.journal import STATEMENTS_BATCH, ClockError, FirstStatements, Journal, LedgerKeys, Withheld
 from ocspmint.ledger import read_source
-from ocspmint.model import LedgerEntry, LedgerError, Reason, serial_hex, utc_now
+from ocspmint.model import LedgerEntry, LedgerError, Reason, RowRemoved, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
 from ocspmint.report import Failure, Progress, Summary
 from ocspmint.runner import Planned, Runner, probe_keys, sign_all
@@ -63,15 +63,27 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
 def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
     """``items``, taking every serial whose ledger state is unknown off the
     journal's schedule (``Journal.forget``) as it passes: a row in error
-    that names it, or a row gone (``ledger.sqlite.RowDeleted``, the tails'
-    ``openssl_index.removed`` and ``certdir._removed``). Routine
-    re-signing reads the journal alone and would publish its old status
-    again; the row stays a ledger failure naming the serial
-    (``checked_entries``), and a row made right is scheduled again."""
+    that names it, or a row gone (``RowRemoved``). Routine re-signing
+    reads the journal alone and would publish its old status again; the
+    row stays a ledger failure naming the serial (``checked_entries``),
+    and a row made right is scheduled again. A row gone of a serial
+    nothing is served for (``_served``: an expired certificate's row
+    pruned, a row never published) is dropped: no failure."""
     for item in items:
+        if isinstance(item, RowRemoved) and item.key is not None and not _served(journal, item.key):
+            continue
         if isinstance(item, LedgerError) and item.key is not None:
             journal.forget([item.key])
         yield item
+
+
+def _served(journal: Journal, key: tuple[str, int]) -> bool:
+    """Whether the journal holds a response of (issuer, serial) that is
+    still served: journaled, its certificate not known expired and its
+    nextUpdate not passed."""
+    rec = journal.get(*key)
+    now = utc_now()
+    return rec is not None and rec.next_update > now and (rec.not_after is None or rec.not_after > now)
 
 
 ABSENT = ("published and scheduled, but no longer in the ledger: no source holds a row naming it (its row was "

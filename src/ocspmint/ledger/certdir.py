@@ -82,7 +82,7 @@ from ocspmint.ledger import (
     split_certificates,
 )
 from ocspmint.ledger.tail import Change, file_time
-from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, utc_now
+from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason, RowRemoved, Status, check_serial, utc_now
 
 SUFFIXES = (".pem", ".crt", ".cer", ".der")
 _SHA256 = hashes.SHA256()
@@ -225,13 +225,13 @@ def _valid(group: _Group, now: dt.datetime) -> bool:
     return any(not_after > now for _, _, not_after in [*group.final.values(), *group.pre.values()])
 
 
-def _removed(key: Key, folder: str) -> LedgerError:
+def _removed(key: Key, folder: str) -> RowRemoved:
     """The error row of an unexpired serial whose every certificate left
     the folder, naming it (``key``), like a row deleted from a SQLite
-    ledger (``ledger.sqlite.RowDeleted``): its state is unknown, so it
+    ledger (``RowRemoved``): its state is unknown, so it
     leaves the routine schedule (``pipeline.forgetting_unknown``)."""
     issuer, serial = key
-    return LedgerError(folder, f"no certificate of serial {openssl_hex(serial)} of issuer {issuer!r} is in the folder "
+    return RowRemoved(folder, f"no certificate of serial {openssl_hex(serial)} of issuer {issuer!r} is in the folder "
                                "any more (its files were removed, replaced or are unreadable): its response is no "
                                "longer re-signed and is served until its nextUpdate; a CA does not delete what it "
                                "issued: put the certificate back, or remove the response with `ocspmint audit --fix`",

@@ -63,7 +63,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex
 from ocspmint.ledger.tail import Change, file_time
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, future_revocation, utc_now
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, RowRemoved, Status, check_serial, future_revocation, utc_now
 
 FIELDS = 6
 _UTCTIME = re.compile(r"[0-9]{12}Z")
@@ -419,12 +419,12 @@ class IndexTail:
         self._pos = _Position(key, digests, last_row, seen)
 
 
-def removed(path: str, issuer: str, serial: int) -> LedgerError:
+def removed(path: str, issuer: str, serial: int) -> RowRemoved:
     """The error row of a serial no line of the index holds any more,
     naming it (``key``), like a row deleted from a SQLite ledger
-    (``ledger.sqlite.RowDeleted``): its state is unknown, so it leaves the
+    (``RowRemoved``): its state is unknown, so it leaves the
     routine schedule (``pipeline.forgetting_unknown``)."""
-    return LedgerError(path, f"serial {openssl_hex(serial)} is no longer in the index (its line was removed, or now "
+    return RowRemoved(path, f"serial {openssl_hex(serial)} is no longer in the index (its line was removed, or now "
                              "holds another serial): its response is no longer re-signed and is served until its "
                              "nextUpdate; a CA does not delete what it issued: restore the line, or remove the "
                              "response with `ocspmint audit --fix`", (issuer, serial))

@@ -23,7 +23,7 @@ Triggers add a ``changes`` row for every INSERT into ``entries``, every
 UPDATE that alters issuer, serial, kind, not_after, status, revoked_at or
 reason (not source or not_before alone), and every DELETE (and the old key
 of an UPDATE that moves a row: ``SqliteTail`` reads a key without a row as
-``RowDeleted``), whoever writes: ``ingest``,
+``_deleted``), whoever writes: ``ingest``,
 ``write_entries`` or a CA's issuance system writing SQL directly. ``SqliteTail``
 (``ledger.tail``) reads the log from the last id it saw. Nothing here prunes
 it (one row of ~70 bytes per change); deleting rows every reader has passed
@@ -85,7 +85,7 @@ from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
 from ocspmint.ledger import read_source
 from ocspmint.ledger.tail import Change
-from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, Status, check_serial, future_revocation, serial_hex
+from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, RowRemoved, Status, check_serial, future_revocation, serial_hex
 
 SCHEMA_VERSION = "2"
 BATCH = 10_000
@@ -670,15 +670,10 @@ class SqliteTail:
             conn.close()
 
 
-class RowDeleted(LedgerError):
-    """A change-log key whose ``entries`` row is gone (deleted, or its
-    issuer/serial changed). ``key`` is None when the logged serial does
-    not parse."""
-
-
-def _deleted(db: str, issuer: str, serial: str) -> RowDeleted:
+def _deleted(db: str, issuer: str, serial: str) -> RowRemoved:
+    """A change-log key whose ``entries`` row is gone."""
     key = (issuer, int(serial, 16)) if _SERIAL.fullmatch(serial) else None
-    return RowDeleted(f"{db}:{issuer}/{serial}", "no longer in the ledger (its row was deleted, or its issuer or "
+    return RowRemoved(f"{db}:{issuer}/{serial}", "no longer in the ledger (its row was deleted, or its issuer or "
                                                   "serial changed): its response is no longer re-signed and is "
                                                   "served until its nextUpdate; a CA does not delete what it "
                                                   "issued: restore the row, or remove the response with "
