@@ -41,6 +41,7 @@ other response fresh. Prometheus metrics on ``refresh.metrics_listen``
 from __future__ import annotations
 
 import datetime as dt
+import math
 import signal
 import sys
 import threading
@@ -254,7 +255,25 @@ class Session:
                 self.seen.pop(key, None)
             self._sign((p for p in spool.entries() if p is None or (p[0].issuer, p[0].serial) not in unknown),
                        summary, planner.counts)
+        self._check_routine_rate(summary.ledger_entries - summary.expired)
         return summary
+
+    def _check_routine_rate(self, population: int) -> None:
+        """Log ``routine_rate_low`` when ``refresh.routine_rate`` (> 0) is
+        below what re-signing ``population`` unexpired entries needs in
+        the steady state. Each serial comes due at a fixed fraction between
+        refresh_after/2 and refresh_after after its thisUpdate
+        (``planner.refresh_at``), so the mean rate is population × 2 ln 2
+        / refresh_after per second. Capped below it, the routine falls
+        behind: responses are re-signed later than BR 4.9.9 asks, and
+        finally past their nextUpdate."""
+        rate = self.config.refresh.routine_rate
+        period = self.config.response.refresh_after.total_seconds()
+        needed = population * 2 * math.log(2) / period
+        if rate and rate < needed:
+            log("routine_rate_low", routine_rate=rate, needed=float(f"{needed:.3g}"), entries=population,
+                refresh_after=period, message="refresh.routine_rate is below the mean rate routine re-signing of "
+                                              "these entries needs: responses will be re-signed late, then expire")
 
     def _reschedule_if_changed(self) -> None:
         """Recompute every refresh_at when refresh_after differs from the
