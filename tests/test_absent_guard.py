@@ -146,3 +146,50 @@ def test_more_sqlite_sources_than_sqlite_attaches_at_once_are_swept(tmp_path):
     assert len(summary["failures"]) == 2
     assert len(scheduled_serials(demo)) == 34
     assert run(demo, config)["ok"]
+
+
+TAIL_GUARD = "the ledger's changes removed the rows of"
+
+
+def test_refresh_reading_an_index_cut_short_forgets_nothing(tmp_path, monkeypatch):
+    """While `refresh` runs, index.txt is cut to its first line: the index
+    tail reads every other line as removed. Before, each left the schedule
+    with a failure of its own; now the tick fails once, naming the issuer
+    and the numbers, and nothing leaves the schedule. The index put back,
+    the next ticks say nothing and routine re-signs every response."""
+    demo = build_demo(tmp_path, certs=12, precerts=2, revoke=1)
+    config = with_sources(demo, INDEX, REFRESH)
+    assert run(demo, config)["ok"]
+    before = scheduled_serials(demo)
+    whole = demo.index.read_text()
+    with _session(demo, config, monkeypatch) as session:
+        assert session.catch_up().failures == []
+        demo.index.write_text(whole.splitlines(keepends=True)[0])
+        cut = session.tick()
+        assert [(f.stage, f.serial) for f in cut.failures] == [("ledger", "")], cut.failures
+        assert TAIL_GUARD in cut.failures[0].message and "'issuing-ca'" in cut.failures[0].message
+        assert scheduled_serials(demo) == before, "the guard let serials leave the schedule"
+        demo.index.write_text(whole)
+        assert session.tick().failures == []
+        due = _all_due(demo)
+        tick = session.tick()
+    assert tick.failures == [] and _rewritten(demo, due) == {int(s, 16) for s in before}
+
+
+def test_an_incremental_run_reading_mass_deletions_forgets_nothing(tmp_path):
+    """Rows of most serials deleted from a SQLite ledger (its change log
+    says so): `run --incremental` fails once and forgets nothing (one row
+    deleted is still one failure: test_pruned_rows.py)."""
+    demo = build_demo(tmp_path, certs=12, precerts=2, revoke=1)
+    ingest(demo)
+    config = with_sources(demo, SQLITE)
+    assert run(demo, config, "--incremental")["ok"]
+    before = scheduled_serials(demo)
+    doomed = sorted(before)[:-1]
+    with sqlite3.connect(demo.root / "ledger.sqlite") as db:
+        db.executemany("DELETE FROM entries WHERE serial = ?", [(s,) for s in doomed])
+    summary = run(demo, config, "--incremental")
+    assert summary["plan"] == "incremental" and not summary["ok"], summary
+    (failure,) = summary["failures"]
+    assert TAIL_GUARD in failure["message"] and f"{len(doomed)} of {len(before)} scheduled" in failure["message"]
+    assert scheduled_serials(demo) == before

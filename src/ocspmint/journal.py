@@ -557,7 +557,7 @@ class Journal:
     @_named("write")
     def forget(self, keys: list[tuple[str, int]]) -> None:
         """Stop scheduling (issuer, serial) pairs whose ledger row is gone
-        (``ledger.sqlite.RowDeleted``), and forget their notAfter: routine
+        (``model.RowRemoved``), and forget their notAfter: routine
         re-signing reads the journal, not the ledger, and must not re-sign
         a serial the ledger no longer holds. A row put back is judged and
         scheduled again (``Planner.complete_records``)."""
@@ -608,7 +608,7 @@ class Journal:
         forgotten: list[tuple[str, int]] = []
         withheld: list[Withheld] = []
         for issuer, count in sorted(absent.items()):
-            if count > limit(0) and count > (most := limit(scheduled := self._scheduled(issuer, now))):
+            if count > limit(0) and count > (most := limit(scheduled := self.scheduled_count(issuer, now))):
                 withheld.append(Withheld(issuer, count, scheduled, most, keys.absent(issuer, WITHHELD_EXAMPLES)))
             else:
                 forgotten += [(issuer, serial) for serial in keys.absent(issuer)]
@@ -618,9 +618,11 @@ class Journal:
             self.retire_expired(expired)
         return Swept(forgotten, withheld)
 
-    def _scheduled(self, issuer: str, now: dt.datetime) -> int:
+    @_named("read")
+    def scheduled_count(self, issuer: str, now: dt.datetime) -> int:
         """How many records of ``issuer`` are scheduled with a notAfter after
-        ``now`` (a range scan of the issuer's records: for the guard only)."""
+        ``now`` (a range scan of the issuer's records: for the sweep guard
+        only, ``forget_absent`` and ``pipeline.forgetting_unknown``)."""
         (count,), = self._db.execute("SELECT count(*) FROM published WHERE issuer = ? AND refresh_at IS NOT NULL "
                                      "AND not_after > ?", (issuer, _ts(now)))
         return count

@@ -20,7 +20,8 @@ from ocspmint.config import Config
 from ocspmint.incremental import LedgerMark
 from ocspmint.invalidator import invalidate
 from ocspmint.issuer import IssuerIdentity, load_issuers
-from ocspmint.journal import STATEMENTS_BATCH, ClockError, FirstStatements, Journal, LedgerKeys, Withheld
+from ocspmint.journal import (STATEMENTS_BATCH, WITHHELD_EXAMPLES, ClockError, FirstStatements, Journal, LedgerKeys,
+                              Withheld)
 from ocspmint.ledger import read_source
 from ocspmint.model import LedgerEntry, LedgerError, Reason, RowRemoved, serial_hex, utc_now
 from ocspmint.planner import Force, Planner, Spool
@@ -60,21 +61,71 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
         yield item
 
 
-def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal) -> Iterator[LedgerEntry | LedgerError]:
-    """``items``, taking every serial whose ledger state is unknown off the
-    journal's schedule (``Journal.forget``) as it passes: a row in error
-    that names it, or a row gone (``RowRemoved``). Routine re-signing
-    reads the journal alone and would publish its old status again; the
-    row stays a ledger failure naming the serial (``checked_entries``),
-    and a row made right is scheduled again. A row gone of a serial
-    nothing is served for (``_served``: an expired certificate's row
-    pruned, a row never published) is dropped: no failure."""
+def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal,
+                       config: Config) -> Iterator[LedgerEntry | LedgerError]:
+    """``items`` (a reader's changes), taking every serial whose ledger
+    state is unknown off the journal's schedule (``Journal.forget``): a
+    row in error that names it, as it passes, or a row gone
+    (``RowRemoved``), at the end. Routine re-signing reads the journal
+    alone and would publish its old status again; the row stays a ledger
+    failure naming the serial (``checked_entries``), and a row made right
+    is scheduled again. A row gone of a serial nothing is served for
+    (``_served``: an expired certificate's row pruned, a row never
+    published) is dropped: no failure.
+
+    The sweep's guard (``[sweep]``, ``absent_limit``) holds for the rows
+    gone too: when more of an issuer's rows are gone in one read than its
+    limit, none of them leaves the schedule and they are one error row
+    (``withheld``), not one each. Memory: the rows gone, up to the limit."""
+    limit = absent_limit(config)
+    gone: dict[str, _Gone] = {}
     for item in items:
-        if isinstance(item, RowRemoved) and item.key is not None and not _served(journal, item.key):
+        if isinstance(item, RowRemoved) and item.key is not None:
+            if _served(journal, item.key):
+                gone.setdefault(item.key[0], _Gone()).add(item, journal, limit)
             continue
         if isinstance(item, LedgerError) and item.key is not None:
             journal.forget([item.key])
         yield item
+    for issuer, rows in gone.items():
+        if (held := rows.withheld(issuer)) is not None:
+            yield LedgerError(rows.rows[0].source, withheld(config, held, _GONE_FOUND, _GONE_THEN))
+        else:
+            journal.forget([r.key for r in rows.rows if r.key is not None])
+            yield from rows.rows
+
+
+class _Gone:
+    """The rows gone of one issuer in one read of changes
+    (``forgetting_unknown``): kept while their count is within the guard's
+    limit, counted past it."""
+
+    def __init__(self) -> None:
+        self.rows: list[RowRemoved] = []
+        self.count = 0
+        self.scheduled = 0
+        self.most: int | None = None  # the limit, known once more than limit(0) rows are gone
+
+    def add(self, row: RowRemoved, journal: Journal, limit: Callable[[int], int]) -> None:
+        assert row.key is not None
+        self.count += 1
+        if self.most is None and self.count > limit(0):
+            self.scheduled = journal.scheduled_count(row.key[0], utc_now())
+            self.most = limit(self.scheduled)
+        if self.most is None or self.count <= self.most:
+            self.rows.append(row)
+
+    def withheld(self, issuer: str) -> Withheld | None:
+        """The guard's verdict: None when every row gone may leave the schedule."""
+        if self.most is None or self.count <= self.most:
+            return None
+        examples = [r.key[1] for r in self.rows[:WITHHELD_EXAMPLES] if r.key is not None]
+        return Withheld(issuer, self.count, self.scheduled, self.most, examples)
+
+
+_GONE_FOUND = "the ledger's changes removed the rows of"
+_GONE_THEN = ("raise [sweep] max_absent_fraction (1.0: no limit), then reload `ocspmint refresh` (SIGHUP) or make a "
+              "full `ocspmint run`: the full pass's sweep takes them off")
 
 
 def _served(journal: Journal, key: tuple[str, int]) -> bool:
@@ -128,18 +179,22 @@ def absent_limit(config: Config) -> Callable[[int], int]:
     return lambda scheduled: max(sweep.max_absent, int(sweep.max_absent_fraction * scheduled))
 
 
-def withheld(config: Config, held: Withheld) -> str:
-    """The ledger failure of an issuer whose sweep the guard held back:
-    the numbers, example serials, the sources to check, how to let it through."""
+_SWEEP_FOUND = "the sweep would forget"
+_SWEEP_THEN = "raise [sweep] max_absent_fraction (1.0: no limit) for one run"
+
+
+def withheld(config: Config, held: Withheld, found: str = _SWEEP_FOUND, then: str = _SWEEP_THEN) -> str:
+    """The ledger failure of an issuer the guard held back: what was
+    ``found`` with the numbers, example serials, the sources to check,
+    how to let it through (``then``)."""
     examples = ", ".join(serial_hex(s) for s in held.examples)
     sources = ", ".join(f"{s.type} {s.path}" for s in config.sources)
-    return (f"the sweep would forget {held.absent} of {held.scheduled} scheduled serials of this issuer, more than "
+    return (f"{found} {held.absent} of {held.scheduled} scheduled serials of issuer {held.issuer!r}, more than "
             f"the limit of {held.limit} ([sweep] max_absent = {config.sweep.max_absent}, max_absent_fraction = "
             f"{config.sweep.max_absent_fraction:g}): no source holds a row naming them (e.g. {examples}); none was "
             "forgotten, all stay scheduled and re-signed. A ledger source read as complete but (nearly) empty (a "
             f"truncated index, an empty certificate folder, a ledger restored from an old backup)? check the ledger "
-            f"sources ({sources}); if the removal is meant, raise [sweep] max_absent_fraction (1.0: no limit) for "
-            "one run")
+            f"sources ({sources}); if the removal is meant, {then}")
 
 
 def holding(items: Iterable[LedgerEntry | LedgerError], keys: LedgerKeys,
@@ -373,7 +428,7 @@ class Plan:
         self.runner.excluded = conflicts
         changed = set()
         try:
-            changes = forgetting_unknown(mark.changes(), self.runner.journal)
+            changes = forgetting_unknown(mark.changes(), self.runner.journal, self.config)
             for entry, why in self.planner.due(checked_entries(self.config, self.issuers, changes, self.summary,
                                                                conflicts), expired=True):
                 changed.add((entry.issuer, entry.serial))

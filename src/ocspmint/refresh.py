@@ -302,7 +302,7 @@ class Session:
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers,
-                                             forgetting_unknown(self._changes(tail), self.journal), summary, unknown):
+                                             forgetting_unknown(self._changes(tail), self.journal, self.reading), summary, unknown):
                     changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
             except ChangeLogError as e:  # changes may have gone unlogged: this source is read whole
                 self._reread(tail, e, changes, summary)
@@ -374,7 +374,7 @@ class Session:
         log("ledger_reread", source=tail.source.path, reason=why.message)
         try:
             tail.start()
-            items = forgetting_unknown(read_source(tail.source, self.issuers), self.journal)
+            items = forgetting_unknown(read_source(tail.source, self.issuers), self.journal, self.reading)
             for entry in checked_entries(self.reading, self.issuers, items, summary):
                 changes[(entry.issuer, entry.serial)] = (entry, None)
         except LedgerError as e:
