@@ -1,7 +1,8 @@
 """Precertificates signed by a Precertificate Signing Certificate (RFC 6962
-§3.1, BR 7.1.2.4), read from a certdir source: the CA's serials, answered
+§3.1, BR 7.1.2.4), read from a certdir source or the `openssl ca` database
+of the Precertificate Signing Certificate: the CA's serials, answered
 with the CA's CertID (`[[issuers]] precert_signing_certificates`,
-issuer.py, ledger/certdir.py). Before, such a precertificate was an error
+issuer.py, ledger/certdir.py, ledger/openssl_index.py). Before, such a precertificate was an error
 row and its serial got no OCSP response at all (MRSP §5.4, BR 4.9.9 want
 one for every precertificate).
 
@@ -194,3 +195,46 @@ def test_a_bad_precertificate_signing_certificate_is_refused_at_start(demo: Demo
     assert "Traceback" not in p.stderr
     assert f"{psc}: Precertificate Signing Certificate " in p.stderr and rule in p.stderr, p.stderr
     assert not (demo.root / f"responses-{name}").exists()
+
+
+def index_config(demo: Demo, name: str, psc: Path | None, index: Path) -> Path:
+    """``config_with``, the source an `openssl ca` database (``index``,
+    its newcerts beside it) of the issuing CA instead of a certdir."""
+    path = config_with(demo, name, psc, index.parent / "newcerts")
+    head, _, _ = path.read_text().rpartition("[[sources]]")
+    path.write_text(head + f'[[sources]]\ntype = "openssl-index"\npath = "{index}"\ncerts_dir = "{index.parent / "newcerts"}"\n'
+                           'issuer = "issuing-ca"\n')
+    return path
+
+
+def test_an_openssl_ca_database_of_the_psc_is_read_as_the_cas(demo: Demo, tmp_path: Path) -> None:
+    """`openssl ca -cert psc.pem` keeps an index.txt whose certificates the
+    Precertificate Signing Certificate signed: configured as the CA's
+    `openssl-index` source, its precertificate is an entry of the CA and
+    is answered good; a certificate without the CT poison there is an error
+    row naming the file. Before, each was an error row (`is issued by
+    ... not by issuer`): the index reader knew the CA's key only."""
+    psc, psc_key = make_psc(demo, tmp_path / "psc")
+    (tmp_path / "out").mkdir()
+    pre = sign_leaf(demo, tmp_path / "out" / "pre.pem", psc, psc_key, 0x5EC5, "precert")
+    index = pre.parent.parent / "openssl-ca" / "pre" / "index.txt"
+    config = index_config(demo, "index", psc, index)
+    issuers = load_issuers(load_config(config))
+    source = load_config(config).sources[-1]
+    (entry,) = list(read_source(source, issuers))
+    assert isinstance(entry, LedgerEntry), entry
+    assert (entry.issuer, entry.serial, entry.kind) == ("issuing-ca", 0x5EC5, Kind.PRECERTIFICATE)
+    code, summary = run_json(demo, config=config)
+    assert code == 0, summary
+    view = openssl_check(demo, response_path(demo, 0x5EC5, store="responses-index"), 0x5EC5)
+    assert (view.verified, view.status) == (True, "good"), view.text
+
+    (unset,) = list(read_source(source, load_issuers(load_config(index_config(demo, "index-unset", None, index)))))
+    assert isinstance(unset, LedgerError) and "not by issuer 'issuing-ca'" in unset.message, unset
+
+    final = sign_leaf(demo, tmp_path / "out" / "final.pem", psc, psc_key, 0x5EC6, "leaf")
+    wrong = index_config(demo, "index-final", psc, final.parent.parent / "openssl-ca" / "final" / "index.txt")
+    (error,) = list(read_source(load_config(wrong).sources[-1], issuers))
+    assert isinstance(error, LedgerError), error
+    assert "has no CT poison extension but is signed by Precertificate Signing Certificate" in error.message
+    assert "5EC6.pem" in error.message

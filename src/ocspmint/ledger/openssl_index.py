@@ -126,36 +126,82 @@ def parse_revocation(field: str) -> tuple[dt.datetime, Reason | None]:
     return when, checked_reason(_REASONS[key])
 
 
+class _Signer(NamedTuple):
+    """A key that may sign the certificates of an index: the issuer's, or
+    one of its Precertificate Signing Certificates (``psc`` its file)."""
+
+    cert: x509.Certificate
+    subject_der: bytes
+    ski: bytes
+    psc: str | None
+
+    def named(self, issuer: str) -> str:
+        return f"issuer {issuer!r}" if self.psc is None else \
+            f"Precertificate Signing Certificate {self.psc} of issuer {issuer!r}"
+
+
+def _signer(cert: x509.Certificate, psc: str | None) -> _Signer:
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        ski = x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+    return _Signer(cert, cert.subject.public_bytes(), ski, psc)
+
+
 class _IssuerCheck:
-    """Name + AKI match against one issuer (signature only without an AKI)."""
+    """Name + AKI match against one issuer (signature only without an
+    AKI), or against one of its Precertificate Signing Certificates
+    (``[[issuers]] precert_signing_certificates``, RFC 6962 §3.1), which
+    sign precertificates only (BR 7.1.2.4)."""
 
     def __init__(self, ident: IssuerIdentity) -> None:
         self.ident = ident
-        self.subject_der = ident.cert.subject.public_bytes()
-        try:
-            self.ski = ident.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        except x509.ExtensionNotFound:
-            self.ski = x509.SubjectKeyIdentifier.from_public_key(ident.cert.public_key()).digest
+        self.signers = [_signer(ident.cert, None), *(_signer(p.cert, p.path) for p in ident.precert_signers)]
 
     def problem(self, cert: x509.Certificate) -> str | None:
-        if cert.issuer.public_bytes() != self.subject_der:
-            return (
-                f"is issued by {name_text(cert.issuer)!r}, not by issuer "
-                f"{self.ident.name!r} ({name_text(self.ident.cert.subject)!r})"
-            )
+        """None when ``cert`` is the issuer's, else what is wrong."""
+        name = cert.issuer.public_bytes()
+        signers = [s for s in self.signers if s.subject_der == name]
+        if not signers:
+            also = " nor by one of its Precertificate Signing Certificates" if len(self.signers) > 1 else ""
+            return (f"is issued by {name_text(cert.issuer)!r}, not by issuer {self.ident.name!r} "
+                    f"({name_text(self.ident.cert.subject)!r}){also}")
         try:
             aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
         except x509.ExtensionNotFound:
             aki = None
+        problems = []
+        for signer in signers:
+            if (problem := self._unsigned(cert, signer, aki)) is not None:
+                problems.append(problem)
+            elif signer.psc is not None and not _precertificate(cert):
+                return (f"has no CT poison extension but is signed by {signer.named(self.ident.name)}, which signs "
+                        "only precertificates (RFC 6962 §3.1, BR 7.1.2.4)")
+            else:
+                return None
+        return "; ".join(problems)
+
+    def _unsigned(self, cert: x509.Certificate, signer: _Signer, aki: bytes | None) -> str | None:
+        """Why ``signer`` did not sign ``cert`` (its AKI, else its
+        signature), None when it did."""
         if aki is not None:
-            if aki != self.ski:
-                return f"has authorityKeyIdentifier {aki.hex()} but issuer {self.ident.name!r} has key id {self.ski.hex()}"
+            if aki != signer.ski:
+                return f"has authorityKeyIdentifier {aki.hex()} but {signer.named(self.ident.name)} has key id {signer.ski.hex()}"
             return None
         try:
-            cert.verify_directly_issued_by(self.ident.cert)
+            cert.verify_directly_issued_by(signer.cert)
         except Exception as e:
-            return f"signature does not verify with issuer {self.ident.name!r} ({type(e).__name__} {e})".rstrip()
+            return f"signature does not verify with {signer.named(self.ident.name)} ({type(e).__name__} {e})".rstrip()
         return None
+
+
+def _precertificate(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries the CT poison (a malformed one counts:
+    ``_check_certificate``'s ``cert_kind`` reports it)."""
+    try:
+        return cert_kind(cert) is Kind.PRECERTIFICATE
+    except ValueError:
+        return True
 
 
 class Row(NamedTuple):
