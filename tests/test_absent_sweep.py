@@ -25,12 +25,13 @@ from pathlib import Path
 
 from e2e import response_path
 from ocspmint.config import load_config
-from ocspmint.demo import Demo, build_demo
+from ocspmint.demo import Demo, build_demo, issue
 from ocspmint.metrics import RefreshMetrics
 from ocspmint.model import serial_hex
 from ocspmint.refresh import Session
 from ocspmint.report import Summary
 from test_incremental import ingest, run, sqlite_config
+from test_incremental_edges import backup, restore
 
 ABSENT = "no longer in the ledger"
 
@@ -280,3 +281,29 @@ def test_an_index_not_after_moved_into_the_past_leaves_the_schedule(tmp_path, mo
         tick = session.tick()
     assert tick.failures == [] and by_tick not in _rewritten(demo, before), "re-signed an expired certificate"
     assert scheduled(demo, by_tick) == (None, int(past))
+
+
+def test_refresh_sweeps_after_rereading_a_sqlite_ledger_restored_from_a_backup(tmp_path, monkeypatch):
+    """A SQLite ledger put back from a backup made before a certificate
+    was issued: its change log no longer continues from where `refresh`
+    read, so the source is read whole (`ledger_reread`), and the serial
+    the backup lacks, which no change ever reported deleted, leaves the
+    schedule as a ledger failure naming it. Before, only a restart or a
+    reload swept it, and routine re-signed it `good` until then."""
+    demo = build_demo(tmp_path, certs=2, precerts=0, revoke=0)
+    ingest(demo)
+    db = demo.root / "ledger.sqlite"
+    backup(db, tmp_path / "backup.sqlite")
+    later = issue(demo)
+    ingest(demo)
+    config = with_sources(demo, SQLITE, '[refresh]\nmetrics_listen = ""\n')
+    assert run(demo, config)["ok"]
+    assert scheduled(demo, later)[0] is not None
+    with _session(demo, config, monkeypatch) as session:
+        assert session.catch_up().failures == []
+        restore(tmp_path / "backup.sqlite", db)
+        before = _all_due(demo)
+        tick = session.tick()
+    assert absent_failures(_failures(tick)) == [serial_hex(later)], tick.failures
+    assert scheduled(demo, later) == (None, None)
+    assert later not in _rewritten(demo, before) and _rewritten(demo, before), "re-signed a serial the ledger lacks"

@@ -61,8 +61,8 @@ def checked_entries(config: Config, issuers: dict[str, IssuerIdentity], items: I
         yield item
 
 
-def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal,
-                       config: Config) -> Iterator[LedgerEntry | LedgerError]:
+def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Journal, config: Config,
+                       pending: Container[tuple[str, int]] = ()) -> Iterator[LedgerEntry | LedgerError]:
     """``items`` (a reader's changes), taking every serial whose ledger
     state is unknown off the journal's schedule (``Journal.forget``): a
     row in error that names it, as it passes, or a row gone
@@ -71,7 +71,9 @@ def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Jour
     failure naming the serial (``checked_entries``), and a row made right
     is scheduled again. A row gone of a serial nothing is served for
     (``_served``: an expired certificate's row pruned, a row never
-    published) is dropped: no failure.
+    published) is dropped: no failure; unless its key is in ``pending``
+    (a change the caller still means to publish: `refresh`'s pending
+    changes, which the row gone must cancel).
 
     The sweep's guard (``[sweep]``, ``absent_limit``) holds for the rows
     gone too: when more of an issuer's rows are gone in one read than its
@@ -81,7 +83,7 @@ def forgetting_unknown(items: Iterable[LedgerEntry | LedgerError], journal: Jour
     gone: dict[str, _Gone] = {}
     for item in items:
         if isinstance(item, RowRemoved) and item.key is not None:
-            if _served(journal, item.key):
+            if item.key in pending or _served(journal, item.key):
                 gone.setdefault(item.key[0], _Gone()).add(item, journal, limit)
             continue
         if isinstance(item, LedgerError) and item.key is not None:

@@ -302,7 +302,8 @@ class Session:
         for tail in self.tails:
             try:
                 for entry in checked_entries(self.reading, self.issuers,
-                                             forgetting_unknown(self._changes(tail), self.journal, self.reading), summary, unknown):
+                                             forgetting_unknown(self._changes(tail), self.journal, self.reading,
+                                                                self.pending), summary, unknown):
                     changes[(entry.issuer, entry.serial)] = (entry, self._seen_at)
             except ChangeLogError as e:  # changes may have gone unlogged: this source is read whole
                 self._reread(tail, e, changes, summary)
@@ -370,13 +371,22 @@ class Session:
         tail's position (restored from a backup, unread change rows deleted,
         triggers dropped: ``ledger.sqlite.SqliteTail``): restart the tail,
         then judge every entry of the source, as ``catch_up`` does. A log
-        still incomplete is a ledger failure, and the next tick tries again."""
+        still incomplete is a ledger failure, and the next tick tries again.
+        When every source is ``sqlite``, the journal is then swept as after
+        a full pass (``report_absent``, its guard included): a row the
+        restored ledger lacks was deleted with no change logged. With other
+        sources, whose keys only a full read gives, the next full pass
+        (a reload, a restart) sweeps."""
         log("ledger_reread", source=tail.source.path, reason=why.message)
         try:
             tail.start()
             items = forgetting_unknown(read_source(tail.source, self.issuers), self.journal, self.reading)
             for entry in checked_entries(self.reading, self.issuers, items, summary):
                 changes[(entry.issuer, entry.serial)] = (entry, None)
+            if all(source.type == "sqlite" for source in self.reading.sources):
+                now = utc_now()
+                with LedgerKeys(now) as nothing_else:  # no key to add: every sqlite ledger is probed
+                    report_absent(self.reading, self.issuers, self.journal, summary, nothing_else, now)
         except LedgerError as e:
             summary.failures.append(Failure("ledger", e.message, source=e.source))
 
