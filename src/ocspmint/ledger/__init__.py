@@ -37,7 +37,7 @@ from ocspmint.model import Kind, LedgerEntry, LedgerError, Reason
 
 __all__ = [
     "read_source", "cert_kind", "cert_serial", "checked_reason",
-    "load_certificate_bytes", "split_certificates", "name_text", "openssl_hex",
+    "load_certificate_bytes", "split_certificates", "name_text", "openssl_hex", "psc_signed_final",
 ]
 
 CT_POISON = x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.3")
@@ -140,6 +140,15 @@ def cert_kind(cert: x509.Certificate) -> Kind:
     if not ext.critical:
         raise ValueError("CT poison extension 1.3.6.1.4.1.11129.2.4.3 is not critical (RFC 6962 §3.1)")
     return Kind.PRECERTIFICATE
+
+
+def psc_signed_final(psc: str, issuer: str) -> str:
+    """Why a certificate without the CT poison that Precertificate Signing
+    Certificate ``psc`` (its file) of ``issuer`` signed is refused: such a
+    CA signs precertificates only (RFC 6962 §3.1, BR 7.1.2.4). Shared by
+    the certdir and openssl-index readers."""
+    return (f"has no CT poison extension but is signed by Precertificate Signing Certificate {psc} of issuer "
+            f"{issuer!r}, which signs only precertificates (RFC 6962 §3.1, BR 7.1.2.4)")
 
 
 def checked_reason(reason: Reason) -> Reason | None:

@@ -79,6 +79,7 @@ from ocspmint.ledger import (
     load_certificate_bytes,
     name_text,
     openssl_hex,
+    psc_signed_final,
     split_certificates,
 )
 from ocspmint.ledger.tail import Change, file_time
@@ -177,9 +178,7 @@ class _Certificates:
         except ValueError as e:
             raise LedgerError(where, str(e)) from None
         if psc is not None and kind is not Kind.PRECERTIFICATE:
-            raise LedgerError(where, f"certificate serial {openssl_hex(serial)} has no CT poison extension but is "
-                                     f"signed by Precertificate Signing Certificate {psc.path} of issuer "
-                                     f"{ident.name!r}, which signs only precertificates (RFC 6962 §3.1, BR 7.1.2.4)")
+            raise LedgerError(where, f"certificate serial {openssl_hex(serial)} {psc_signed_final(psc.path, ident.name)}")
         group = self.groups.setdefault((ident.name, serial), _Group())
         bucket = group.pre if kind is Kind.PRECERTIFICATE else group.final
         bucket.setdefault(digest, (where, cert.not_valid_before_utc, cert.not_valid_after_utc))

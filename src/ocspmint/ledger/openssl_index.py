@@ -61,7 +61,8 @@ from cryptography import x509
 
 from ocspmint.config import Source
 from ocspmint.issuer import IssuerIdentity
-from ocspmint.ledger import cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex
+from ocspmint.ledger import (cert_kind, cert_serial, checked_reason, load_certificate_bytes, name_text, openssl_hex,
+                            psc_signed_final)
 from ocspmint.ledger.tail import Change, file_time
 from ocspmint.model import UTC, Kind, LedgerEntry, LedgerError, Reason, RowRemoved, Status, check_serial, future_revocation, utc_now
 
@@ -175,8 +176,7 @@ class _IssuerCheck:
             if (problem := self._unsigned(cert, signer, aki)) is not None:
                 problems.append(problem)
             elif signer.psc is not None and not _precertificate(cert):
-                return (f"has no CT poison extension but is signed by {signer.named(self.ident.name)}, which signs "
-                        "only precertificates (RFC 6962 §3.1, BR 7.1.2.4)")
+                return psc_signed_final(signer.psc, self.ident.name)
             else:
                 return None
         return "; ".join(problems)
